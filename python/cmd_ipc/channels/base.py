@@ -1,0 +1,87 @@
+"""The contract every channel follows, written once.
+
+A *channel* is one end of a connection between two registries. Its ``id`` is the name under
+which the registry holding it knows the peer (as in the TypeScript implementation): register
+``InMemoryChannel.pair("worker", "main")[0]`` in ``main`` and the other end in ``worker``.
+
+Frames are opaque ``bytes``, each one complete spec-v1 message encoded with the channel's
+``encoding`` (``"json"`` for peers in other languages and text transports, ``"msgpack"``
+between our own processes). The registry's Rust router decodes and encodes them; a channel
+never looks inside.
+
+Contract:
+
+* **start** -- :meth:`Channel.start` is awaited exactly once, by
+  :meth:`CommandRegistry.register_channel`, with two callbacks. From then on the channel calls
+  ``on_frame(frame)`` for every frame from the peer and ``on_close(reason)`` exactly once when
+  the connection ends for any reason (local close, peer close, transport failure). Both
+  callbacks are called on the registry's event loop thread, never concurrently.
+* **ordering** -- frames are delivered to the peer in the order :meth:`Channel.send` was called,
+  each exactly once or not at all (never duplicated, never reordered, never split or merged).
+* **send** -- :meth:`Channel.send` never blocks and never raises for transport reasons: it
+  queues the frame. A frame sent after the channel closed is dropped silently; the registry
+  learns of the close through ``on_close``.
+* **close** -- :meth:`Channel.close` is idempotent. After it returns no more ``on_frame``
+  calls are made and ``on_close`` has been called. The peer's channel reports ``on_close``
+  too, promptly.
+* **in-flight messages** -- frames queued but not yet delivered when the channel closes may be
+  lost. Nothing waits on them forever: each registry fails every call that waited on the
+  closed channel with ``channel_disconnected`` as soon as ``on_close`` runs.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable, Literal, Optional
+
+__all__ = ["Channel", "Encoding", "OnClose", "OnFrame"]
+
+#: Encodings a channel may carry.
+Encoding = Literal["json", "msgpack"]
+#: Called with each frame received from the peer.
+OnFrame = Callable[[bytes], None]
+#: Called once when the channel ends, with a reason (``None`` for an orderly close).
+OnClose = Callable[[Optional[str]], None]
+
+
+class Channel(abc.ABC):
+    """Base class for channels written in Python (in-memory, HTTP, WebSocket...).
+
+    Subclasses set :attr:`id` and :attr:`encoding` and implement :meth:`start`,
+    :meth:`send` and :meth:`close` following the module's contract.
+
+    Attributes:
+        id: The name under which the registry holding this channel knows the peer.
+        encoding: ``"json"`` or ``"msgpack"``: how frames on this channel are encoded.
+    """
+
+    id: str
+    encoding: Encoding
+
+    def __init__(self, id: str, encoding: Encoding = "json") -> None:
+        if not isinstance(id, str) or not id:
+            raise ValueError("a channel id must be a non-empty string")
+        if encoding not in ("json", "msgpack"):
+            raise ValueError(f"unknown encoding {encoding!r}: expected 'json' or 'msgpack'")
+        self.id = id
+        self.encoding = encoding
+
+    @abc.abstractmethod
+    async def start(self, on_frame: OnFrame, on_close: OnClose) -> None:
+        """Starts delivering the peer's frames to ``on_frame``.
+
+        Args:
+            on_frame: Called with each frame from the peer, in order, on the loop thread.
+            on_close: Called exactly once when the channel ends, with a reason or ``None``.
+        """
+
+    @abc.abstractmethod
+    def send(self, frame: bytes) -> None:
+        """Queues one encoded frame for the peer; never blocks, never raises once closed."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Closes the channel (idempotent); ``on_close`` has run when this returns."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} id={self.id!r} encoding={self.encoding!r}>"

@@ -1,0 +1,753 @@
+"""The :class:`CommandRegistry`: the Python face of one registry in a cmd-ipc tree.
+
+Every routing decision is taken by the Rust router (``cmd_ipc._core.Router``); this module
+keeps what must be Python (handlers, listeners, waiting callers, channels written in Python)
+and carries out the router's actions on an asyncio event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import json
+import logging
+import time
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, TypeVar, cast
+
+import msgpack
+
+from cmd_ipc import _core
+from cmd_ipc.channels.base import Channel
+from cmd_ipc.errors import (
+    ChannelDisconnectedError,
+    CommandError,
+    InternalError,
+    InvalidRequestError,
+    error_from_code,
+)
+
+__all__ = ["CommandRegistry", "Handler", "Listener"]
+
+logger = logging.getLogger("cmd_ipc")
+
+#: A command handler: ``def``/``async def`` taking the request's fields as keyword arguments.
+Handler = Callable[..., Any]
+#: An event listener: ``def``/``async def`` taking the payload.
+Listener = Callable[[Any], Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+_Outcome = Callable[[Any, Optional[BaseException]], None]
+
+
+def _decode(data: Optional[bytes], encoding: Optional[str]) -> Any:
+    if data is None:
+        return None
+    if encoding == "json":
+        return json.loads(data)
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def _encode(value: Any) -> bytes:
+    return cast(bytes, msgpack.packb(value, use_bin_type=True))
+
+
+@dataclass
+class _HandlerEntry:
+    command_id: str
+    fn: Handler
+    is_async: bool
+    whole_request: bool
+    signature: Optional[inspect.Signature]
+
+    def invoke(self, request: Any) -> Any:
+        if self.whole_request:
+            return self.fn({} if request is None else request)
+        if request is None:
+            return self.fn()
+        return self.fn(**request)
+
+    def binding_error(self, request: Any) -> Optional[str]:
+        """Why ``request`` does not fit the handler's parameters, if it does not."""
+        if self.signature is None or self.whole_request:
+            return None
+        try:
+            self.signature.bind(**(request or {}))
+        except TypeError as e:
+            return str(e)
+        return None
+
+
+def _make_entry(command_id: str, fn: Handler) -> _HandlerEntry:
+    if not callable(fn):
+        raise TypeError(f"handler for {command_id!r} must be callable, got {fn!r}")
+    try:
+        sig: Optional[inspect.Signature] = inspect.signature(fn)
+    except (TypeError, ValueError):
+        sig = None
+    whole = False
+    if sig is not None:
+        params = list(sig.parameters.values())
+        whole = len(params) == 1 and params[0].kind is inspect.Parameter.POSITIONAL_ONLY
+    return _HandlerEntry(
+        command_id=command_id,
+        fn=fn,
+        is_async=inspect.iscoroutinefunction(fn),
+        whole_request=whole,
+        signature=sig,
+    )
+
+
+class CommandRegistry:
+    """A registry: registers commands, calls commands anywhere in the tree, emits events.
+
+    Handlers receive the request's fields as keyword arguments: ``def add(a, b)`` is called
+    as ``add(a=1, b=2)`` for the request ``{"a": 1, "b": 2}``; a field the handler does not
+    accept, or a missing required one, is answered ``invalid_request`` without running it.
+    A handler that wants the whole request declares a single positional-only parameter,
+    ``def handle(request, /)``, and gets the dict (``{}`` when the call had no request).
+    ``def`` handlers run inline on the registry's event loop (keep them short or make them
+    ``async def``); ``async def`` handlers run as tasks.
+
+    Args:
+        id: This registry's id (the name its peers give the channel to it).
+        router_channel: Id of the channel to the parent registry; ``None`` for the root.
+        request_ttl: Seconds a call (or a request forwarded for others) waits for its response.
+        event_ttl: Seconds an event id is remembered to deliver each event once.
+        max_pending: Maximum requests in flight (calls plus forwarded); beyond it calls fail
+            with ``internal_error`` at once.
+        max_dedup: Maximum event ids remembered.
+        max_message_size: Maximum encoded size of a message, in bytes.
+        max_depth: Maximum nesting depth of a message.
+
+    Example:
+        >>> import asyncio
+        >>> async def main():
+        ...     async with CommandRegistry("main") as registry:
+        ...         @registry.command("calc.add")
+        ...         def add(a: int, b: int) -> int:
+        ...             return a + b
+        ...         return await registry.execute_command("calc.add", {"a": 1, "b": 2})
+        >>> asyncio.run(main())
+        3
+    """
+
+    def __init__(
+        self,
+        id: str,
+        router_channel: Optional[str] = None,
+        request_ttl: float = 30.0,
+        event_ttl: float = 5.0,
+        *,
+        max_pending: int = 100_000,
+        max_dedup: int = 100_000,
+        max_message_size: int = 64 * 1024 * 1024,
+        max_depth: int = 64,
+    ) -> None:
+        self._router = _core.Router(
+            id,
+            router_channel,
+            request_ttl=request_ttl,
+            event_ttl=event_ttl,
+            max_pending=max_pending,
+            max_dedup=max_dedup,
+            max_message_size=max_message_size,
+            max_depth=max_depth,
+        )
+        self.id = id
+        self.router_channel = router_channel
+        self.request_ttl = request_ttl
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._channels: dict[str, Channel] = {}
+        self._handlers: dict[int, _HandlerEntry] = {}
+        self._handler_of: dict[str, int] = {}
+        self._next_handler = 1
+        self._outcomes: dict[int, _Outcome] = {}
+        self._listeners: dict[str, list[Listener]] = {}
+        self._deferred: dict[str, tuple[int, Optional[str], Optional[Mapping[str, Any]]]] = {}
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._timer_at: Optional[float] = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<CommandRegistry id={self.id!r} channels={sorted(self._channels)}>"
+
+    # ------------------------------------------------------------------ loop and actions
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError(
+                f"registry {self.id!r} is bound to another event loop; "
+                "use it only from the loop it started on"
+            )
+        if self._closed:
+            raise RuntimeError(f"registry {self.id!r} is closed")
+        return loop
+
+    def _now(self) -> float:
+        return self._loop.time() if self._loop is not None else time.monotonic()
+
+    def _apply(self, actions: list[Any]) -> None:
+        """Carries out the router's actions, in order."""
+        for act in actions:
+            kind = act[0]
+            if kind == "send":
+                channel = self._channels.get(act[1])
+                if channel is not None:
+                    channel.send(act[2])
+            elif kind == "run":
+                self._run(act[1], act[2], act[3], act[4], act[5])
+            elif kind == "result":
+                outcome = self._outcomes.pop(act[1], None)
+                if outcome is not None:
+                    try:
+                        value = _decode(act[2], act[3])
+                    except Exception as e:
+                        outcome(None, InternalError(f"undecodable result: {e}"))
+                    else:
+                        outcome(value, None)
+            elif kind in ("error", "registered"):
+                outcome = self._outcomes.pop(act[1], None)
+                if outcome is not None:
+                    err = None if act[2] is None else error_from_code(act[2], act[3])
+                    outcome(None, err)
+            elif kind == "event":
+                self._deliver_event(act[1], act[2], act[3])
+            elif kind == "dropped":
+                level = logging.DEBUG if act[2] == "duplicate_event" else logging.WARNING
+                logger.log(
+                    level, "registry %r dropped a message from %r: %s", self.id, act[1], act[3]
+                )
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        deadline = self._router.next_deadline()
+        if deadline is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = self._timer_at = None
+            return
+        if self._timer_at is not None and self._timer_at <= deadline:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        at = self._timer_at or 0.0
+        self._timer = self._timer_at = None
+        if self._loop is None:
+            return
+        # call_at may fire up to one clock tick early: never tick before the deadline.
+        self._apply(self._router.tick(max(self._loop.time(), at)))
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ handlers
+
+    def _run(
+        self, job: int, handler_id: int, command_id: str, data: Optional[bytes], enc: Optional[str]
+    ) -> None:
+        entry = self._handlers.get(handler_id)
+        if entry is None:
+            self._finish_err(job, "not_found", f"command {command_id!r} is no longer registered")
+            return
+        try:
+            request = _decode(data, enc)
+        except Exception as e:
+            self._finish_err(job, "invalid_request", f"undecodable request: {e}")
+            return
+        if entry.is_async:
+            self._spawn(self._run_async(job, entry, request))
+            return
+        try:
+            result = entry.invoke(request)
+        except Exception as e:
+            self._handler_failed(job, entry, request, e)
+            return
+        if inspect.isawaitable(result):
+            self._spawn(self._await_result(job, entry, request, result))
+        else:
+            self._finish_ok(job, entry, result)
+
+    async def _run_async(self, job: int, entry: _HandlerEntry, request: Any) -> None:
+        try:
+            awaitable = entry.invoke(request)
+        except Exception as e:
+            self._handler_failed(job, entry, request, e)
+            return
+        await self._await_result(job, entry, request, awaitable)
+
+    async def _await_result(
+        self, job: int, entry: _HandlerEntry, request: Any, awaitable: Awaitable[Any]
+    ) -> None:
+        try:
+            result = await awaitable
+        except asyncio.CancelledError:
+            self._finish_err(job, "internal_error", f"handler of {entry.command_id!r} cancelled")
+            raise
+        except Exception as e:
+            self._handler_failed(job, entry, request, e)
+            return
+        self._finish_ok(job, entry, result)
+
+    def _handler_failed(self, job: int, entry: _HandlerEntry, request: Any, e: Exception) -> None:
+        if isinstance(e, CommandError):
+            self._finish_err(job, e.code, e.message)
+            return
+        if isinstance(e, TypeError):
+            why = entry.binding_error(request)
+            if why is not None:
+                self._finish_err(
+                    job, "invalid_request", f"invalid request for {entry.command_id!r}: {why}"
+                )
+                return
+        logger.exception("handler of %r in registry %r failed", entry.command_id, self.id)
+        self._finish_err(job, "internal_error", f"{type(e).__name__}: {e}")
+
+    def _finish_ok(self, job: int, entry: _HandlerEntry, result: Any) -> None:
+        if result is None:
+            data = None
+        else:
+            try:
+                data = _encode(result)
+            except Exception as e:
+                self._finish_err(
+                    job,
+                    "internal_error",
+                    f"result of {entry.command_id!r} cannot be serialised: {e}",
+                )
+                return
+        self._complete(lambda: self._router.complete_job_ok(job, data, "msgpack"))
+
+    def _finish_err(self, job: int, code: str, message: str) -> None:
+        self._complete(lambda: self._router.complete_job_err(job, code, message))
+
+    def _complete(self, fn: Callable[[], list[Any]]) -> None:
+        try:
+            actions = fn()
+        except KeyError:
+            return  # the job was already completed (cannot happen twice; be safe on close)
+        self._apply(actions)
+
+    # ------------------------------------------------------------------ registration
+
+    def _add_handler(self, command_id: str, fn: Handler) -> int:
+        entry = _make_entry(command_id, fn)
+        hid = self._next_handler
+        self._next_handler += 1
+        self._handlers[hid] = entry
+        return hid
+
+    def _start_registration(
+        self,
+        command_id: str,
+        hid: int,
+        description: Optional[str],
+        schema: Optional[Mapping[str, Any]],
+        outcome: _Outcome,
+    ) -> None:
+        if not isinstance(command_id, str) or not command_id:
+            raise ValueError("a command id must be a non-empty string")
+        req = resp = None
+        if schema is not None:
+            unknown = set(schema) - {"request", "response"}
+            if unknown:
+                raise ValueError(f"schema may only have 'request' and 'response', not {unknown}")
+            if schema.get("request") is not None:
+                req = json.dumps(schema["request"]).encode()
+            if schema.get("response") is not None:
+                resp = json.dumps(schema["response"]).encode()
+
+        def done(value: Any, err: Optional[BaseException]) -> None:
+            if err is None:
+                old = self._handler_of.get(command_id)
+                if old is not None and old != hid:
+                    self._handlers.pop(old, None)
+                self._handler_of[command_id] = hid
+            else:
+                self._handlers.pop(hid, None)
+            outcome(value, err)
+
+        call, actions = self._router.register_local(
+            command_id, hid, self._now(), description, req, resp
+        )
+        self._outcomes[call] = done
+        self._apply(actions)
+
+    def _router_missing(self) -> bool:
+        return self.router_channel is not None and self.router_channel not in self._channels
+
+    def command(
+        self,
+        command_id: str,
+        *,
+        description: Optional[str] = None,
+        schema: Optional[Mapping[str, Any]] = None,
+    ) -> Callable[[F], F]:
+        """Decorator registering a function as the handler of ``command_id``.
+
+        Without a router channel the command is registered at once (a duplicate raises
+        :class:`DuplicateCommandError` here). With a router channel that is not attached yet,
+        registration waits for :meth:`register_channel` of the router, which escalates it and
+        reports failures; if the router is attached, the registration is escalated now and a
+        rejection is logged.
+
+        Args:
+            command_id: Command id, e.g. ``"calc.add"``; a leading ``_`` makes it private.
+            description: Human description, advertised to peers.
+            schema: ``{"request": <JSON Schema>, "response": <JSON Schema>}``, advertised.
+
+        Returns:
+            The decorator, which returns the function unchanged.
+        """
+
+        def decorator(fn: F) -> F:
+            hid = self._add_handler(command_id, fn)
+            if self._router_missing() and not command_id.startswith("_"):
+                self._deferred[command_id] = (hid, description, schema)
+                return fn
+            result: list[Optional[BaseException]] = []
+
+            def done(_: Any, err: Optional[BaseException]) -> None:
+                if result:
+                    if err is not None:
+                        logger.error("registration of %r failed: %s", command_id, err)
+                else:
+                    result.append(err)
+
+            self._start_registration(command_id, hid, description, schema, done)
+            if result and result[0] is not None:
+                raise result[0]
+            # Still pending (escalated): `done` will log a failure when the ack arrives.
+            result.append(None)
+            return fn
+
+        return decorator
+
+    async def register_command(
+        self,
+        command_id: str,
+        handler: Handler,
+        description: Optional[str] = None,
+        schema: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        """Registers ``handler`` for ``command_id`` and waits until the tree accepted it.
+
+        Args:
+            command_id: Command id; a leading ``_`` makes it private (never escalated).
+            handler: ``def`` or ``async def`` (see the class docstring for how it is called).
+            description: Human description, advertised to peers.
+            schema: ``{"request": ..., "response": ...}`` JSON Schemas, advertised.
+
+        Raises:
+            DuplicateCommandError: Another owner holds the id somewhere in the tree.
+            ChannelDisconnectedError: The router channel is not attached or went away.
+            CommandTimeoutError: The router did not acknowledge within ``request_ttl``.
+        """
+        loop = self._bind_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        hid = self._add_handler(command_id, handler)
+        self._start_registration(command_id, hid, description, schema, _settle(fut))
+        await fut
+
+    def unregister_command(self, command_id: str) -> bool:
+        """Removes a local command; returns whether it was registered here.
+
+        The spec has no unregister message: registries that learned the command keep routing
+        to this one, which then answers ``not_found``.
+        """
+        self._deferred.pop(command_id, None)
+        hid = self._handler_of.pop(command_id, None)
+        if hid is not None:
+            self._handlers.pop(hid, None)
+        return self._router.unregister_local(command_id)
+
+    # ------------------------------------------------------------------ calls
+
+    async def execute_command(
+        self,
+        command_id: str,
+        request: Optional[Mapping[str, Any]] = None,
+        *,
+        timeout: Optional[float] = None,
+    ) -> Any:
+        """Calls a command wherever it lives in the tree and returns its result.
+
+        Args:
+            command_id: The command to call.
+            request: The request object (its fields become the handler's keyword arguments).
+            timeout: Seconds to wait for the response; defaults to the registry's
+                ``request_ttl``.
+
+        Returns:
+            The handler's result (``None`` when it returned nothing).
+
+        Raises:
+            NotFoundError: No registry on the path has the command.
+            InvalidRequestError: The request was rejected before the handler ran.
+            InternalError: The handler raised (message only; the traceback stays remote).
+            CommandTimeoutError: No response within ``timeout``.
+            ChannelDisconnectedError: A channel on the path closed.
+            TypeError: ``request`` is not a mapping or cannot be serialised.
+        """
+        loop = self._bind_loop()
+        if request is None:
+            data = None
+        elif isinstance(request, Mapping):
+            try:
+                data = _encode(request if isinstance(request, dict) else dict(request))
+            except Exception as e:
+                raise TypeError(f"request for {command_id!r} cannot be serialised: {e}") from e
+        else:
+            raise TypeError(f"request must be a mapping or None, not {type(request).__name__}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        fut: asyncio.Future[Any] = loop.create_future()
+        call, actions = self._router.execute(command_id, data, "msgpack", timeout, loop.time())
+        self._outcomes[call] = _settle(fut)
+        self._apply(actions)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self._outcomes.pop(call, None)
+            self._router.cancel_call(call)
+            raise
+
+    def list_commands(self) -> list[dict[str, Any]]:
+        """Every command this registry can route to, as spec command definitions.
+
+        Returns:
+            ``[{"id": ..., "description"?: ..., "schema"?: {"request"?, "response"?}}]``,
+            sorted by id: local commands (private ones included, they are callable here),
+            commands registered by child registries, and commands peers advertised.
+        """
+        out: list[dict[str, Any]] = []
+        for cid, desc, req, resp in self._router.list_commands():
+            d: dict[str, Any] = {"id": cid}
+            if desc is not None:
+                d["description"] = desc
+            if req is not None or resp is not None:
+                schema: dict[str, Any] = {}
+                if req is not None:
+                    schema["request"] = json.loads(req)
+                if resp is not None:
+                    schema["response"] = json.loads(resp)
+                d["schema"] = schema
+            out.append(d)
+        return out
+
+    def route_of(self, command_id: str) -> Optional[str]:
+        """Where a call of ``command_id`` would go from here: ``"local"``, a channel id, or
+        ``None`` (``not_found``)."""
+        return self._router.route_of(command_id)
+
+    # ------------------------------------------------------------------ events
+
+    def emit_event(self, event_id: str, payload: Any = None) -> None:
+        """Emits an event: delivered to local listeners once, and to every registry of the
+        tree once (unless ``event_id`` starts with ``_``, which keeps it local).
+
+        Sync listeners run before this returns; async ones are scheduled.
+        """
+        if self._closed:
+            raise RuntimeError(f"registry {self.id!r} is closed")
+        try:
+            data = None if payload is None else _encode(payload)
+        except Exception as e:
+            raise TypeError(f"payload of {event_id!r} cannot be serialised: {e}") from e
+        _, actions = self._router.emit_event(event_id, data, "msgpack", self._now())
+        self._apply(actions)
+
+    def add_event_listener(self, event_id: str, fn: Listener) -> Callable[[], None]:
+        """Calls ``fn(payload)`` for every ``event_id`` event; returns an unsubscribe callable."""
+        if not callable(fn):
+            raise TypeError("listener must be callable")
+        self._listeners.setdefault(event_id, []).append(fn)
+        return functools.partial(self.remove_event_listener, event_id, fn)
+
+    def remove_event_listener(self, event_id: str, fn: Listener) -> None:
+        """Removes a listener added with :meth:`add_event_listener` (no error if absent)."""
+        fns = self._listeners.get(event_id)
+        if fns and fn in fns:
+            fns.remove(fn)
+            if not fns:
+                del self._listeners[event_id]
+
+    def on(self, event_id: str) -> Callable[[F], F]:
+        """Decorator form of :meth:`add_event_listener`."""
+
+        def decorator(fn: F) -> F:
+            self.add_event_listener(event_id, fn)
+            return fn
+
+        return decorator
+
+    def _deliver_event(self, event_id: str, data: Optional[bytes], enc: Optional[str]) -> None:
+        fns = self._listeners.get(event_id)
+        if not fns:
+            return
+        try:
+            payload = _decode(data, enc)
+        except Exception as e:
+            logger.warning("undecodable payload for event %r: %s", event_id, e)
+            return
+        for fn in list(fns):
+            try:
+                result = fn(payload)
+                if inspect.isawaitable(result):
+                    self._spawn(_log_failure(result, event_id))
+            except Exception:
+                logger.exception("listener of event %r failed", event_id)
+
+    # ------------------------------------------------------------------ channels
+
+    async def register_channel(self, channel: Channel) -> None:
+        """Attaches a channel and starts exchanging messages over it.
+
+        The registry asks the peer for its commands. If this is the router channel, commands
+        declared with :meth:`command` while it was missing are registered now, and this
+        waits for their acknowledgements.
+
+        Raises:
+            ValueError: A channel with the same id is already attached.
+            DuplicateCommandError: A deferred command was rejected by the tree.
+        """
+        self._bind_loop()
+        if channel.id in self._channels:
+            raise ValueError(f"registry {self.id!r} already has a channel {channel.id!r}")
+        actions = self._router.add_channel(channel.id, channel.encoding)
+        self._channels[channel.id] = channel
+        try:
+            await channel.start(
+                functools.partial(self._on_frame, channel.id, channel),
+                functools.partial(self._on_close, channel.id, channel),
+            )
+        except BaseException:
+            self._channels.pop(channel.id, None)
+            if self._router.has_channel(channel.id):
+                self._apply(self._router.close_channel(channel.id))
+            raise
+        self._apply(actions)
+        if channel.id == self.router_channel and self._deferred:
+            await self._flush_deferred()
+
+    async def _flush_deferred(self) -> None:
+        loop = self._bind_loop()
+        waits: list[asyncio.Future[None]] = []
+        deferred, self._deferred = self._deferred, {}
+        for command_id, (hid, description, schema) in deferred.items():
+            fut: asyncio.Future[None] = loop.create_future()
+            self._start_registration(command_id, hid, description, schema, _settle(fut))
+            waits.append(fut)
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for e in errors[1:]:
+            logger.error("registration failed: %s", e)
+        if errors:
+            raise errors[0]
+
+    def _on_frame(self, channel_id: str, channel: Channel, frame: bytes) -> None:
+        if self._channels.get(channel_id) is not channel:
+            return
+        try:
+            actions = self._router.handle_frame(channel_id, frame, self._now())
+        except KeyError:
+            return
+        self._apply(actions)
+
+    def _on_close(self, channel_id: str, channel: Channel, reason: Optional[str]) -> None:
+        if self._channels.get(channel_id) is not channel:
+            return
+        del self._channels[channel_id]
+        if reason:
+            logger.info("channel %r of registry %r closed: %s", channel_id, self.id, reason)
+        self._apply(self._router.close_channel(channel_id))
+
+    @property
+    def channels(self) -> dict[str, Channel]:
+        """The attached channels by id (a copy)."""
+        return dict(self._channels)
+
+    # ------------------------------------------------------------------ stats and lifecycle
+
+    def stats(self) -> dict[str, Any]:
+        """Counters that show which way messages went.
+
+        Returns:
+            ``{"channels": {channel_id: {"sent": n, "received": n}}, "forwarded": n,
+            "pending": n, "pending_forwards": n, "dropped": n, "dedup_entries": n}``:
+            ``forwarded`` counts requests this registry forwarded for others, ``pending``
+            calls of this registry waiting for a result, ``dropped`` messages dropped as
+            invalid, spoofed, duplicate or undeliverable.
+        """
+        return cast(dict[str, Any], self._router.stats())
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    async def close(self) -> None:
+        """Closes every channel (failing calls waiting on them) and cancels running handlers.
+
+        Idempotent. Calls still waiting fail with ``channel_disconnected``.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for channel in list(self._channels.values()):
+            try:
+                await channel.close()
+            except Exception:
+                logger.exception("closing channel %r failed", channel.id)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._timer_at = None
+        outcomes, self._outcomes = self._outcomes, {}
+        for outcome in outcomes.values():
+            outcome(None, ChannelDisconnectedError(f"registry {self.id!r} closed"))
+
+    async def __aenter__(self) -> CommandRegistry:
+        self._bind_loop()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _settle(fut: asyncio.Future[Any]) -> _Outcome:
+    def outcome(value: Any, err: Optional[BaseException]) -> None:
+        if fut.done():
+            return
+        if err is None:
+            fut.set_result(value)
+        else:
+            fut.set_exception(err)
+
+    return outcome
+
+
+async def _log_failure(awaitable: Awaitable[Any], event_id: str) -> None:
+    try:
+        await awaitable
+    except Exception:
+        logger.exception("listener of event %r failed", event_id)
+

@@ -1,0 +1,1066 @@
+//! JSON and msgpack codecs for spec-v1 messages, with size and depth limits.
+//!
+//! * JSON is the spec wire format: one object per message, field names as in the schemas.
+//! * msgpack (between our own processes) is a map with the same field names; every application
+//!   value (`request`, `result`, `payload`, `schema.request`, `schema.response`) is a msgpack
+//!   `bin` holding that value's own msgpack encoding, so a forwarding registry copies it
+//!   without parsing it.
+//!
+//! Both decoders check the frame size before parsing anything and the nesting depth before
+//! building anything, and return a [`CodecError`] (never panic) on any input.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::error::CodecError;
+use crate::message::{
+    CommandDef, CommandSchema, Encoding, ErrorCode, ExecError, Message, Payload, RegisterError,
+};
+
+/// Size and depth limits applied when decoding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Maximum size of one encoded message, in bytes.
+    pub max_message_size: usize,
+    /// Maximum nesting of a message, counting the message object itself as level 1.
+    pub max_depth: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 64 * 1024 * 1024,
+            max_depth: 64,
+        }
+    }
+}
+
+impl Limits {
+    fn check_size(&self, len: usize) -> Result<(), CodecError> {
+        if len > self.max_message_size {
+            return Err(CodecError::TooLarge {
+                size: len,
+                limit: self.max_message_size,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Decodes one message in `encoding`.
+pub fn decode(data: &[u8], encoding: Encoding, limits: &Limits) -> Result<Message, CodecError> {
+    match encoding {
+        Encoding::Json => decode_json(data, limits),
+        Encoding::Msgpack => decode_msgpack(data, limits),
+    }
+}
+
+/// Encodes one message in `encoding`, transcoding payloads that are in the other encoding.
+pub fn encode(msg: &Message, encoding: Encoding) -> Result<Vec<u8>, CodecError> {
+    match encoding {
+        Encoding::Json => encode_json(msg),
+        Encoding::Msgpack => encode_msgpack(msg),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Payload validation and transcoding
+// ---------------------------------------------------------------------------------------------
+
+/// Checks that `data` is exactly one JSON value nested at most `max_depth` levels.
+///
+/// A linear scan that allocates nothing; it runs before serde so that a hostile depth never
+/// reaches a recursive parser.
+pub fn check_json_depth(data: &[u8], max_depth: usize) -> Result<(), CodecError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in data {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(CodecError::TooDeep { limit: max_depth });
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Walks exactly one msgpack value covering all of `data`, without allocating per element.
+///
+/// Rejects truncated input, trailing bytes, reserved markers, nesting deeper than `max_depth`,
+/// and containers that declare more elements than there are bytes left (the "bomb" shape).
+pub fn check_msgpack(data: &[u8], max_depth: usize) -> Result<(), CodecError> {
+    fn malformed(detail: &str) -> CodecError {
+        CodecError::Malformed {
+            encoding: "msgpack",
+            detail: detail.to_string(),
+        }
+    }
+    let mut pos = 0usize;
+    // Items still to read in each open container (bounded by max_depth).
+    let mut open: Vec<u64> = Vec::new();
+    let mut pending: u64 = 1;
+    let take = |pos: &mut usize, n: usize| -> Result<usize, CodecError> {
+        let start = *pos;
+        let end = start
+            .checked_add(n)
+            .filter(|e| *e <= data.len())
+            .ok_or_else(|| malformed("truncated value"))?;
+        *pos = end;
+        Ok(start)
+    };
+    let read_uint = |pos: &mut usize, n: usize| -> Result<u64, CodecError> {
+        let s = take(pos, n)?;
+        Ok(data[s..s + n]
+            .iter()
+            .fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
+    };
+    loop {
+        if pending == 0 {
+            match open.pop() {
+                Some(p) => {
+                    pending = p;
+                    continue;
+                }
+                None => break,
+            }
+        }
+        pending -= 1;
+        let m = data[take(&mut pos, 1)?];
+        let (skip, container): (u64, Option<u64>) = match m {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, None),
+            0x80..=0x8f => (0, Some(2 * u64::from(m & 0x0f))),
+            0x90..=0x9f => (0, Some(u64::from(m & 0x0f))),
+            0xa0..=0xbf => (u64::from(m & 0x1f), None),
+            0xc1 => return Err(malformed("reserved marker 0xc1")),
+            0xc4 | 0xd9 => (read_uint(&mut pos, 1)?, None),
+            0xc5 | 0xda => (read_uint(&mut pos, 2)?, None),
+            0xc6 | 0xdb => (read_uint(&mut pos, 4)?, None),
+            0xc7 => (read_uint(&mut pos, 1)? + 1, None),
+            0xc8 => (read_uint(&mut pos, 2)? + 1, None),
+            0xc9 => (read_uint(&mut pos, 4)? + 1, None),
+            0xca => (4, None),
+            0xcb => (8, None),
+            0xcc | 0xd0 => (1, None),
+            0xcd | 0xd1 => (2, None),
+            0xce | 0xd2 => (4, None),
+            0xcf | 0xd3 => (8, None),
+            0xd4 => (2, None),
+            0xd5 => (3, None),
+            0xd6 => (5, None),
+            0xd7 => (9, None),
+            0xd8 => (17, None),
+            0xdc => (0, Some(read_uint(&mut pos, 2)?)),
+            0xdd => (0, Some(read_uint(&mut pos, 4)?)),
+            0xde => (0, Some(2 * read_uint(&mut pos, 2)?)),
+            0xdf => (0, Some(2 * read_uint(&mut pos, 4)?)),
+        };
+        let skip = usize::try_from(skip).map_err(|_| malformed("length overflows"))?;
+        take(&mut pos, skip)?;
+        if let Some(items) = container {
+            // Every element takes at least one byte: refuse impossible counts up front.
+            if items > (data.len() - pos) as u64 {
+                return Err(malformed("container declares more elements than bytes remain"));
+            }
+            if open.len() + 1 > max_depth {
+                return Err(CodecError::TooDeep { limit: max_depth });
+            }
+            open.push(pending);
+            pending = items;
+        }
+    }
+    if pos != data.len() {
+        return Err(malformed("trailing bytes after value"));
+    }
+    Ok(())
+}
+
+/// Validates an application value received from the local driver (Python), in its encoding.
+pub fn validate_payload(p: &Payload, limits: &Limits) -> Result<(), CodecError> {
+    limits.check_size(p.data.len())?;
+    match p.encoding {
+        Encoding::Json => {
+            check_json_depth(&p.data, limits.max_depth)?;
+            serde_json::from_slice::<serde::de::IgnoredAny>(&p.data).map_err(json_malformed)?;
+            Ok(())
+        }
+        Encoding::Msgpack => check_msgpack(&p.data, limits.max_depth),
+    }
+}
+
+/// Returns the payload's bytes in `target` encoding (borrowed when no transcoding is needed).
+pub fn payload_in(
+    p: &Payload,
+    target: Encoding,
+) -> Result<std::borrow::Cow<'_, [u8]>, CodecError> {
+    use std::borrow::Cow;
+    if p.encoding == target {
+        return Ok(Cow::Borrowed(&p.data));
+    }
+    let mut out = Vec::with_capacity(p.data.len() + 16);
+    match (p.encoding, target) {
+        (Encoding::Json, Encoding::Msgpack) => {
+            let mut de = serde_json::Deserializer::from_slice(&p.data);
+            let mut ser = rmp_serde::Serializer::new(&mut out);
+            serde_transcode::transcode(&mut de, &mut ser)
+                .map_err(|e| CodecError::Unencodable(e.to_string()))?;
+        }
+        (Encoding::Msgpack, Encoding::Json) => {
+            let mut de = rmp_serde::Deserializer::from_read_ref(&p.data[..]);
+            let mut ser = serde_json::Serializer::new(&mut out);
+            serde_transcode::transcode(&mut de, &mut ser)
+                .map_err(|e| CodecError::Unencodable(e.to_string()))?;
+        }
+        _ => unreachable!("same encodings handled above"),
+    }
+    Ok(Cow::Owned(out))
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON
+// ---------------------------------------------------------------------------------------------
+
+fn json_malformed(e: serde_json::Error) -> CodecError {
+    if e.to_string().contains("recursion limit") {
+        return CodecError::TooDeep { limit: 128 };
+    }
+    match e.classify() {
+        serde_json::error::Category::Data => CodecError::InvalidMessage(e.to_string()),
+        _ => CodecError::Malformed {
+            encoding: "json",
+            detail: e.to_string(),
+        },
+    }
+}
+
+/// A present field whose value is kept raw (a JSON `null` stays `Some("null")`).
+fn some_raw<'de, D>(d: D) -> Result<Option<&'de RawValue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonMessage<'a> {
+    id: Option<String>,
+    #[serde(rename = "type")]
+    ty: String,
+    #[serde(rename = "commandId")]
+    command_id: Option<String>,
+    #[serde(rename = "eventId")]
+    event_id: Option<String>,
+    thid: Option<String>,
+    #[serde(default, borrow, deserialize_with = "some_raw")]
+    request: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "some_raw")]
+    payload: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    response: Option<JsonResponse<'a>>,
+    #[serde(default, borrow)]
+    command: Option<JsonCommand<'a>>,
+    #[serde(default, borrow)]
+    commands: Option<Vec<JsonCommand<'a>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonResponse<'a> {
+    ok: bool,
+    #[serde(default, borrow, deserialize_with = "some_raw")]
+    result: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "some_raw")]
+    error: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonCommand<'a> {
+    id: String,
+    description: Option<String>,
+    #[serde(default, borrow)]
+    schema: Option<JsonSchema<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonSchema<'a> {
+    #[serde(default, borrow, deserialize_with = "some_raw")]
+    request: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "some_raw")]
+    response: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonExecError {
+    code: String,
+    message: String,
+}
+
+fn raw_payload(r: Option<&RawValue>) -> Option<Payload> {
+    r.map(|r| Payload::json(r.get()))
+}
+
+/// Decodes one JSON message.
+pub fn decode_json(data: &[u8], limits: &Limits) -> Result<Message, CodecError> {
+    limits.check_size(data.len())?;
+    check_json_depth(data, limits.max_depth)?;
+    let m: JsonMessage<'_> = serde_json::from_slice(data).map_err(json_malformed)?;
+    let env = Envelope {
+        id: m.id,
+        ty: m.ty,
+        command_id: m.command_id,
+        event_id: m.event_id,
+        thid: m.thid,
+        request: raw_payload(m.request),
+        payload: raw_payload(m.payload),
+        response: match m.response {
+            None => None,
+            Some(r) => Some(EnvResponse {
+                ok: r.ok,
+                result: raw_payload(r.result),
+                error: match r.error {
+                    None => None,
+                    Some(raw) => Some(parse_json_error(raw)?),
+                },
+            }),
+        },
+        command: m.command.map(json_command),
+        commands: m
+            .commands
+            .map(|cs| cs.into_iter().map(json_command).collect()),
+    };
+    env.into_message()
+}
+
+fn parse_json_error(raw: &RawValue) -> Result<EnvError, CodecError> {
+    let text = raw.get();
+    if text.starts_with('"') {
+        let s: String = serde_json::from_str(text).map_err(json_malformed)?;
+        return Ok(EnvError::Name(s));
+    }
+    let e: JsonExecError = serde_json::from_str(text)
+        .map_err(|e| CodecError::InvalidMessage(format!("response.error: {e}")))?;
+    Ok(EnvError::Object {
+        code: e.code,
+        message: e.message,
+    })
+}
+
+fn json_command(c: JsonCommand<'_>) -> CommandDef {
+    CommandDef {
+        id: c.id,
+        description: c.description,
+        schema: c.schema.map(|s| CommandSchema {
+            request: raw_payload(s.request),
+            response: raw_payload(s.response),
+        }),
+    }
+}
+
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+fn push_json_field_str(out: &mut Vec<u8>, key: &str, value: &str) {
+    out.push(b',');
+    push_json_str(out, key);
+    out.push(b':');
+    push_json_str(out, value);
+}
+
+fn push_json_field_payload(out: &mut Vec<u8>, key: &str, p: &Payload) -> Result<(), CodecError> {
+    out.push(b',');
+    push_json_str(out, key);
+    out.push(b':');
+    out.extend_from_slice(&payload_in(p, Encoding::Json)?);
+    Ok(())
+}
+
+fn push_json_command(out: &mut Vec<u8>, c: &CommandDef) -> Result<(), CodecError> {
+    out.extend_from_slice(b"{\"id\":");
+    push_json_str(out, &c.id);
+    if let Some(d) = &c.description {
+        push_json_field_str(out, "description", d);
+    }
+    if let Some(s) = &c.schema {
+        out.extend_from_slice(b",\"schema\":{");
+        let mut first = true;
+        for (k, v) in [("request", &s.request), ("response", &s.response)] {
+            if let Some(p) = v {
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                push_json_str(out, k);
+                out.push(b':');
+                out.extend_from_slice(&payload_in(p, Encoding::Json)?);
+            }
+        }
+        out.push(b'}');
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+/// Encodes one message as JSON text.
+pub fn encode_json(msg: &Message) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(b"{\"id\":");
+    push_json_str(&mut out, msg.id());
+    push_json_field_str(&mut out, "type", msg.type_name());
+    match msg {
+        Message::RegisterRequest { command, .. } => {
+            out.extend_from_slice(b",\"command\":");
+            push_json_command(&mut out, command)?;
+        }
+        Message::RegisterResponse { thid, response, .. } => {
+            push_json_field_str(&mut out, "thid", thid);
+            match response {
+                Ok(()) => out.extend_from_slice(b",\"response\":{\"ok\":true}"),
+                Err(RegisterError::DuplicateCommand) => out.extend_from_slice(
+                    b",\"response\":{\"ok\":false,\"error\":\"duplicate_command\"}",
+                ),
+            }
+        }
+        Message::ListRequest { .. } => {}
+        Message::ListResponse { thid, commands, .. } => {
+            push_json_field_str(&mut out, "thid", thid);
+            out.extend_from_slice(b",\"commands\":[");
+            for (i, c) in commands.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                push_json_command(&mut out, c)?;
+            }
+            out.push(b']');
+        }
+        Message::ExecuteRequest {
+            command_id,
+            request,
+            ..
+        } => {
+            push_json_field_str(&mut out, "commandId", command_id);
+            if let Some(r) = request {
+                push_json_field_payload(&mut out, "request", r)?;
+            }
+        }
+        Message::ExecuteResponse { thid, response, .. } => {
+            push_json_field_str(&mut out, "thid", thid);
+            match response {
+                Ok(result) => {
+                    out.extend_from_slice(b",\"response\":{\"ok\":true");
+                    if let Some(r) = result {
+                        push_json_field_payload(&mut out, "result", r)?;
+                    }
+                    out.push(b'}');
+                }
+                Err(e) => {
+                    out.extend_from_slice(b",\"response\":{\"ok\":false,\"error\":{\"code\":");
+                    push_json_str(&mut out, e.code.on_wire().as_str());
+                    push_json_field_str(&mut out, "message", &e.message);
+                    out.extend_from_slice(b"}}");
+                }
+            }
+        }
+        Message::Event {
+            event_id, payload, ..
+        } => {
+            push_json_field_str(&mut out, "eventId", event_id);
+            if let Some(p) = payload {
+                push_json_field_payload(&mut out, "payload", p)?;
+            }
+        }
+    }
+    out.push(b'}');
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// msgpack
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MpMessage<'a> {
+    id: Option<String>,
+    #[serde(rename = "type")]
+    ty: String,
+    #[serde(rename = "commandId")]
+    command_id: Option<String>,
+    #[serde(rename = "eventId")]
+    event_id: Option<String>,
+    thid: Option<String>,
+    #[serde(default, borrow)]
+    request: Option<&'a serde_bytes::Bytes>,
+    #[serde(default, borrow)]
+    payload: Option<&'a serde_bytes::Bytes>,
+    #[serde(default, borrow)]
+    response: Option<MpResponse<'a>>,
+    #[serde(default, borrow)]
+    command: Option<MpCommand<'a>>,
+    #[serde(default, borrow)]
+    commands: Option<Vec<MpCommand<'a>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MpResponse<'a> {
+    ok: bool,
+    #[serde(default, borrow)]
+    result: Option<&'a serde_bytes::Bytes>,
+    #[serde(default)]
+    error: Option<MpError>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum MpError {
+    Name(String),
+    Object { code: String, message: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MpCommand<'a> {
+    id: String,
+    description: Option<String>,
+    #[serde(default, borrow)]
+    schema: Option<MpSchema<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MpSchema<'a> {
+    #[serde(default, borrow)]
+    request: Option<&'a serde_bytes::Bytes>,
+    #[serde(default, borrow)]
+    response: Option<&'a serde_bytes::Bytes>,
+}
+
+fn mp_payload(
+    b: Option<&serde_bytes::Bytes>,
+    level: usize,
+    limits: &Limits,
+) -> Result<Option<Payload>, CodecError> {
+    match b {
+        None => Ok(None),
+        Some(b) => {
+            check_msgpack(b, limits.max_depth.saturating_sub(level))?;
+            Ok(Some(Payload::new(Encoding::Msgpack, b.to_vec())))
+        }
+    }
+}
+
+fn mp_command(c: MpCommand<'_>, level: usize, limits: &Limits) -> Result<CommandDef, CodecError> {
+    Ok(CommandDef {
+        id: c.id,
+        description: c.description,
+        schema: match c.schema {
+            None => None,
+            Some(s) => Some(CommandSchema {
+                request: mp_payload(s.request, level + 2, limits)?,
+                response: mp_payload(s.response, level + 2, limits)?,
+            }),
+        },
+    })
+}
+
+/// Decodes one msgpack message.
+pub fn decode_msgpack(data: &[u8], limits: &Limits) -> Result<Message, CodecError> {
+    limits.check_size(data.len())?;
+    // Structure, depth and declared sizes first: serde never sees an impossible length.
+    check_msgpack(data, limits.max_depth)?;
+    let m: MpMessage<'_> = rmp_serde::from_slice(data).map_err(|e| match e {
+        rmp_serde::decode::Error::Syntax(_) => CodecError::InvalidMessage(e.to_string()),
+        _ => CodecError::InvalidMessage(e.to_string()),
+    })?;
+    let env = Envelope {
+        id: m.id,
+        ty: m.ty,
+        command_id: m.command_id,
+        event_id: m.event_id,
+        thid: m.thid,
+        request: mp_payload(m.request, 1, limits)?,
+        payload: mp_payload(m.payload, 1, limits)?,
+        response: match m.response {
+            None => None,
+            Some(r) => Some(EnvResponse {
+                ok: r.ok,
+                result: mp_payload(r.result, 2, limits)?,
+                error: r.error.map(|e| match e {
+                    MpError::Name(n) => EnvError::Name(n),
+                    MpError::Object { code, message } => EnvError::Object { code, message },
+                }),
+            }),
+        },
+        command: m.command.map(|c| mp_command(c, 1, limits)).transpose()?,
+        commands: match m.commands {
+            None => None,
+            Some(cs) => Some(
+                cs.into_iter()
+                    .map(|c| mp_command(c, 2, limits))
+                    .collect::<Result<_, _>>()?,
+            ),
+        },
+    };
+    env.into_message()
+}
+
+fn mp_str(out: &mut Vec<u8>, s: &str) {
+    // Writes into a Vec cannot fail.
+    let _ = rmp::encode::write_str(out, s);
+}
+
+fn mp_payload_field(out: &mut Vec<u8>, key: &str, p: &Payload) -> Result<(), CodecError> {
+    mp_str(out, key);
+    let bytes = payload_in(p, Encoding::Msgpack)?;
+    let _ = rmp::encode::write_bin(out, &bytes);
+    Ok(())
+}
+
+fn mp_command_def(out: &mut Vec<u8>, c: &CommandDef) -> Result<(), CodecError> {
+    let n = 1 + u32::from(c.description.is_some()) + u32::from(c.schema.is_some());
+    let _ = rmp::encode::write_map_len(out, n);
+    mp_str(out, "id");
+    mp_str(out, &c.id);
+    if let Some(d) = &c.description {
+        mp_str(out, "description");
+        mp_str(out, d);
+    }
+    if let Some(s) = &c.schema {
+        mp_str(out, "schema");
+        let n = u32::from(s.request.is_some()) + u32::from(s.response.is_some());
+        let _ = rmp::encode::write_map_len(out, n);
+        if let Some(p) = &s.request {
+            mp_payload_field(out, "request", p)?;
+        }
+        if let Some(p) = &s.response {
+            mp_payload_field(out, "response", p)?;
+        }
+    }
+    Ok(())
+}
+
+/// Encodes one message as msgpack.
+pub fn encode_msgpack(msg: &Message) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(96);
+    let fields: u32 = match msg {
+        Message::ListRequest { .. } => 2,
+        Message::RegisterRequest { .. } => 3,
+        Message::RegisterResponse { .. }
+        | Message::ListResponse { .. }
+        | Message::ExecuteResponse { .. } => 4,
+        Message::ExecuteRequest { request, .. } => 3 + u32::from(request.is_some()),
+        Message::Event { payload, .. } => 3 + u32::from(payload.is_some()),
+    };
+    let _ = rmp::encode::write_map_len(&mut out, fields);
+    mp_str(&mut out, "id");
+    mp_str(&mut out, msg.id());
+    mp_str(&mut out, "type");
+    mp_str(&mut out, msg.type_name());
+    match msg {
+        Message::RegisterRequest { command, .. } => {
+            mp_str(&mut out, "command");
+            mp_command_def(&mut out, command)?;
+        }
+        Message::RegisterResponse { thid, response, .. } => {
+            mp_str(&mut out, "thid");
+            mp_str(&mut out, thid);
+            mp_str(&mut out, "response");
+            match response {
+                Ok(()) => {
+                    let _ = rmp::encode::write_map_len(&mut out, 1);
+                    mp_str(&mut out, "ok");
+                    let _ = rmp::encode::write_bool(&mut out, true);
+                }
+                Err(RegisterError::DuplicateCommand) => {
+                    let _ = rmp::encode::write_map_len(&mut out, 2);
+                    mp_str(&mut out, "ok");
+                    let _ = rmp::encode::write_bool(&mut out, false);
+                    mp_str(&mut out, "error");
+                    mp_str(&mut out, "duplicate_command");
+                }
+            }
+        }
+        Message::ListRequest { .. } => {}
+        Message::ListResponse { thid, commands, .. } => {
+            mp_str(&mut out, "thid");
+            mp_str(&mut out, thid);
+            mp_str(&mut out, "commands");
+            let len = u32::try_from(commands.len())
+                .map_err(|_| CodecError::Unencodable("too many commands".into()))?;
+            let _ = rmp::encode::write_array_len(&mut out, len);
+            for c in commands {
+                mp_command_def(&mut out, c)?;
+            }
+        }
+        Message::ExecuteRequest {
+            command_id,
+            request,
+            ..
+        } => {
+            mp_str(&mut out, "commandId");
+            mp_str(&mut out, command_id);
+            if let Some(r) = request {
+                mp_payload_field(&mut out, "request", r)?;
+            }
+        }
+        Message::ExecuteResponse { thid, response, .. } => {
+            mp_str(&mut out, "thid");
+            mp_str(&mut out, thid);
+            mp_str(&mut out, "response");
+            match response {
+                Ok(result) => {
+                    let _ = rmp::encode::write_map_len(&mut out, 1 + u32::from(result.is_some()));
+                    mp_str(&mut out, "ok");
+                    let _ = rmp::encode::write_bool(&mut out, true);
+                    if let Some(r) = result {
+                        mp_payload_field(&mut out, "result", r)?;
+                    }
+                }
+                Err(e) => {
+                    let _ = rmp::encode::write_map_len(&mut out, 2);
+                    mp_str(&mut out, "ok");
+                    let _ = rmp::encode::write_bool(&mut out, false);
+                    mp_str(&mut out, "error");
+                    let _ = rmp::encode::write_map_len(&mut out, 2);
+                    mp_str(&mut out, "code");
+                    mp_str(&mut out, e.code.on_wire().as_str());
+                    mp_str(&mut out, "message");
+                    mp_str(&mut out, &e.message);
+                }
+            }
+        }
+        Message::Event {
+            event_id, payload, ..
+        } => {
+            mp_str(&mut out, "eventId");
+            mp_str(&mut out, event_id);
+            if let Some(p) = payload {
+                mp_payload_field(&mut out, "payload", p)?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// For a frame that failed to decode, the id of the execute request it evidently was, so the
+/// sender can be answered `invalid_request` instead of waiting for its timeout.
+pub fn sniff_execute_request(data: &[u8], encoding: Encoding, err: &CodecError) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Sniff {
+        id: String,
+        #[serde(rename = "type")]
+        ty: String,
+    }
+    let sniff: Sniff = match (encoding, err) {
+        (_, CodecError::TooLarge { .. }) => return None,
+        (Encoding::Json, _) => serde_json::from_slice(data).ok()?,
+        // Only a structurally valid msgpack frame is read again.
+        (Encoding::Msgpack, CodecError::InvalidMessage(_)) => rmp_serde::from_slice(data).ok()?,
+        (Encoding::Msgpack, _) => return None,
+    };
+    (sniff.ty == "execute.command.request" && !sniff.id.is_empty()).then_some(sniff.id)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared envelope validation: which fields each type requires and allows.
+// ---------------------------------------------------------------------------------------------
+
+enum EnvError {
+    Name(String),
+    Object { code: String, message: String },
+}
+
+struct EnvResponse {
+    ok: bool,
+    result: Option<Payload>,
+    error: Option<EnvError>,
+}
+
+struct Envelope {
+    id: Option<String>,
+    ty: String,
+    command_id: Option<String>,
+    event_id: Option<String>,
+    thid: Option<String>,
+    request: Option<Payload>,
+    payload: Option<Payload>,
+    response: Option<EnvResponse>,
+    command: Option<CommandDef>,
+    commands: Option<Vec<CommandDef>>,
+}
+
+fn invalid(msg: impl Into<String>) -> CodecError {
+    CodecError::InvalidMessage(msg.into())
+}
+
+fn non_empty(field: &str, v: Option<String>) -> Result<String, CodecError> {
+    match v {
+        Some(s) if !s.is_empty() => Ok(s),
+        Some(_) => Err(invalid(format!("'{field}' must be a non-empty string"))),
+        None => Err(invalid(format!("missing field '{field}'"))),
+    }
+}
+
+fn check_command(c: &CommandDef) -> Result<(), CodecError> {
+    if c.id.is_empty() {
+        return Err(invalid("command 'id' must be a non-empty string"));
+    }
+    Ok(())
+}
+
+impl Envelope {
+    fn into_message(self) -> Result<Message, CodecError> {
+        let id = non_empty("id", self.id)?;
+        let ty = self.ty;
+        // Fields each type may carry (besides id/type); anything else present is an error,
+        // as the schemas say `additionalProperties: false`.
+        let present = [
+            ("commandId", self.command_id.is_some()),
+            ("eventId", self.event_id.is_some()),
+            ("thid", self.thid.is_some()),
+            ("request", self.request.is_some()),
+            ("payload", self.payload.is_some()),
+            ("response", self.response.is_some()),
+            ("command", self.command.is_some()),
+            ("commands", self.commands.is_some()),
+        ];
+        let allowed: &[&str] = match ty.as_str() {
+            "register.command.request" => &["command"],
+            "register.command.response" => &["thid", "response"],
+            "list.commands.request" => &[],
+            "list.commands.response" => &["thid", "commands"],
+            "execute.command.request" => &["commandId", "request"],
+            "execute.command.response" => &["thid", "response"],
+            "event" => &["eventId", "payload"],
+            other => return Err(invalid(format!("unknown message type {other:?}"))),
+        };
+        if let Some((name, _)) = present
+            .iter()
+            .find(|(name, here)| *here && !allowed.contains(name))
+        {
+            return Err(invalid(format!("field '{name}' is not allowed in {ty}")));
+        }
+        Ok(match ty.as_str() {
+            "register.command.request" => {
+                let command = self.command.ok_or_else(|| invalid("missing field 'command'"))?;
+                check_command(&command)?;
+                Message::RegisterRequest { id, command }
+            }
+            "register.command.response" => {
+                let thid = non_empty("thid", self.thid)?;
+                let r = self
+                    .response
+                    .ok_or_else(|| invalid("missing field 'response'"))?;
+                if r.result.is_some() {
+                    return Err(invalid("register response cannot carry 'result'"));
+                }
+                let response = match (r.ok, r.error) {
+                    (true, None) => Ok(()),
+                    (false, Some(EnvError::Name(n))) if n == "duplicate_command" => {
+                        Err(RegisterError::DuplicateCommand)
+                    }
+                    _ => {
+                        return Err(invalid(
+                            "register response must be {ok:true} or {ok:false, error:'duplicate_command'}",
+                        ))
+                    }
+                };
+                Message::RegisterResponse { id, thid, response }
+            }
+            "list.commands.request" => Message::ListRequest { id },
+            "list.commands.response" => {
+                let thid = non_empty("thid", self.thid)?;
+                let commands = self
+                    .commands
+                    .ok_or_else(|| invalid("missing field 'commands'"))?;
+                commands.iter().try_for_each(check_command)?;
+                Message::ListResponse { id, thid, commands }
+            }
+            "execute.command.request" => {
+                let command_id = non_empty("commandId", self.command_id)?;
+                if let Some(r) = &self.request {
+                    if !r.is_object() {
+                        return Err(invalid("'request' must be an object"));
+                    }
+                }
+                Message::ExecuteRequest {
+                    id,
+                    command_id,
+                    request: self.request,
+                }
+            }
+            "execute.command.response" => {
+                let thid = non_empty("thid", self.thid)?;
+                let r = self
+                    .response
+                    .ok_or_else(|| invalid("missing field 'response'"))?;
+                let response = match (r.ok, r.result, r.error) {
+                    (true, result, None) => Ok(result),
+                    (false, None, Some(EnvError::Object { code, message })) => {
+                        let code = ErrorCode::from_wire(&code)
+                            .ok_or_else(|| invalid(format!("unknown error code {code:?}")))?;
+                        Err(ExecError { code, message })
+                    }
+                    _ => {
+                        return Err(invalid(
+                            "execute response must be {ok:true, result?} or {ok:false, error:{code, message}}",
+                        ))
+                    }
+                };
+                Message::ExecuteResponse { id, thid, response }
+            }
+            "event" => Message::Event {
+                id,
+                event_id: non_empty("eventId", self.event_id)?,
+                payload: self.payload,
+            },
+            _ => unreachable!("type checked above"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lim() -> Limits {
+        Limits::default()
+    }
+
+    #[test]
+    fn json_round_trip_keeps_payload_bytes() {
+        let text = br#"{"id":"x","type":"execute.command.request","commandId":"a.b","request":{"a": [1, 2.5, "s"]}}"#;
+        let m = decode_json(text, &lim()).unwrap();
+        match &m {
+            Message::ExecuteRequest { request, .. } => {
+                assert_eq!(request.as_ref().unwrap().data, br#"{"a": [1, 2.5, "s"]}"#);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let again = decode_json(&encode_json(&m).unwrap(), &lim()).unwrap();
+        assert_eq!(again, m);
+    }
+
+    #[test]
+    fn msgpack_round_trip_and_transcoding() {
+        let text = br#"{"id":"x","type":"event","eventId":"e","payload":{"k":[1,null,true,"v"]}}"#;
+        let m = decode_json(text, &lim()).unwrap();
+        let mp = encode_msgpack(&m).unwrap();
+        let back = decode_msgpack(&mp, &lim()).unwrap();
+        let json_again = encode_json(&back).unwrap();
+        let v1: serde_json::Value = serde_json::from_slice(text).unwrap();
+        let v2: serde_json::Value = serde_json::from_slice(&json_again).unwrap();
+        assert_eq!(v1, v2);
+    }
+
+    #[test]
+    fn null_payload_is_kept() {
+        let text = br#"{"id":"x","type":"event","eventId":"e","payload":null}"#;
+        let m = decode_json(text, &lim()).unwrap();
+        let out = encode_json(&m).unwrap();
+        assert_eq!(out, text.to_vec());
+    }
+
+    #[test]
+    fn rejects_oversize_before_parsing() {
+        let l = Limits {
+            max_message_size: 10,
+            max_depth: 8,
+        };
+        let err = decode_json(b"not even json but long", &l).unwrap_err();
+        assert_eq!(err.code(), "message_too_large");
+        let err = decode_msgpack(&[0xc1; 11], &l).unwrap_err();
+        assert_eq!(err.code(), "message_too_large");
+    }
+
+    #[test]
+    fn rejects_deep_nesting() {
+        let mut s = String::from(r#"{"id":"x","type":"event","eventId":"e","payload":"#);
+        s.push_str(&"[".repeat(100_000));
+        s.push_str(&"]".repeat(100_000));
+        s.push('}');
+        assert_eq!(
+            decode_json(s.as_bytes(), &lim()).unwrap_err().code(),
+            "message_too_deep"
+        );
+        let mut deep = vec![0x91u8; 100_000];
+        deep.push(0xc0);
+        assert_eq!(
+            check_msgpack(&deep, 64).unwrap_err().code(),
+            "message_too_deep"
+        );
+    }
+
+    #[test]
+    fn msgpack_bomb_is_refused_without_allocating() {
+        // array16 declaring 65535 elements, each an array16 declaring 65535, ...
+        let mut bomb = Vec::new();
+        for _ in 0..24_000 {
+            bomb.extend_from_slice(&[0xdc, 0xff, 0xff]);
+        }
+        let err = check_msgpack(&bomb, 64).unwrap_err();
+        assert!(matches!(
+            err,
+            CodecError::Malformed { .. } | CodecError::TooDeep { .. }
+        ));
+    }
+
+    #[test]
+    fn malformed_inputs_are_typed_errors() {
+        for bad in [
+            &b"{"[..],
+            b"[]",
+            b"{\"id\":\"x\"}",
+            b"{\"id\":\"\",\"type\":\"list.commands.request\"}",
+            b"{\"id\":\"x\",\"type\":\"nope\"}",
+            b"{\"id\":\"x\",\"type\":\"list.commands.request\",\"extra\":1}",
+            b"{\"id\":\"x\",\"type\":\"event\",\"eventId\":\"e\",\"commandId\":\"c\"}",
+            b"{\"id\":\"x\",\"type\":\"execute.command.request\",\"commandId\":\"c\",\"request\":[1]}",
+            b"{\"id\":\"x\",\"type\":\"execute.command.response\",\"thid\":\"t\",\"response\":{\"ok\":false}}",
+            b"{\"id\":\"x\",\"type\":\"execute.command.response\",\"thid\":\"t\",\"response\":{\"ok\":false,\"error\":{\"code\":\"weird\",\"message\":\"m\"}}}",
+            b"{\"id\":\"x\",\"id\":\"y\",\"type\":\"list.commands.request\"}",
+            b"\xff\xfe",
+        ] {
+            let e = decode_json(bad, &lim()).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    CodecError::Malformed { .. } | CodecError::InvalidMessage(_)
+                ),
+                "{e:?}"
+            );
+        }
+        for bad in [&[0xc1u8][..], &[0x81, 0xa2], &[0x92, 0x01], &[0x01, 0x02], &[]] {
+            assert!(decode_msgpack(bad, &lim()).is_err());
+        }
+    }
+
+    #[test]
+    fn message_ids_may_be_any_non_empty_string() {
+        let m = decode_json(br#"{"id":"not-a-uuid","type":"list.commands.request"}"#, &lim())
+            .unwrap();
+        assert_eq!(m.id(), "not-a-uuid");
+    }
+}

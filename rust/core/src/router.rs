@@ -1,0 +1,1418 @@
+//! The sans-I/O router: every protocol rule of a registry, with no I/O, threads or clock.
+//!
+//! A driver feeds it inputs (a message arrived on a channel, a local call, registration or
+//! event, a channel added or closed, the time) and carries out the [`Action`]s it queues (send a
+//! message, run a local handler, complete a local caller, deliver an event). Time is a number
+//! of microseconds on the driver's monotonic clock; the driver asks [`Router::next_deadline`]
+//! when to call [`Router::tick`].
+//!
+//! Rules (each has a test below):
+//! * routing priority: local handler, then a channel that advertised the command, then the
+//!   router channel, else `not_found`;
+//! * a local registration with a router channel is escalated and completes on the ack; a
+//!   registration arriving from a child is escalated too and acknowledged once the parent acks;
+//! * a second owner anywhere in the tree gets `duplicate_command`; the same channel may
+//!   re-register (a restarted worker);
+//! * `list.commands.request` is sent on every new channel; list responses import remote
+//!   commands (first owner wins, a local command is never overwritten; commands learned from
+//!   the router channel rank below those advertised by any other channel);
+//! * a forwarded request gets a fresh id and a route entry; the response travels back through
+//!   it; a response is accepted only from the channel the request went to, and only once;
+//! * a request is never forwarded back to the channel it came from;
+//! * ids starting with `_` are never advertised, escalated or broadcast; an execute of one
+//!   arriving from a channel is `not_found`;
+//! * events flood to every channel but the one they came from and are delivered locally once
+//!   (dedup by message id for `event_ttl`, in a table of at most `max_dedup` entries);
+//! * calls and forwarded requests time out at `request_ttl`;
+//! * closing a channel drops its commands and fails every call waiting on it and every request
+//!   forwarded through it with `channel_disconnected`.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use crate::codec::{self, Limits};
+use crate::error::{CodecError, UsageError};
+use crate::message::{
+    is_private, new_id, CommandDef, Encoding, ErrorCode, ExecError, ExecResult, Message, Payload,
+    RegisterError,
+};
+
+/// Microseconds on the driver's monotonic clock.
+pub type Micros = u64;
+
+/// A channel's name as this registry knows the peer behind it.
+pub type ChannelId = Arc<str>;
+
+/// Configuration of one registry.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This registry's id.
+    pub id: String,
+    /// The channel towards the parent (the root has none).
+    pub router_channel: Option<String>,
+    /// How long a call or forwarded request may wait for its response.
+    pub request_ttl: Micros,
+    /// How long an event id is remembered for dedup.
+    pub event_ttl: Micros,
+    /// Maximum number of requests waiting for a response (local calls plus forwarded).
+    pub max_pending: usize,
+    /// Maximum number of event ids remembered for dedup.
+    pub max_dedup: usize,
+    /// Codec limits for inbound frames and local payloads.
+    pub limits: Limits,
+}
+
+impl Config {
+    /// A configuration with the defaults (30 s request TTL, 5 s event TTL).
+    pub fn new(id: impl Into<String>) -> Self {
+        Config {
+            id: id.into(),
+            router_channel: None,
+            request_ttl: 30_000_000,
+            event_ttl: 5_000_000,
+            max_pending: 100_000,
+            max_dedup: 100_000,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Why the router dropped an inbound message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropKind {
+    /// A frame that could not be decoded, or a message that breaks the protocol.
+    Invalid,
+    /// A response from a channel other than the one the request was sent to.
+    Spoofed,
+    /// A response whose `thid` is unknown or already answered.
+    Unknown,
+    /// An event already seen (normal in a mesh).
+    DuplicateEvent,
+    /// A reply for a channel that has gone away.
+    Undeliverable,
+}
+
+impl DropKind {
+    /// Stable code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropKind::Invalid => "invalid",
+            DropKind::Spoofed => "spoofed",
+            DropKind::Unknown => "unknown_thid",
+            DropKind::DuplicateEvent => "duplicate_event",
+            DropKind::Undeliverable => "undeliverable",
+        }
+    }
+}
+
+/// What the driver must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Send `message` on `channel`.
+    Send {
+        /// Target channel.
+        channel: ChannelId,
+        /// Message to encode with the channel's encoding.
+        message: Message,
+    },
+    /// Run the local handler `handler` for `command_id`, then call [`Router::complete_job`].
+    RunHandler {
+        /// Job id to complete.
+        job: u64,
+        /// Handler id given at registration.
+        handler: u64,
+        /// Command being executed.
+        command_id: String,
+        /// Request object, still encoded.
+        request: Option<Payload>,
+    },
+    /// A local call (from [`Router::execute`]) finished.
+    CallDone {
+        /// The call's token.
+        call: u64,
+        /// Its outcome.
+        result: ExecResult,
+    },
+    /// A local registration (from [`Router::register_local`]) finished.
+    RegisterDone {
+        /// The registration's token.
+        call: u64,
+        /// Its outcome (`duplicate_command`, `timeout` or `channel_disconnected` on failure).
+        result: Result<(), ExecError>,
+    },
+    /// Deliver an event to local listeners.
+    DeliverEvent {
+        /// Event name.
+        event_id: String,
+        /// Payload, still encoded.
+        payload: Option<Payload>,
+    },
+    /// A message was dropped (for logs; already counted in the stats).
+    Dropped {
+        /// Channel it came from, if any.
+        channel: Option<ChannelId>,
+        /// Why.
+        kind: DropKind,
+        /// Human explanation.
+        reason: String,
+    },
+}
+
+/// Counters, as reported by [`Router::stats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// Messages queued for sending on the channel.
+    pub sent: u64,
+    /// Messages received from the channel (including invalid ones).
+    pub received: u64,
+}
+
+/// A snapshot of the router's counters and table sizes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Per attached channel.
+    pub channels: Vec<(ChannelId, ChannelStats)>,
+    /// Requests forwarded for other registries.
+    pub forwarded: u64,
+    /// Local calls waiting for an answer (remote or local handler).
+    pub pending: usize,
+    /// Requests forwarded and waiting for an answer.
+    pub pending_forwards: usize,
+    /// Messages dropped (invalid, spoofed, duplicate, undeliverable).
+    pub dropped: u64,
+    /// Event ids remembered for dedup.
+    pub dedup_entries: usize,
+    /// Handler runs not yet completed.
+    pub jobs: usize,
+}
+
+/// How a command came to be routable through a channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Learned {
+    /// The channel registered it with us (it is in our subtree).
+    Registered,
+    /// The channel listed it (a mesh peer, or a child that listed before registering).
+    Advertised,
+    /// The router channel listed it: the lowest rank, the router is the fallback anyway.
+    ViaRouter,
+}
+
+#[derive(Clone, Debug)]
+enum Owner {
+    Local { handler: u64 },
+    Channel { channel: ChannelId, learned: Learned },
+}
+
+#[derive(Clone, Debug)]
+struct Route {
+    def: CommandDef,
+    owner: Owner,
+}
+
+struct ChannelState {
+    encoding: Encoding,
+    stats: ChannelStats,
+}
+
+struct PendingCall {
+    call: u64,
+    channel: ChannelId,
+    deadline: Micros,
+}
+
+struct Forward {
+    origin: ChannelId,
+    origin_id: String,
+    target: ChannelId,
+    deadline: Micros,
+}
+
+enum RegFor {
+    Local { call: u64, handler: u64 },
+    Child { channel: ChannelId, request_id: String },
+}
+
+struct PendingReg {
+    def: CommandDef,
+    for_: RegFor,
+    target: ChannelId,
+    deadline: Micros,
+}
+
+enum Reply {
+    Local(u64),
+    Channel(ChannelId, String),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    Call,
+    Forward,
+    Registration,
+}
+
+/// The router of one registry. See the module documentation for its rules.
+pub struct Router {
+    config: Config,
+    router_channel: Option<ChannelId>,
+    channels: HashMap<ChannelId, ChannelState>,
+    routes: HashMap<String, Route>,
+    calls: HashMap<String, PendingCall>,
+    forwards: HashMap<String, Forward>,
+    registrations: HashMap<String, PendingReg>,
+    jobs: HashMap<u64, Reply>,
+    local_jobs: usize,
+    timers: BinaryHeap<Reverse<(Micros, TimerKind, String)>>,
+    seen_events: HashMap<String, Micros>,
+    seen_order: VecDeque<(Micros, String)>,
+    next_token: u64,
+    forwarded: u64,
+    dropped: u64,
+    actions: Vec<Action>,
+}
+
+impl Router {
+    /// A router with no channels and no commands.
+    pub fn new(config: Config) -> Self {
+        let router_channel = config.router_channel.as_deref().map(Arc::from);
+        Router {
+            config,
+            router_channel,
+            channels: HashMap::new(),
+            routes: HashMap::new(),
+            calls: HashMap::new(),
+            forwards: HashMap::new(),
+            registrations: HashMap::new(),
+            jobs: HashMap::new(),
+            local_jobs: 0,
+            timers: BinaryHeap::new(),
+            seen_events: HashMap::new(),
+            seen_order: VecDeque::new(),
+            next_token: 1,
+            forwarded: 0,
+            dropped: 0,
+            actions: Vec::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Takes the actions queued so far, in order.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    /// Moves the queued actions into `out` (keeps `out`'s allocation for the next round).
+    pub fn drain_actions_into(&mut self, out: &mut Vec<Action>) {
+        out.append(&mut self.actions);
+    }
+
+    /// Encoding of an attached channel.
+    pub fn channel_encoding(&self, channel: &str) -> Option<Encoding> {
+        self.channels.get(channel).map(|c| c.encoding)
+    }
+
+    /// Whether a channel with this name is attached.
+    pub fn has_channel(&self, channel: &str) -> bool {
+        self.channels.contains_key(channel)
+    }
+
+    /// Names of attached channels.
+    pub fn channel_ids(&self) -> Vec<ChannelId> {
+        self.channels.keys().cloned().collect()
+    }
+
+    fn token(&mut self) -> u64 {
+        let t = self.next_token;
+        self.next_token += 1;
+        t
+    }
+
+    fn send(&mut self, channel: &ChannelId, message: Message) {
+        if let Some(c) = self.channels.get_mut(channel) {
+            c.stats.sent += 1;
+        }
+        self.actions.push(Action::Send {
+            channel: channel.clone(),
+            message,
+        });
+    }
+
+    fn drop_msg(&mut self, channel: Option<&ChannelId>, kind: DropKind, reason: String) {
+        self.dropped += 1;
+        self.actions.push(Action::Dropped {
+            channel: channel.cloned(),
+            kind,
+            reason,
+        });
+    }
+
+    fn in_flight(&self) -> usize {
+        self.calls.len() + self.forwards.len() + self.registrations.len()
+    }
+
+    fn channel_arc(&self, name: &str) -> Option<ChannelId> {
+        self.channels.get_key_value(name).map(|(k, _)| k.clone())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Channels
+    // -----------------------------------------------------------------------------------------
+
+    /// Attaches a channel and asks the peer for its commands.
+    pub fn add_channel(&mut self, name: &str, encoding: Encoding) -> Result<(), UsageError> {
+        if name.is_empty() {
+            return Err(UsageError::EmptyId("channel id"));
+        }
+        if self.channels.contains_key(name) {
+            return Err(UsageError::DuplicateChannel(name.to_string()));
+        }
+        let id: ChannelId = Arc::from(name);
+        self.channels.insert(
+            id.clone(),
+            ChannelState {
+                encoding,
+                stats: ChannelStats::default(),
+            },
+        );
+        self.send(&id, Message::ListRequest { id: new_id() });
+        Ok(())
+    }
+
+    /// Detaches a channel: its commands are dropped and everything waiting on it fails.
+    pub fn close_channel(&mut self, name: &str) -> Result<(), UsageError> {
+        let Some((id, _)) = self.channels.remove_entry(name) else {
+            return Err(UsageError::UnknownChannel(name.to_string()));
+        };
+        self.routes.retain(|_, r| match &r.owner {
+            Owner::Channel { channel, .. } => channel != &id,
+            Owner::Local { .. } => true,
+        });
+        let disconnected = |what: &str| {
+            ExecError::new(
+                ErrorCode::ChannelDisconnected,
+                format!("channel '{id}' closed while {what} was in flight"),
+            )
+        };
+        let mut failed_calls: Vec<(String, u64)> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| c.channel == id)
+            .map(|(k, c)| (k.clone(), c.call))
+            .collect();
+        failed_calls.sort_by_key(|(_, call)| *call);
+        for (key, call) in failed_calls {
+            self.calls.remove(&key);
+            self.actions.push(Action::CallDone {
+                call,
+                result: Err(disconnected("the call")),
+            });
+        }
+        let dead_forwards: Vec<String> = self
+            .forwards
+            .iter()
+            .filter(|(_, f)| f.target == id || f.origin == id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in dead_forwards {
+            if let Some(f) = self.forwards.remove(&key) {
+                if f.target == id && self.channels.contains_key(&f.origin) {
+                    let err = disconnected("a forwarded request");
+                    self.send(
+                        &f.origin,
+                        Message::ExecuteResponse {
+                            id: new_id(),
+                            thid: f.origin_id,
+                            response: Err(err),
+                        },
+                    );
+                }
+            }
+        }
+        let dead_regs: Vec<String> = self
+            .registrations
+            .iter()
+            .filter(|(_, r)| {
+                r.target == id || matches!(&r.for_, RegFor::Child { channel, .. } if channel == &id)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in dead_regs {
+            if let Some(r) = self.registrations.remove(&key) {
+                // A child's registration has no wire error for this case; the child's own
+                // request TTL ends it. A local one fails now.
+                if let RegFor::Local { call, .. } = r.for_ {
+                    self.actions.push(Action::RegisterDone {
+                        call,
+                        result: Err(disconnected("the registration")),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Local inputs
+    // -----------------------------------------------------------------------------------------
+
+    /// Starts a local call; its outcome arrives as [`Action::CallDone`] with the returned token.
+    ///
+    /// `ttl` overrides the request TTL for this call.
+    pub fn execute(
+        &mut self,
+        command_id: &str,
+        request: Option<Payload>,
+        ttl: Option<Micros>,
+        now: Micros,
+    ) -> u64 {
+        let call = self.token();
+        if command_id.is_empty() {
+            self.actions.push(Action::CallDone {
+                call,
+                result: Err(ExecError::new(
+                    ErrorCode::InvalidRequest,
+                    "command id must be a non-empty string",
+                )),
+            });
+            return call;
+        }
+        if let Some(r) = &request {
+            let checked = if r.is_object() {
+                codec::validate_payload(r, &self.config.limits).map_err(|e| e.to_string())
+            } else {
+                Err("a request must be an object (a dict), or absent".to_string())
+            };
+            if let Err(msg) = checked {
+                self.actions.push(Action::CallDone {
+                    call,
+                    result: Err(ExecError::new(ErrorCode::InvalidRequest, msg)),
+                });
+                return call;
+            }
+        }
+        let target = match self.routes.get(command_id) {
+            Some(Route {
+                owner: Owner::Local { handler },
+                ..
+            }) => {
+                let handler = *handler;
+                let job = self.token();
+                self.jobs.insert(job, Reply::Local(call));
+                self.local_jobs += 1;
+                self.actions.push(Action::RunHandler {
+                    job,
+                    handler,
+                    command_id: command_id.to_string(),
+                    request,
+                });
+                return call;
+            }
+            _ if is_private(command_id) => None,
+            Some(Route {
+                owner: Owner::Channel { channel, .. },
+                ..
+            }) => Some(channel.clone()),
+            None => self.router_channel.clone(),
+        };
+        let Some(target) = target else {
+            self.actions.push(Action::CallDone {
+                call,
+                result: Err(self.not_found(command_id)),
+            });
+            return call;
+        };
+        if !self.channels.contains_key(&target) {
+            self.actions.push(Action::CallDone {
+                call,
+                result: Err(ExecError::new(
+                    ErrorCode::ChannelDisconnected,
+                    format!("router channel '{target}' is not connected"),
+                )),
+            });
+            return call;
+        }
+        if self.in_flight() >= self.config.max_pending {
+            self.actions.push(Action::CallDone {
+                call,
+                result: Err(self.too_busy()),
+            });
+            return call;
+        }
+        let id = new_id();
+        let deadline = now.saturating_add(ttl.unwrap_or(self.config.request_ttl));
+        self.timers
+            .push(Reverse((deadline, TimerKind::Call, id.clone())));
+        self.calls.insert(
+            id.clone(),
+            PendingCall {
+                call,
+                channel: target.clone(),
+                deadline,
+            },
+        );
+        self.send(
+            &target,
+            Message::ExecuteRequest {
+                id,
+                command_id: command_id.to_string(),
+                request,
+            },
+        );
+        call
+    }
+
+    /// Forgets a local call whose caller stopped waiting (cancelled). Its late response, if
+    /// any, is dropped as unknown.
+    pub fn cancel_call(&mut self, call: u64) {
+        self.calls.retain(|_, c| c.call != call);
+    }
+
+    fn not_found(&self, command_id: &str) -> ExecError {
+        let mut close: Vec<&str> = self
+            .routes
+            .keys()
+            .filter(|k| !is_private(k) && similar(k, command_id))
+            .map(String::as_str)
+            .collect();
+        close.sort_unstable();
+        close.truncate(3);
+        let hint = if close.is_empty() {
+            String::new()
+        } else {
+            format!("; did you mean {}?", close.join(", "))
+        };
+        ExecError::new(
+            ErrorCode::NotFound,
+            format!(
+                "command '{command_id}' is not registered anywhere registry '{}' can reach{hint}",
+                self.config.id
+            ),
+        )
+    }
+
+    fn too_busy(&self) -> ExecError {
+        ExecError::new(
+            ErrorCode::InternalError,
+            format!(
+                "registry '{}' has {} requests in flight (max_pending); retry later",
+                self.config.id, self.config.max_pending
+            ),
+        )
+    }
+
+    /// Reports the outcome of a [`Action::RunHandler`] job.
+    pub fn complete_job(&mut self, job: u64, result: ExecResult) -> Result<(), UsageError> {
+        let reply = self.jobs.remove(&job).ok_or(UsageError::UnknownJob(job))?;
+        match reply {
+            Reply::Local(call) => {
+                self.local_jobs -= 1;
+                self.actions.push(Action::CallDone { call, result });
+            }
+            Reply::Channel(channel, thid) => {
+                if self.channels.contains_key(&channel) {
+                    self.send(
+                        &channel,
+                        Message::ExecuteResponse {
+                            id: new_id(),
+                            thid,
+                            response: result,
+                        },
+                    );
+                } else {
+                    self.drop_msg(
+                        Some(&channel),
+                        DropKind::Undeliverable,
+                        format!("reply to '{thid}' dropped: channel '{channel}' has closed"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn owner_conflict(&self, command_id: &str, from: Option<&ChannelId>) -> Option<String> {
+        match self.routes.get(command_id).map(|r| &r.owner) {
+            Some(Owner::Local { .. }) => Some(format!(
+                "command '{command_id}' is already registered locally in registry '{}'",
+                self.config.id
+            )),
+            Some(Owner::Channel { channel, learned })
+                if *learned != Learned::ViaRouter && Some(channel) != from =>
+            {
+                Some(format!(
+                    "command '{command_id}' is already owned by channel '{channel}' of registry '{}'",
+                    self.config.id
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// Registers a local command with handler id `handler`; the outcome arrives as
+    /// [`Action::RegisterDone`]. With a router channel (and a public id) the registration is
+    /// escalated and completes on the router's ack.
+    pub fn register_local(&mut self, def: CommandDef, handler: u64, now: Micros) -> u64 {
+        let call = self.token();
+        if def.id.is_empty() {
+            self.actions.push(Action::RegisterDone {
+                call,
+                result: Err(ExecError::new(
+                    ErrorCode::InvalidRequest,
+                    "command id must be a non-empty string",
+                )),
+            });
+            return call;
+        }
+        if let Some(msg) = self.owner_conflict(&def.id, None) {
+            self.actions.push(Action::RegisterDone {
+                call,
+                result: Err(ExecError::new(ErrorCode::DuplicateCommand, msg)),
+            });
+            return call;
+        }
+        let router = match &self.router_channel {
+            Some(r) if !is_private(&def.id) => r.clone(),
+            _ => {
+                self.routes.insert(
+                    def.id.clone(),
+                    Route {
+                        def,
+                        owner: Owner::Local { handler },
+                    },
+                );
+                self.actions.push(Action::RegisterDone {
+                    call,
+                    result: Ok(()),
+                });
+                return call;
+            }
+        };
+        if !self.channels.contains_key(&router) {
+            self.actions.push(Action::RegisterDone {
+                call,
+                result: Err(ExecError::new(
+                    ErrorCode::ChannelDisconnected,
+                    format!("router channel '{router}' is not connected"),
+                )),
+            });
+            return call;
+        }
+        self.escalate(def, RegFor::Local { call, handler }, router, now);
+        call
+    }
+
+    fn escalate(&mut self, def: CommandDef, for_: RegFor, router: ChannelId, now: Micros) {
+        let id = new_id();
+        let deadline = now.saturating_add(self.config.request_ttl);
+        self.timers
+            .push(Reverse((deadline, TimerKind::Registration, id.clone())));
+        self.send(
+            &router,
+            Message::RegisterRequest {
+                id: id.clone(),
+                command: def.clone(),
+            },
+        );
+        self.registrations.insert(
+            id,
+            PendingReg {
+                def,
+                for_,
+                target: router,
+                deadline,
+            },
+        );
+    }
+
+    /// Removes a local command (the spec has no unregister message: peers that learned it
+    /// keep routing to this registry, which answers `not_found`).
+    pub fn unregister_local(&mut self, command_id: &str) -> bool {
+        if matches!(
+            self.routes.get(command_id),
+            Some(Route {
+                owner: Owner::Local { .. },
+                ..
+            })
+        ) {
+            self.routes.remove(command_id);
+            return true;
+        }
+        false
+    }
+
+    /// Emits an event: delivered locally once, and flooded to every channel unless private.
+    /// Returns the message id used.
+    pub fn emit_event(&mut self, event_id: &str, payload: Option<Payload>, now: Micros) -> String {
+        let id = new_id();
+        self.remember_event(&id, now);
+        self.actions.push(Action::DeliverEvent {
+            event_id: event_id.to_string(),
+            payload: payload.clone(),
+        });
+        if !is_private(event_id) {
+            self.flood(&id, event_id, payload, None);
+        }
+        id
+    }
+
+    fn flood(&mut self, id: &str, event_id: &str, payload: Option<Payload>, except: Option<&str>) {
+        let mut targets: Vec<ChannelId> = self
+            .channels
+            .keys()
+            .filter(|c| Some(&***c) != except)
+            .cloned()
+            .collect();
+        targets.sort();
+        for t in targets {
+            self.send(
+                &t,
+                Message::Event {
+                    id: id.to_string(),
+                    event_id: event_id.to_string(),
+                    payload: payload.clone(),
+                },
+            );
+        }
+    }
+
+    /// Records an event id; returns false if it was already seen within `event_ttl`.
+    fn remember_event(&mut self, id: &str, now: Micros) -> bool {
+        self.expire_events(now);
+        if self.seen_events.contains_key(id) {
+            return false;
+        }
+        while self.seen_events.len() >= self.config.max_dedup.max(1) {
+            match self.seen_order.pop_front() {
+                Some((_, old)) => {
+                    self.seen_events.remove(&old);
+                }
+                None => break,
+            }
+        }
+        let expiry = now.saturating_add(self.config.event_ttl);
+        self.seen_events.insert(id.to_string(), expiry);
+        self.seen_order.push_back((expiry, id.to_string()));
+        true
+    }
+
+    fn expire_events(&mut self, now: Micros) {
+        while let Some((expiry, _)) = self.seen_order.front() {
+            if *expiry > now {
+                break;
+            }
+            if let Some((_, id)) = self.seen_order.pop_front() {
+                self.seen_events.remove(&id);
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Inbound
+    // -----------------------------------------------------------------------------------------
+
+    /// Decodes a frame with the channel's encoding and handles it. A frame that cannot be
+    /// decoded is dropped (and answered `invalid_request` when it was recognisably an execute
+    /// request); the error is returned so the driver may disconnect a misbehaving peer.
+    pub fn handle_frame(
+        &mut self,
+        channel: &str,
+        frame: &[u8],
+        now: Micros,
+    ) -> Result<(), FrameError> {
+        let Some(id) = self.channel_arc(channel) else {
+            return Err(FrameError::Usage(UsageError::UnknownChannel(
+                channel.to_string(),
+            )));
+        };
+        let encoding = self.channels[&id].encoding;
+        match codec::decode(frame, encoding, &self.config.limits) {
+            Ok(message) => {
+                self.handle_message_from(&id, message, now);
+                Ok(())
+            }
+            Err(err) => {
+                if let Some(c) = self.channels.get_mut(&id) {
+                    c.stats.received += 1;
+                }
+                if let Some(request_id) = codec::sniff_execute_request(frame, encoding, &err) {
+                    self.send(
+                        &id,
+                        Message::ExecuteResponse {
+                            id: new_id(),
+                            thid: request_id,
+                            response: Err(ExecError::new(
+                                ErrorCode::InvalidRequest,
+                                format!("request rejected by registry '{}': {err}", self.config.id),
+                            )),
+                        },
+                    );
+                }
+                self.drop_msg(
+                    Some(&id),
+                    DropKind::Invalid,
+                    format!("[{}] {err}", err.code()),
+                );
+                Err(FrameError::Codec(err))
+            }
+        }
+    }
+
+    /// Handles a decoded message from an attached channel.
+    pub fn handle_message(
+        &mut self,
+        channel: &str,
+        message: Message,
+        now: Micros,
+    ) -> Result<(), UsageError> {
+        let id = self
+            .channel_arc(channel)
+            .ok_or_else(|| UsageError::UnknownChannel(channel.to_string()))?;
+        self.handle_message_from(&id, message, now);
+        Ok(())
+    }
+
+    fn handle_message_from(&mut self, from: &ChannelId, message: Message, now: Micros) {
+        if let Some(c) = self.channels.get_mut(from) {
+            c.stats.received += 1;
+        }
+        match message {
+            Message::ExecuteRequest {
+                id,
+                command_id,
+                request,
+            } => self.on_execute_request(from, id, command_id, request, now),
+            Message::ExecuteResponse { thid, response, .. } => {
+                self.on_execute_response(from, thid, response)
+            }
+            Message::RegisterRequest { id, command } => {
+                self.on_register_request(from, id, command, now)
+            }
+            Message::RegisterResponse { thid, response, .. } => {
+                self.on_register_response(from, thid, response)
+            }
+            Message::ListRequest { id } => self.on_list_request(from, id),
+            Message::ListResponse { commands, .. } => self.on_list_response(from, commands),
+            Message::Event {
+                id,
+                event_id,
+                payload,
+            } => self.on_event(from, id, event_id, payload, now),
+        }
+    }
+
+    fn reply_error(&mut self, to: &ChannelId, thid: String, err: ExecError) {
+        self.send(
+            to,
+            Message::ExecuteResponse {
+                id: new_id(),
+                thid,
+                response: Err(err),
+            },
+        );
+    }
+
+    fn on_execute_request(
+        &mut self,
+        from: &ChannelId,
+        id: String,
+        command_id: String,
+        request: Option<Payload>,
+        now: Micros,
+    ) {
+        if is_private(&command_id) {
+            // Private commands are reachable only from inside their own registry.
+            let err = self.not_found(&command_id);
+            return self.reply_error(from, id, err);
+        }
+        let target = match self.routes.get(&command_id) {
+            Some(Route {
+                owner: Owner::Local { handler },
+                ..
+            }) => {
+                let handler = *handler;
+                let job = self.token();
+                self.jobs.insert(job, Reply::Channel(from.clone(), id));
+                self.actions.push(Action::RunHandler {
+                    job,
+                    handler,
+                    command_id,
+                    request,
+                });
+                return;
+            }
+            Some(Route {
+                owner: Owner::Channel { channel, .. },
+                ..
+            }) if channel != from => Some(channel.clone()),
+            // Loop guard: never back to the channel the request came from.
+            _ => self.router_channel.clone().filter(|r| r != from),
+        };
+        let Some(target) = target.filter(|t| self.channels.contains_key(t)) else {
+            let err = self.not_found(&command_id);
+            return self.reply_error(from, id, err);
+        };
+        if self.in_flight() >= self.config.max_pending {
+            let err = self.too_busy();
+            return self.reply_error(from, id, err);
+        }
+        let out_id = new_id();
+        let deadline = now.saturating_add(self.config.request_ttl);
+        self.timers
+            .push(Reverse((deadline, TimerKind::Forward, out_id.clone())));
+        self.forwards.insert(
+            out_id.clone(),
+            Forward {
+                origin: from.clone(),
+                origin_id: id,
+                target: target.clone(),
+                deadline,
+            },
+        );
+        self.forwarded += 1;
+        self.send(
+            &target,
+            Message::ExecuteRequest {
+                id: out_id,
+                command_id,
+                request,
+            },
+        );
+    }
+
+    fn on_execute_response(&mut self, from: &ChannelId, thid: String, response: ExecResult) {
+        if let Some(c) = self.calls.get(&thid) {
+            if &c.channel != from {
+                let reason = format!(
+                    "response to '{thid}' from '{from}' ignored: the request went to '{}'",
+                    c.channel
+                );
+                return self.drop_msg(Some(from), DropKind::Spoofed, reason);
+            }
+            if let Some(c) = self.calls.remove(&thid) {
+                self.actions.push(Action::CallDone {
+                    call: c.call,
+                    result: response,
+                });
+            }
+            return;
+        }
+        if let Some(f) = self.forwards.get(&thid) {
+            if &f.target != from {
+                let reason = format!(
+                    "response to '{thid}' from '{from}' ignored: the request went to '{}'",
+                    f.target
+                );
+                return self.drop_msg(Some(from), DropKind::Spoofed, reason);
+            }
+            if let Some(f) = self.forwards.remove(&thid) {
+                if self.channels.contains_key(&f.origin) {
+                    self.send(
+                        &f.origin,
+                        Message::ExecuteResponse {
+                            id: new_id(),
+                            thid: f.origin_id,
+                            response,
+                        },
+                    );
+                }
+            }
+            return;
+        }
+        self.drop_msg(
+            Some(from),
+            DropKind::Unknown,
+            format!("response to unknown or already answered request '{thid}'"),
+        );
+    }
+
+    fn on_register_request(
+        &mut self,
+        from: &ChannelId,
+        id: String,
+        command: CommandDef,
+        now: Micros,
+    ) {
+        if self.owner_conflict(&command.id, Some(from)).is_some() {
+            return self.send(
+                from,
+                Message::RegisterResponse {
+                    id: new_id(),
+                    thid: id,
+                    response: Err(RegisterError::DuplicateCommand),
+                },
+            );
+        }
+        match self.router_channel.clone() {
+            Some(router)
+                if &router != from
+                    && !is_private(&command.id)
+                    && self.channels.contains_key(&router) =>
+            {
+                self.escalate(
+                    command,
+                    RegFor::Child {
+                        channel: from.clone(),
+                        request_id: id,
+                    },
+                    router,
+                    now,
+                );
+            }
+            _ => {
+                self.accept_child_registration(from, command);
+                self.send(
+                    from,
+                    Message::RegisterResponse {
+                        id: new_id(),
+                        thid: id,
+                        response: Ok(()),
+                    },
+                );
+            }
+        }
+    }
+
+    fn accept_child_registration(&mut self, from: &ChannelId, def: CommandDef) {
+        self.routes.insert(
+            def.id.clone(),
+            Route {
+                def,
+                owner: Owner::Channel {
+                    channel: from.clone(),
+                    learned: Learned::Registered,
+                },
+            },
+        );
+    }
+
+    fn on_register_response(
+        &mut self,
+        from: &ChannelId,
+        thid: String,
+        response: Result<(), RegisterError>,
+    ) {
+        let Some(reg) = self.registrations.get(&thid) else {
+            return self.drop_msg(
+                Some(from),
+                DropKind::Unknown,
+                format!("registration response to unknown or already answered request '{thid}'"),
+            );
+        };
+        if &reg.target != from {
+            let reason = format!(
+                "registration response to '{thid}' from '{from}' ignored: it went to '{}'",
+                reg.target
+            );
+            return self.drop_msg(Some(from), DropKind::Spoofed, reason);
+        }
+        let Some(reg) = self.registrations.remove(&thid) else {
+            return;
+        };
+        let child = match &reg.for_ {
+            RegFor::Child { channel, .. } => Some(channel.clone()),
+            RegFor::Local { .. } => None,
+        };
+        // Re-check: another owner may have appeared here while the ack was on its way.
+        let conflict = match response {
+            Err(RegisterError::DuplicateCommand) => Some(format!(
+                "command '{}' is already registered elsewhere in the tree (rejected by '{from}')",
+                reg.def.id
+            )),
+            Ok(()) => self.owner_conflict(&reg.def.id, child.as_ref()),
+        };
+        match reg.for_ {
+            RegFor::Local { call, handler } => {
+                let result = match conflict {
+                    Some(msg) => Err(ExecError::new(ErrorCode::DuplicateCommand, msg)),
+                    None => {
+                        self.routes.insert(
+                            reg.def.id.clone(),
+                            Route {
+                                def: reg.def,
+                                owner: Owner::Local { handler },
+                            },
+                        );
+                        Ok(())
+                    }
+                };
+                self.actions.push(Action::RegisterDone { call, result });
+            }
+            RegFor::Child {
+                channel,
+                request_id,
+            } => {
+                if !self.channels.contains_key(&channel) {
+                    return;
+                }
+                let response = match conflict {
+                    Some(_) => Err(RegisterError::DuplicateCommand),
+                    None => {
+                        self.accept_child_registration(&channel, reg.def);
+                        Ok(())
+                    }
+                };
+                self.send(
+                    &channel,
+                    Message::RegisterResponse {
+                        id: new_id(),
+                        thid: request_id,
+                        response,
+                    },
+                );
+            }
+        }
+    }
+
+    fn on_list_request(&mut self, from: &ChannelId, id: String) {
+        let mut commands: Vec<CommandDef> = self
+            .routes
+            .values()
+            .filter(|r| !is_private(&r.def.id))
+            .filter(|r| match &r.owner {
+                Owner::Local { .. } => true,
+                Owner::Channel { channel, learned } => {
+                    *learned == Learned::Registered && channel != from
+                }
+            })
+            .map(|r| r.def.clone())
+            .collect();
+        commands.sort_by(|a, b| a.id.cmp(&b.id));
+        self.send(
+            from,
+            Message::ListResponse {
+                id: new_id(),
+                thid: id,
+                commands,
+            },
+        );
+    }
+
+    fn on_list_response(&mut self, from: &ChannelId, commands: Vec<CommandDef>) {
+        let learned = if self.router_channel.as_ref() == Some(from) {
+            Learned::ViaRouter
+        } else {
+            Learned::Advertised
+        };
+        for def in commands {
+            if is_private(&def.id) {
+                continue;
+            }
+            let replace = match self.routes.get(&def.id).map(|r| &r.owner) {
+                None => true,
+                Some(Owner::Channel {
+                    learned: Learned::ViaRouter,
+                    ..
+                }) => learned != Learned::ViaRouter,
+                Some(_) => false,
+            };
+            if replace {
+                self.routes.insert(
+                    def.id.clone(),
+                    Route {
+                        def,
+                        owner: Owner::Channel {
+                            channel: from.clone(),
+                            learned,
+                        },
+                    },
+                );
+            }
+        }
+    }
+
+    fn on_event(
+        &mut self,
+        from: &ChannelId,
+        id: String,
+        event_id: String,
+        payload: Option<Payload>,
+        now: Micros,
+    ) {
+        if !self.remember_event(&id, now) {
+            return self.drop_msg(
+                Some(from),
+                DropKind::DuplicateEvent,
+                format!("event '{event_id}' ({id}) already delivered"),
+            );
+        }
+        if !is_private(&event_id) {
+            self.flood(&id, &event_id, payload.clone(), Some(from));
+        }
+        self.actions.push(Action::DeliverEvent { event_id, payload });
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Time
+    // -----------------------------------------------------------------------------------------
+
+    /// The earliest time at which [`Router::tick`] has something to do, if any.
+    pub fn next_deadline(&mut self) -> Option<Micros> {
+        while let Some(Reverse((deadline, kind, key))) = self.timers.peek() {
+            if self.timer_live(*deadline, *kind, key) {
+                return Some(*deadline);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    fn timer_live(&self, deadline: Micros, kind: TimerKind, key: &str) -> bool {
+        match kind {
+            TimerKind::Call => self.calls.get(key).is_some_and(|c| c.deadline == deadline),
+            TimerKind::Forward => self
+                .forwards
+                .get(key)
+                .is_some_and(|f| f.deadline == deadline),
+            TimerKind::Registration => self
+                .registrations
+                .get(key)
+                .is_some_and(|r| r.deadline == deadline),
+        }
+    }
+
+    /// Fires every deadline at or before `now`.
+    pub fn tick(&mut self, now: Micros) {
+        self.expire_events(now);
+        while let Some(Reverse((deadline, _, _))) = self.timers.peek() {
+            if *deadline > now {
+                break;
+            }
+            let Some(Reverse((deadline, kind, key))) = self.timers.pop() else {
+                break;
+            };
+            if !self.timer_live(deadline, kind, &key) {
+                continue;
+            }
+            let secs = self.config.request_ttl as f64 / 1e6;
+            match kind {
+                TimerKind::Call => {
+                    if let Some(c) = self.calls.remove(&key) {
+                        self.actions.push(Action::CallDone {
+                            call: c.call,
+                            result: Err(ExecError::new(
+                                ErrorCode::Timeout,
+                                format!("no response from channel '{}' in time", c.channel),
+                            )),
+                        });
+                    }
+                }
+                TimerKind::Forward => {
+                    if let Some(f) = self.forwards.remove(&key) {
+                        if self.channels.contains_key(&f.origin) {
+                            let err = ExecError::new(
+                                ErrorCode::Timeout,
+                                format!(
+                                    "registry '{}' got no response from '{}' within {secs}s",
+                                    self.config.id, f.target
+                                ),
+                            );
+                            self.reply_error(&f.origin, f.origin_id, err);
+                        }
+                    }
+                }
+                TimerKind::Registration => {
+                    if let Some(r) = self.registrations.remove(&key) {
+                        if let RegFor::Local { call, .. } = r.for_ {
+                            self.actions.push(Action::RegisterDone {
+                                call,
+                                result: Err(ExecError::new(
+                                    ErrorCode::Timeout,
+                                    format!(
+                                        "router '{}' did not acknowledge '{}' within {secs}s",
+                                        r.target, r.def.id
+                                    ),
+                                )),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Introspection
+    // -----------------------------------------------------------------------------------------
+
+    /// Every command this registry can route to (local, registered, advertised, learned from
+    /// the router), sorted by id. Private local commands are included: they are callable here.
+    pub fn list_commands(&self) -> Vec<CommandDef> {
+        let mut v: Vec<CommandDef> = self.routes.values().map(|r| r.def.clone()).collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// Where a command would be routed from here: `"local"`, a channel id, or None.
+    pub fn route_of(&self, command_id: &str) -> Option<String> {
+        match self.routes.get(command_id).map(|r| &r.owner) {
+            Some(Owner::Local { .. }) => Some("local".to_string()),
+            Some(Owner::Channel { channel, .. }) => Some(channel.to_string()),
+            None if is_private(command_id) => None,
+            None => self.router_channel.as_ref().map(|r| r.to_string()),
+        }
+    }
+
+    /// Counters and table sizes.
+    pub fn stats(&self) -> Stats {
+        let mut channels: Vec<(ChannelId, ChannelStats)> = self
+            .channels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.stats.clone()))
+            .collect();
+        channels.sort_by(|a, b| a.0.cmp(&b.0));
+        Stats {
+            channels,
+            forwarded: self.forwarded,
+            pending: self.calls.len() + self.local_jobs,
+            pending_forwards: self.forwards.len(),
+            dropped: self.dropped,
+            dedup_entries: self.seen_events.len(),
+            jobs: self.jobs.len(),
+        }
+    }
+}
+
+/// Error of [`Router::handle_frame`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The frame could not be decoded (it was dropped and counted).
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The driver named a channel that is not attached.
+    #[error(transparent)]
+    Usage(#[from] UsageError),
+}
+
+/// A cheap "did you mean" test: same namespace, or a small edit distance.
+fn similar(candidate: &str, wanted: &str) -> bool {
+    let ns = |s: &str| s.split('.').next().unwrap_or("").to_string();
+    if candidate.contains('.') && ns(candidate) == ns(wanted) {
+        return true;
+    }
+    edit_distance(candidate, wanted) <= 2
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    if a.len().abs_diff(b.len()) > 2 || a.len() > 64 || b.len() > 64 {
+        return usize::MAX;
+    }
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,696 @@
+//! One test per routing rule. Routers are driven directly, or joined back to back.
+
+use super::*;
+
+const SEC: Micros = 1_000_000;
+
+fn router(id: &str, parent: Option<&str>) -> Router {
+    let mut c = Config::new(id);
+    c.router_channel = parent.map(str::to_string);
+    Router::new(c)
+}
+
+fn with_channels(id: &str, parent: Option<&str>, channels: &[&str]) -> Router {
+    let mut r = router(id, parent);
+    for c in channels {
+        r.add_channel(c, Encoding::Json).unwrap();
+    }
+    // Discard the list requests sent on attach.
+    let acts = r.take_actions();
+    assert!(acts.iter().all(|a| matches!(
+        a,
+        Action::Send {
+            message: Message::ListRequest { .. },
+            ..
+        }
+    )));
+    r
+}
+
+fn sends(acts: &[Action]) -> Vec<(String, Message)> {
+    acts.iter()
+        .filter_map(|a| match a {
+            Action::Send { channel, message } => Some((channel.to_string(), message.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn only_send(acts: &[Action]) -> (String, Message) {
+    let s = sends(acts);
+    assert_eq!(s.len(), 1, "expected one send, got {acts:#?}");
+    s.into_iter().next().unwrap()
+}
+
+fn call_done(acts: &[Action], call: u64) -> ExecResult {
+    acts.iter()
+        .find_map(|a| match a {
+            Action::CallDone { call: c, result } if *c == call => Some(result.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no CallDone for {call} in {acts:#?}"))
+}
+
+fn reg_done(acts: &[Action], call: u64) -> Result<(), ExecError> {
+    acts.iter()
+        .find_map(|a| match a {
+            Action::RegisterDone { call: c, result } if *c == call => Some(result.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no RegisterDone for {call} in {acts:#?}"))
+}
+
+fn register(r: &mut Router, from: &str, cmd: &str) -> Vec<Action> {
+    r.handle_message(
+        from,
+        Message::RegisterRequest {
+            id: new_id(),
+            command: CommandDef::new(cmd),
+        },
+        0,
+    )
+    .unwrap();
+    r.take_actions()
+}
+
+fn ok_payload(v: &str) -> ExecResult {
+    Ok(Some(Payload::json(v)))
+}
+
+fn exec_req(cmd: &str) -> Message {
+    Message::ExecuteRequest {
+        id: new_id(),
+        command_id: cmd.to_string(),
+        request: Some(Payload::json(r#"{"a":1}"#)),
+    }
+}
+
+#[test]
+fn new_channel_gets_a_list_request() {
+    let mut r = router("main", None);
+    r.add_channel("w", Encoding::Json).unwrap();
+    let (to, m) = only_send(&r.take_actions());
+    assert_eq!(to, "w");
+    assert!(matches!(m, Message::ListRequest { .. }));
+    assert!(r.add_channel("w", Encoding::Json).is_err());
+}
+
+#[test]
+fn routing_priority_local_then_advertised_then_router_then_not_found() {
+    let mut r = with_channels("mid", Some("root"), &["root", "peer"]);
+    r.register_local(CommandDef::new("_x.local"), 7, 0);
+    r.handle_message(
+        "peer",
+        Message::ListResponse {
+            id: new_id(),
+            thid: "t".into(),
+            commands: vec![CommandDef::new("a.cmd")],
+        },
+        0,
+    )
+    .unwrap();
+    r.take_actions();
+
+    // 1. local
+    r.execute("_x.local", None, None, 0);
+    let acts = r.take_actions();
+    assert!(matches!(acts[0], Action::RunHandler { handler: 7, .. }));
+    // 2. advertised channel
+    r.execute("a.cmd", None, None, 0);
+    assert_eq!(only_send(&r.take_actions()).0, "peer");
+    // 3. router
+    r.execute("b.cmd", None, None, 0);
+    assert_eq!(only_send(&r.take_actions()).0, "root");
+    // 4. not_found without a router
+    let mut root = with_channels("root", None, &["w"]);
+    let call = root.execute("b.cmd", None, None, 0);
+    let err = call_done(&root.take_actions(), call).unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    assert!(err.message.contains("b.cmd"));
+}
+
+#[test]
+fn local_registration_escalates_and_completes_on_ack() {
+    let mut r = with_channels("w", Some("root"), &["root"]);
+    let call = r.register_local(CommandDef::new("math.add"), 1, 0);
+    let (to, m) = only_send(&r.take_actions());
+    assert_eq!(to, "root");
+    let Message::RegisterRequest { id, command } = m else {
+        panic!()
+    };
+    assert_eq!(command.id, "math.add");
+    assert!(r.list_commands().is_empty(), "visible before the ack");
+    r.handle_message(
+        "root",
+        Message::RegisterResponse {
+            id: new_id(),
+            thid: id,
+            response: Ok(()),
+        },
+        0,
+    )
+    .unwrap();
+    assert_eq!(reg_done(&r.take_actions(), call), Ok(()));
+    assert_eq!(r.list_commands()[0].id, "math.add");
+}
+
+#[test]
+fn rejected_escalation_is_duplicate_command() {
+    let mut r = with_channels("w", Some("root"), &["root"]);
+    let call = r.register_local(CommandDef::new("math.add"), 1, 0);
+    let (_, m) = only_send(&r.take_actions());
+    r.handle_message(
+        "root",
+        Message::RegisterResponse {
+            id: new_id(),
+            thid: m.id().to_string(),
+            response: Err(RegisterError::DuplicateCommand),
+        },
+        0,
+    )
+    .unwrap();
+    let err = reg_done(&r.take_actions(), call).unwrap_err();
+    assert_eq!(err.code, ErrorCode::DuplicateCommand);
+    assert!(r.list_commands().is_empty());
+}
+
+#[test]
+fn duplicate_from_other_channel_rejected_same_channel_allowed() {
+    let mut r = with_channels("main", None, &["w1", "w2"]);
+    let (_, m) = only_send(&register(&mut r, "w1", "math.add"));
+    assert!(matches!(
+        m,
+        Message::RegisterResponse { response: Ok(()), .. }
+    ));
+    let (to, m) = only_send(&register(&mut r, "w2", "math.add"));
+    assert_eq!(to, "w2");
+    assert!(matches!(
+        m,
+        Message::RegisterResponse {
+            response: Err(RegisterError::DuplicateCommand),
+            ..
+        }
+    ));
+    // Restarted worker re-registers from the same channel.
+    let (_, m) = only_send(&register(&mut r, "w1", "math.add"));
+    assert!(matches!(
+        m,
+        Message::RegisterResponse { response: Ok(()), .. }
+    ));
+    // Local registration of a channel-owned id is a duplicate naming the owner.
+    let call = r.register_local(CommandDef::new("math.add"), 1, 0);
+    let err = reg_done(&r.take_actions(), call).unwrap_err();
+    assert_eq!(err.code, ErrorCode::DuplicateCommand);
+    assert!(err.message.contains("w1"));
+}
+
+#[test]
+fn list_response_imports_first_owner_wins_never_over_local() {
+    let mut r = with_channels("main", None, &["a", "b"]);
+    r.register_local(CommandDef::new("mine"), 1, 0);
+    for ch in ["a", "b"] {
+        r.handle_message(
+            ch,
+            Message::ListResponse {
+                id: new_id(),
+                thid: "x".into(),
+                commands: vec![
+                    CommandDef::new("mine"),
+                    CommandDef::new("shared"),
+                    CommandDef::new("_hidden"),
+                ],
+            },
+            0,
+        )
+        .unwrap();
+    }
+    assert_eq!(r.route_of("mine").as_deref(), Some("local"));
+    assert_eq!(r.route_of("shared").as_deref(), Some("a"));
+    assert_eq!(r.route_of("_hidden"), None);
+}
+
+#[test]
+fn advertised_by_peer_beats_learned_from_router() {
+    let mut r = with_channels("w2", Some("main"), &["main", "w3"]);
+    for ch in ["main", "w3"] {
+        r.handle_message(
+            ch,
+            Message::ListResponse {
+                id: new_id(),
+                thid: "x".into(),
+                commands: vec![CommandDef::new("data.query")],
+            },
+            0,
+        )
+        .unwrap();
+    }
+    assert_eq!(r.route_of("data.query").as_deref(), Some("w3"));
+}
+
+#[test]
+fn multi_hop_response_routing_through_three_levels() {
+    // root <- mid <- leaf, joined back to back by a tiny loop.
+    let mut routers = vec![
+        with_channels("root", None, &["mid"]),
+        with_channels("mid", Some("root"), &["root", "leaf"]),
+        with_channels("leaf", Some("mid"), &["mid"]),
+    ];
+    let index = |name: &str| ["root", "mid", "leaf"].iter().position(|n| *n == name);
+    // Channel names equal the peer's registry name in this topology.
+    fn pump(routers: &mut [Router], index: &dyn Fn(&str) -> Option<usize>) -> Vec<Action> {
+        let mut local = Vec::new();
+        loop {
+            let mut moved = false;
+            for i in 0..routers.len() {
+                let me = routers[i].config().id.clone();
+                for a in routers[i].take_actions() {
+                    match a {
+                        Action::Send { channel, message } => {
+                            let j = index(&channel).unwrap();
+                            // Round-trip the codec too.
+                            let bytes = codec::encode(&message, Encoding::Json).unwrap();
+                            routers[j].handle_frame(&me, &bytes, 0).unwrap();
+                            moved = true;
+                        }
+                        Action::RunHandler { job, request, .. } => {
+                            assert_eq!(me, "leaf");
+                            assert_eq!(request.unwrap().data, br#"{"a":1}"#);
+                            routers[i].complete_job(job, ok_payload("42")).unwrap();
+                            moved = true;
+                        }
+                        other => local.push(other),
+                    }
+                }
+            }
+            if !moved {
+                return local;
+            }
+        }
+    }
+    let call = routers[2].register_local(CommandDef::new("leaf.cmd"), 9, 0);
+    let acts = pump(&mut routers, &index);
+    assert_eq!(reg_done(&acts, call), Ok(()));
+    assert_eq!(routers[0].route_of("leaf.cmd").as_deref(), Some("mid"));
+    assert_eq!(routers[1].route_of("leaf.cmd").as_deref(), Some("leaf"));
+
+    let call = routers[0].execute("leaf.cmd", Some(Payload::json(r#"{"a":1}"#)), None, 0);
+    let acts = pump(&mut routers, &index);
+    assert_eq!(call_done(&acts, call), ok_payload("42"));
+    assert_eq!(routers[1].stats().forwarded, 1);
+    assert_eq!(routers[1].stats().pending_forwards, 0);
+
+    // And a leaf calling a root command: escalation through the router chain.
+    routers[0].register_local(CommandDef::new("root.cmd"), 3, 0);
+    routers[0].take_actions();
+    let call = routers[2].execute("root.cmd", None, None, 0);
+    let mut acts = Vec::new();
+    for _ in 0..4 {
+        // Answer the root's handler run by hand.
+        for i in 0..3 {
+            let me = routers[i].config().id.clone();
+            for a in routers[i].take_actions() {
+                match a {
+                    Action::Send { channel, message } => {
+                        let j = index(&channel).unwrap();
+                        routers[j].handle_message(&me, message, 0).unwrap();
+                    }
+                    Action::RunHandler { job, .. } => {
+                        routers[i].complete_job(job, ok_payload("\"root\"")).unwrap()
+                    }
+                    other => acts.push(other),
+                }
+            }
+        }
+    }
+    assert_eq!(call_done(&acts, call), ok_payload("\"root\""));
+}
+
+#[test]
+fn registration_escalates_through_a_middle_registry() {
+    let mut mid = with_channels("mid", Some("root"), &["root", "leaf"]);
+    let child_req = new_id();
+    mid.handle_message(
+        "leaf",
+        Message::RegisterRequest {
+            id: child_req.clone(),
+            command: CommandDef::new("x.y"),
+        },
+        0,
+    )
+    .unwrap();
+    let (to, up) = only_send(&mid.take_actions());
+    assert_eq!(to, "root");
+    assert!(mid.route_of("x.y").as_deref() == Some("root"), "not yet owned");
+    mid.handle_message(
+        "root",
+        Message::RegisterResponse {
+            id: new_id(),
+            thid: up.id().to_string(),
+            response: Ok(()),
+        },
+        0,
+    )
+    .unwrap();
+    let (to, ack) = only_send(&mid.take_actions());
+    assert_eq!(to, "leaf");
+    assert!(matches!(ack, Message::RegisterResponse { thid, response: Ok(()), .. } if thid == child_req));
+    assert_eq!(mid.route_of("x.y").as_deref(), Some("leaf"));
+}
+
+#[test]
+fn response_accepted_only_from_target_and_only_once() {
+    let mut r = with_channels("main", None, &["w1", "w2"]);
+    register(&mut r, "w1", "math.add");
+    let call = r.execute("math.add", None, None, 0);
+    let (_, req) = only_send(&r.take_actions());
+    let resp = |id: &str| Message::ExecuteResponse {
+        id: new_id(),
+        thid: id.to_string(),
+        response: ok_payload("1"),
+    };
+    // Spoofed: from the wrong channel.
+    r.handle_message("w2", resp(req.id()), 0).unwrap();
+    let acts = r.take_actions();
+    assert!(matches!(
+        acts[..],
+        [Action::Dropped {
+            kind: DropKind::Spoofed,
+            ..
+        }]
+    ));
+    r.handle_message("w1", resp(req.id()), 0).unwrap();
+    assert_eq!(call_done(&r.take_actions(), call), ok_payload("1"));
+    // Duplicate.
+    r.handle_message("w1", resp(req.id()), 0).unwrap();
+    assert!(matches!(
+        r.take_actions()[..],
+        [Action::Dropped {
+            kind: DropKind::Unknown,
+            ..
+        }]
+    ));
+    assert_eq!(r.stats().dropped, 2);
+}
+
+#[test]
+fn forwarded_response_spoof_is_dropped() {
+    let mut r = with_channels("main", None, &["a", "b", "c"]);
+    register(&mut r, "b", "cmd");
+    r.handle_message("a", exec_req("cmd"), 0).unwrap();
+    let (_, fwd) = only_send(&r.take_actions());
+    r.handle_message(
+        "c",
+        Message::ExecuteResponse {
+            id: new_id(),
+            thid: fwd.id().to_string(),
+            response: ok_payload("1"),
+        },
+        0,
+    )
+    .unwrap();
+    assert!(sends(&r.take_actions()).is_empty());
+    assert_eq!(r.stats().pending_forwards, 1);
+}
+
+#[test]
+fn loop_guard_never_forwards_back_to_sender() {
+    // The router channel asks us for a command we do not have: no bounce back up.
+    let mut r = with_channels("w", Some("root"), &["root"]);
+    r.handle_message("root", exec_req("missing.cmd"), 0).unwrap();
+    let (to, m) = only_send(&r.take_actions());
+    assert_eq!(to, "root");
+    assert!(matches!(m, Message::ExecuteResponse { response: Err(ExecError { code: ErrorCode::NotFound, .. }), .. }));
+    // A peer that advertised a command asks us for it: not sent back to it.
+    let mut r = with_channels("main", None, &["p"]);
+    r.handle_message(
+        "p",
+        Message::ListResponse {
+            id: new_id(),
+            thid: "x".into(),
+            commands: vec![CommandDef::new("p.cmd")],
+        },
+        0,
+    )
+    .unwrap();
+    r.handle_message("p", exec_req("p.cmd"), 0).unwrap();
+    let (to, m) = only_send(&r.take_actions());
+    assert_eq!(to, "p");
+    assert!(matches!(m, Message::ExecuteResponse { .. }));
+    assert_eq!(r.stats().forwarded, 0);
+}
+
+#[test]
+fn private_ids_never_advertised_escalated_or_executed_remotely() {
+    let mut r = with_channels("w", Some("root"), &["root"]);
+    let call = r.register_local(CommandDef::new("_secret"), 1, 0);
+    let acts = r.take_actions();
+    assert!(sends(&acts).is_empty(), "private registration escalated");
+    assert_eq!(reg_done(&acts, call), Ok(()));
+    r.handle_message("root", Message::ListRequest { id: new_id() }, 0)
+        .unwrap();
+    let (_, m) = only_send(&r.take_actions());
+    assert!(matches!(m, Message::ListResponse { commands, .. } if commands.is_empty()));
+    r.handle_message("root", exec_req("_secret"), 0).unwrap();
+    let (_, m) = only_send(&r.take_actions());
+    assert!(matches!(m, Message::ExecuteResponse { response: Err(ExecError { code: ErrorCode::NotFound, .. }), .. }));
+    // Locally it works.
+    r.execute("_secret", None, None, 0);
+    assert!(matches!(
+        r.take_actions()[0],
+        Action::RunHandler { .. }
+    ));
+    // A private event is delivered locally only.
+    r.emit_event("_audit", None, 0);
+    let acts = r.take_actions();
+    assert!(sends(&acts).is_empty());
+    assert!(matches!(acts[..], [Action::DeliverEvent { .. }]));
+}
+
+#[test]
+fn events_flood_except_origin_and_dedup() {
+    let mut r = with_channels("main", None, &["a", "b", "c"]);
+    let ev = Message::Event {
+        id: "e1".into(),
+        event_id: "user.updated".into(),
+        payload: Some(Payload::json("1")),
+    };
+    r.handle_message("a", ev.clone(), 0).unwrap();
+    let acts = r.take_actions();
+    let mut targets: Vec<String> = sends(&acts).into_iter().map(|(c, _)| c).collect();
+    targets.sort();
+    assert_eq!(targets, ["b", "c"]);
+    assert_eq!(
+        acts.iter()
+            .filter(|a| matches!(a, Action::DeliverEvent { .. }))
+            .count(),
+        1
+    );
+    r.handle_message("b", ev.clone(), SEC).unwrap();
+    let acts = r.take_actions();
+    assert!(matches!(
+        acts[..],
+        [Action::Dropped {
+            kind: DropKind::DuplicateEvent,
+            ..
+        }]
+    ));
+    // After event_ttl the id is forgotten.
+    r.handle_message("b", ev, 6 * SEC).unwrap();
+    assert!(r
+        .take_actions()
+        .iter()
+        .any(|a| matches!(a, Action::DeliverEvent { .. })));
+}
+
+#[test]
+fn local_emit_same_id_on_every_channel() {
+    let mut r = with_channels("main", None, &["a", "b"]);
+    let id = r.emit_event("x", None, 0);
+    let acts = r.take_actions();
+    let s = sends(&acts);
+    assert_eq!(s.len(), 2);
+    assert!(s.iter().all(|(_, m)| m.id() == id));
+}
+
+#[test]
+fn dedup_table_is_bounded() {
+    let mut c = Config::new("main");
+    c.max_dedup = 1000;
+    let mut r = Router::new(c);
+    r.add_channel("a", Encoding::Json).unwrap();
+    for i in 0..100_000u32 {
+        r.handle_message(
+            "a",
+            Message::Event {
+                id: format!("ev-{i}"),
+                event_id: "e".into(),
+                payload: None,
+            },
+            0,
+        )
+        .unwrap();
+        if i % 1000 == 0 {
+            r.take_actions();
+        }
+    }
+    assert_eq!(r.stats().dedup_entries, 1000);
+}
+
+#[test]
+fn timeouts_fire_without_other_traffic() {
+    let mut r = with_channels("main", None, &["w"]);
+    register(&mut r, "w", "slow");
+    let call = r.execute("slow", None, Some(2 * SEC), 0);
+    r.take_actions();
+    assert_eq!(r.next_deadline(), Some(2 * SEC));
+    r.tick(SEC);
+    assert!(r.take_actions().is_empty());
+    r.tick(2 * SEC);
+    let err = call_done(&r.take_actions(), call).unwrap_err();
+    assert_eq!(err.code, ErrorCode::Timeout);
+    assert_eq!(r.next_deadline(), None);
+    assert_eq!(r.stats().pending, 0);
+}
+
+#[test]
+fn forwarded_request_times_out_upstream() {
+    let mut r = with_channels("main", None, &["a", "b"]);
+    register(&mut r, "b", "cmd");
+    r.handle_message("a", exec_req("cmd"), 0).unwrap();
+    r.take_actions();
+    r.tick(31 * SEC);
+    let (to, m) = only_send(&r.take_actions());
+    assert_eq!(to, "a");
+    assert!(matches!(m, Message::ExecuteResponse { response: Err(ExecError { code: ErrorCode::Timeout, .. }), .. }));
+}
+
+#[test]
+fn close_drops_commands_and_fails_everything_in_flight() {
+    let mut r = with_channels("main", None, &["up", "w"]);
+    register(&mut r, "w", "cmd");
+    let c1 = r.execute("cmd", None, None, 0);
+    let c2 = r.execute("cmd", None, None, 0);
+    r.handle_message("up", exec_req("cmd"), 0).unwrap();
+    let (_, fwd) = sends(&r.take_actions()).pop().unwrap();
+    let fwd_id = fwd.id().to_string();
+    r.close_channel("w").unwrap();
+    let acts = r.take_actions();
+    for c in [c1, c2] {
+        assert_eq!(
+            call_done(&acts, c).unwrap_err().code,
+            ErrorCode::ChannelDisconnected
+        );
+    }
+    let (to, m) = only_send(&acts);
+    assert_eq!(to, "up");
+    assert!(matches!(m, Message::ExecuteResponse { response: Err(ExecError { code: ErrorCode::ChannelDisconnected, .. }), .. }));
+    assert!(r.route_of("cmd").is_none());
+    assert!(r.list_commands().is_empty());
+    assert_eq!(r.stats().pending, 0);
+    assert_eq!(r.stats().pending_forwards, 0);
+    assert_ne!(fwd_id, "");
+    let call = r.execute("cmd", None, None, 0);
+    assert_eq!(
+        call_done(&r.take_actions(), call).unwrap_err().code,
+        ErrorCode::NotFound
+    );
+}
+
+#[test]
+fn close_of_router_fails_pending_local_registration() {
+    let mut r = with_channels("w", Some("root"), &["root"]);
+    let call = r.register_local(CommandDef::new("a.b"), 1, 0);
+    r.take_actions();
+    r.close_channel("root").unwrap();
+    assert_eq!(
+        reg_done(&r.take_actions(), call).unwrap_err().code,
+        ErrorCode::ChannelDisconnected
+    );
+}
+
+#[test]
+fn reply_to_closed_channel_is_dropped() {
+    let mut r = with_channels("main", None, &["a"]);
+    r.register_local(CommandDef::new("cmd"), 1, 0);
+    r.take_actions();
+    r.handle_message("a", exec_req("cmd"), 0).unwrap();
+    let Action::RunHandler { job, .. } = r.take_actions()[0].clone() else {
+        panic!()
+    };
+    r.close_channel("a").unwrap();
+    r.complete_job(job, ok_payload("1")).unwrap();
+    assert!(matches!(
+        r.take_actions()[..],
+        [Action::Dropped {
+            kind: DropKind::Undeliverable,
+            ..
+        }]
+    ));
+    assert!(r.complete_job(job, ok_payload("1")).is_err());
+}
+
+#[test]
+fn pending_table_is_bounded() {
+    let mut c = Config::new("main");
+    c.max_pending = 10;
+    let mut r = Router::new(c);
+    r.add_channel("w", Encoding::Json).unwrap();
+    register(&mut r, "w", "cmd");
+    let calls: Vec<u64> = (0..20).map(|_| r.execute("cmd", None, None, 0)).collect();
+    let acts = r.take_actions();
+    assert_eq!(sends(&acts).len(), 10);
+    for c in &calls[10..] {
+        assert_eq!(
+            call_done(&acts, *c).unwrap_err().code,
+            ErrorCode::InternalError
+        );
+    }
+}
+
+#[test]
+fn garbage_frame_is_dropped_and_bad_execute_answered() {
+    let mut r = with_channels("main", None, &["w"]);
+    assert!(r.handle_frame("w", b"\x00garbage", 0).is_err());
+    assert!(sends(&r.take_actions()).is_empty());
+    let bad = br#"{"id":"r1","type":"execute.command.request","commandId":"x","request":[1]}"#;
+    assert!(r.handle_frame("w", bad, 0).is_err());
+    let (_, m) = only_send(&r.take_actions());
+    assert!(matches!(m, Message::ExecuteResponse { thid, response: Err(ExecError { code: ErrorCode::InvalidRequest, .. }), .. } if thid == "r1"));
+    assert_eq!(r.stats().dropped, 2);
+}
+
+#[test]
+fn list_request_answers_subtree_not_what_was_learned() {
+    let mut r = with_channels("mid", None, &["child", "peer", "asker"]);
+    r.register_local(CommandDef::new("local.a"), 1, 0);
+    register(&mut r, "child", "child.b");
+    r.handle_message(
+        "peer",
+        Message::ListResponse {
+            id: new_id(),
+            thid: "x".into(),
+            commands: vec![CommandDef::new("peer.c")],
+        },
+        0,
+    )
+    .unwrap();
+    r.take_actions();
+    r.handle_message("asker", Message::ListRequest { id: "q".into() }, 0)
+        .unwrap();
+    let (_, m) = only_send(&r.take_actions());
+    let Message::ListResponse { commands, .. } = m else {
+        panic!()
+    };
+    let ids: Vec<&str> = commands.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["child.b", "local.a"]);
+}
+
+#[test]
+fn not_found_suggests_close_matches() {
+    let mut r = with_channels("main", None, &[]);
+    r.register_local(CommandDef::new("calc.add"), 1, 0);
+    r.take_actions();
+    let call = r.execute("calc.ad", None, None, 0);
+    let err = call_done(&r.take_actions(), call).unwrap_err();
+    assert!(err.message.contains("did you mean calc.add"), "{}", err.message);
+}

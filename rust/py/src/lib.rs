@@ -1,0 +1,451 @@
+//! `cmd_ipc._core`: the Python binding of the cmd-ipc core. Declarations and conversions only;
+//! every protocol rule lives in the `cmd-ipc-core` crate.
+
+use pyo3::create_exception;
+use pyo3::exceptions::{PyKeyError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+
+use cmd_ipc_core::codec::{self, Limits};
+use cmd_ipc_core::error::{CodecError, UsageError};
+use cmd_ipc_core::message::{
+    new_id as core_new_id, CommandDef, CommandSchema, Encoding, ErrorCode, ExecError, Payload,
+};
+use cmd_ipc_core::router::{Action, Config, Micros, Router as CoreRouter};
+
+create_exception!(
+    _core,
+    ProtocolError,
+    PyValueError,
+    "A frame or value that breaks the protocol or its limits; args are (code, message)."
+);
+
+// ------------------------------------------------------------------------------------------
+// The one conversion point from Rust errors to Python exceptions.
+// ------------------------------------------------------------------------------------------
+
+fn codec_err(e: CodecError) -> PyErr {
+    ProtocolError::new_err((e.code(), e.to_string()))
+}
+
+fn usage_err(e: UsageError) -> PyErr {
+    match e {
+        UsageError::UnknownChannel(_) | UsageError::UnknownJob(_) => {
+            PyKeyError::new_err(e.to_string())
+        }
+        _ => PyValueError::new_err(e.to_string()),
+    }
+}
+
+fn encoding(name: &str) -> PyResult<Encoding> {
+    Encoding::parse(name).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "unknown encoding {name:?}: expected 'json' or 'msgpack'"
+        ))
+    })
+}
+
+fn error_code(code: &str) -> PyResult<ErrorCode> {
+    ErrorCode::parse(code).ok_or_else(|| PyValueError::new_err(format!("unknown error code {code:?}")))
+}
+
+fn to_micros(seconds: f64) -> Micros {
+    if seconds.is_finite() && seconds > 0.0 {
+        (seconds * 1e6) as Micros
+    } else {
+        0
+    }
+}
+
+fn payload(data: Option<&[u8]>, enc: &str) -> PyResult<Option<Payload>> {
+    match data {
+        None => Ok(None),
+        Some(d) => Ok(Some(Payload::new(encoding(enc)?, d.to_vec()))),
+    }
+}
+
+fn py_payload<'py>(py: Python<'py>, p: &Option<Payload>) -> (Bound<'py, PyAny>, Bound<'py, PyAny>) {
+    match p {
+        None => (py.None().into_bound(py), py.None().into_bound(py)),
+        Some(p) => (
+            PyBytes::new(py, &p.data).into_any(),
+            pyo3::types::PyString::new(py, p.encoding.as_str()).into_any(),
+        ),
+    }
+}
+
+/// Converts the queued actions into Python tuples (see `_core.pyi` for their shapes).
+fn actions_to_py<'py>(
+    py: Python<'py>,
+    router: &CoreRouter,
+    actions: Vec<Action>,
+) -> PyResult<Bound<'py, PyList>> {
+    let list = PyList::empty(py);
+    for a in actions {
+        let item: Bound<'py, PyTuple> = match a {
+            Action::Send { channel, message } => {
+                let Some(enc) = router.channel_encoding(&channel) else {
+                    continue;
+                };
+                match codec::encode(&message, enc) {
+                    Ok(frame) => {
+                        ("send", &*channel, PyBytes::new(py, &frame)).into_pyobject(py)?
+                    }
+                    Err(e) => (
+                        "dropped",
+                        &*channel,
+                        "unencodable",
+                        format!("could not encode {} for '{channel}': {e}", message.type_name()),
+                    )
+                        .into_pyobject(py)?,
+                }
+            }
+            Action::RunHandler {
+                job,
+                handler,
+                command_id,
+                request,
+            } => {
+                let (data, enc) = py_payload(py, &request);
+                ("run", job, handler, command_id, data, enc).into_pyobject(py)?
+            }
+            Action::CallDone { call, result } => match result {
+                Ok(p) => {
+                    let (data, enc) = py_payload(py, &p);
+                    ("result", call, data, enc).into_pyobject(py)?
+                }
+                Err(e) => ("error", call, e.code.as_str(), e.message).into_pyobject(py)?,
+            },
+            Action::RegisterDone { call, result } => match result {
+                Ok(()) => ("registered", call, py.None(), py.None()).into_pyobject(py)?,
+                Err(e) => ("registered", call, e.code.as_str(), e.message).into_pyobject(py)?,
+            },
+            Action::DeliverEvent { event_id, payload } => {
+                let (data, enc) = py_payload(py, &payload);
+                ("event", event_id, data, enc).into_pyobject(py)?
+            }
+            Action::Dropped {
+                channel,
+                kind,
+                reason,
+            } => ("dropped", channel.as_deref(), kind.as_str(), reason).into_pyobject(py)?,
+        };
+        list.append(item)?;
+    }
+    Ok(list)
+}
+
+/// The sans-I/O router of one registry (see the `cmd-ipc-core` crate).
+#[pyclass(module = "cmd_ipc._core")]
+struct Router {
+    inner: CoreRouter,
+}
+
+impl Router {
+    fn flush<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let actions = self.inner.take_actions();
+        actions_to_py(py, &self.inner, actions)
+    }
+}
+
+#[pymethods]
+impl Router {
+    #[new]
+    #[pyo3(signature = (id, router_channel=None, *, request_ttl=30.0, event_ttl=5.0,
+        max_pending=100_000, max_dedup=100_000, max_message_size=64*1024*1024, max_depth=64))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        id: &str,
+        router_channel: Option<&str>,
+        request_ttl: f64,
+        event_ttl: f64,
+        max_pending: usize,
+        max_dedup: usize,
+        max_message_size: usize,
+        max_depth: usize,
+    ) -> PyResult<Self> {
+        if id.is_empty() {
+            return Err(PyValueError::new_err("registry id must be a non-empty string"));
+        }
+        if router_channel == Some("") {
+            return Err(PyValueError::new_err(
+                "router_channel must be a non-empty string or None",
+            ));
+        }
+        for (name, v) in [("request_ttl", request_ttl), ("event_ttl", event_ttl)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(PyValueError::new_err(format!(
+                    "{name} must be a positive number of seconds, got {v}"
+                )));
+            }
+        }
+        if max_depth == 0 || max_message_size == 0 || max_pending == 0 || max_dedup == 0 {
+            return Err(PyValueError::new_err(
+                "max_pending, max_dedup, max_message_size and max_depth must be positive",
+            ));
+        }
+        let mut config = Config::new(id);
+        config.router_channel = router_channel.map(str::to_string);
+        config.request_ttl = to_micros(request_ttl);
+        config.event_ttl = to_micros(event_ttl);
+        config.max_pending = max_pending;
+        config.max_dedup = max_dedup;
+        config.limits = Limits {
+            max_message_size,
+            max_depth,
+        };
+        Ok(Router {
+            inner: CoreRouter::new(config),
+        })
+    }
+
+    #[getter]
+    fn id(&self) -> String {
+        self.inner.config().id.clone()
+    }
+
+    #[getter]
+    fn router_channel(&self) -> Option<String> {
+        self.inner.config().router_channel.clone()
+    }
+
+    fn add_channel<'py>(
+        &mut self,
+        py: Python<'py>,
+        channel: &str,
+        encoding: &str,
+    ) -> PyResult<Bound<'py, PyList>> {
+        self.inner
+            .add_channel(channel, self::encoding(encoding)?)
+            .map_err(usage_err)?;
+        self.flush(py)
+    }
+
+    fn close_channel<'py>(
+        &mut self,
+        py: Python<'py>,
+        channel: &str,
+    ) -> PyResult<Bound<'py, PyList>> {
+        self.inner.close_channel(channel).map_err(usage_err)?;
+        self.flush(py)
+    }
+
+    fn has_channel(&self, channel: &str) -> bool {
+        self.inner.has_channel(channel)
+    }
+
+    fn handle_frame<'py>(
+        &mut self,
+        py: Python<'py>,
+        channel: &str,
+        frame: &[u8],
+        now: f64,
+    ) -> PyResult<Bound<'py, PyList>> {
+        use cmd_ipc_core::router::FrameError;
+        match self.inner.handle_frame(channel, frame, to_micros(now)) {
+            // A codec error is already reported as a "dropped" action.
+            Ok(()) | Err(FrameError::Codec(_)) => self.flush(py),
+            Err(FrameError::Usage(e)) => Err(usage_err(e)),
+        }
+    }
+
+    #[pyo3(signature = (command_id, request, encoding, ttl, now))]
+    fn execute<'py>(
+        &mut self,
+        py: Python<'py>,
+        command_id: &str,
+        request: Option<&[u8]>,
+        encoding: &str,
+        ttl: Option<f64>,
+        now: f64,
+    ) -> PyResult<(u64, Bound<'py, PyList>)> {
+        let request = payload(request, encoding)?;
+        let call = self
+            .inner
+            .execute(command_id, request, ttl.map(to_micros), to_micros(now));
+        Ok((call, self.flush(py)?))
+    }
+
+    fn cancel_call(&mut self, call: u64) {
+        self.inner.cancel_call(call);
+    }
+
+    #[pyo3(signature = (job, result, encoding))]
+    fn complete_job_ok<'py>(
+        &mut self,
+        py: Python<'py>,
+        job: u64,
+        result: Option<&[u8]>,
+        encoding: &str,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let result = payload(result, encoding)?;
+        self.inner.complete_job(job, Ok(result)).map_err(usage_err)?;
+        self.flush(py)
+    }
+
+    fn complete_job_err<'py>(
+        &mut self,
+        py: Python<'py>,
+        job: u64,
+        code: &str,
+        message: &str,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let err = ExecError::new(error_code(code)?, message);
+        self.inner.complete_job(job, Err(err)).map_err(usage_err)?;
+        self.flush(py)
+    }
+
+    #[pyo3(signature = (command_id, handler, now, description=None, schema_request=None, schema_response=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn register_local<'py>(
+        &mut self,
+        py: Python<'py>,
+        command_id: &str,
+        handler: u64,
+        now: f64,
+        description: Option<String>,
+        schema_request: Option<&[u8]>,
+        schema_response: Option<&[u8]>,
+    ) -> PyResult<(u64, Bound<'py, PyList>)> {
+        let limits = self.inner.config().limits;
+        let schema_part = |s: Option<&[u8]>| -> PyResult<Option<Payload>> {
+            let Some(s) = s else { return Ok(None) };
+            let p = Payload::new(Encoding::Json, s.to_vec());
+            codec::validate_payload(&p, &limits).map_err(codec_err)?;
+            Ok(Some(p))
+        };
+        let request = schema_part(schema_request)?;
+        let response = schema_part(schema_response)?;
+        let schema = (request.is_some() || response.is_some())
+            .then_some(CommandSchema { request, response });
+        let def = CommandDef {
+            id: command_id.to_string(),
+            description,
+            schema,
+        };
+        let call = self.inner.register_local(def, handler, to_micros(now));
+        Ok((call, self.flush(py)?))
+    }
+
+    fn unregister_local(&mut self, command_id: &str) -> bool {
+        self.inner.unregister_local(command_id)
+    }
+
+    #[pyo3(signature = (event_id, payload, encoding, now))]
+    fn emit_event<'py>(
+        &mut self,
+        py: Python<'py>,
+        event_id: &str,
+        payload: Option<&[u8]>,
+        encoding: &str,
+        now: f64,
+    ) -> PyResult<(String, Bound<'py, PyList>)> {
+        if event_id.is_empty() {
+            return Err(PyValueError::new_err("event id must be a non-empty string"));
+        }
+        let payload = self::payload(payload, encoding)?;
+        if let Some(p) = &payload {
+            codec::validate_payload(p, &self.inner.config().limits).map_err(codec_err)?;
+        }
+        let id = self.inner.emit_event(event_id, payload, to_micros(now));
+        Ok((id, self.flush(py)?))
+    }
+
+    fn tick<'py>(&mut self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
+        self.inner.tick(to_micros(now));
+        self.flush(py)
+    }
+
+    fn next_deadline(&mut self) -> Option<f64> {
+        self.inner.next_deadline().map(|d| d as f64 / 1e6)
+    }
+
+    /// [(id, description, schema_request_json, schema_response_json)]
+    #[allow(clippy::type_complexity)]
+    fn list_commands(
+        &self,
+    ) -> PyResult<Vec<(String, Option<String>, Option<Vec<u8>>, Option<Vec<u8>>)>> {
+        let json = |p: &Option<Payload>| -> PyResult<Option<Vec<u8>>> {
+            match p {
+                None => Ok(None),
+                Some(p) => Ok(Some(
+                    codec::payload_in(p, Encoding::Json)
+                        .map_err(codec_err)?
+                        .into_owned(),
+                )),
+            }
+        };
+        self.inner
+            .list_commands()
+            .into_iter()
+            .map(|c| {
+                let (req, resp) = match &c.schema {
+                    None => (None, None),
+                    Some(s) => (json(&s.request)?, json(&s.response)?),
+                };
+                Ok((c.id, c.description, req, resp))
+            })
+            .collect()
+    }
+
+    fn route_of(&self, command_id: &str) -> Option<String> {
+        self.inner.route_of(command_id)
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        let channels = PyDict::new(py);
+        for (name, c) in &s.channels {
+            let cd = PyDict::new(py);
+            cd.set_item("sent", c.sent)?;
+            cd.set_item("received", c.received)?;
+            channels.set_item(&**name, cd)?;
+        }
+        d.set_item("channels", channels)?;
+        d.set_item("forwarded", s.forwarded)?;
+        d.set_item("pending", s.pending)?;
+        d.set_item("pending_forwards", s.pending_forwards)?;
+        d.set_item("dropped", s.dropped)?;
+        d.set_item("dedup_entries", s.dedup_entries)?;
+        d.set_item("jobs", s.jobs)?;
+        Ok(d)
+    }
+}
+
+/// Decodes `data` as one message in `source` encoding (enforcing the limits) and encodes it in
+/// `target` encoding.
+#[pyfunction]
+#[pyo3(signature = (data, source, target, *, max_message_size=64*1024*1024, max_depth=64))]
+fn transcode<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    source: &str,
+    target: &str,
+    max_message_size: usize,
+    max_depth: usize,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let limits = Limits {
+        max_message_size,
+        max_depth,
+    };
+    let msg = codec::decode(data, encoding(source)?, &limits).map_err(codec_err)?;
+    let out = codec::encode(&msg, encoding(target)?).map_err(codec_err)?;
+    Ok(PyBytes::new(py, &out))
+}
+
+/// A fresh UUIDv4 string.
+#[pyfunction]
+fn new_id() -> String {
+    core_new_id()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Router>()?;
+    m.add_function(wrap_pyfunction!(transcode, m)?)?;
+    m.add_function(wrap_pyfunction!(new_id, m)?)?;
+    m.add("ProtocolError", m.py().get_type::<ProtocolError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
