@@ -25,7 +25,6 @@ from cmd_ipc.errors import (
     ChannelDisconnectedError,
     CommandError,
     InternalError,
-    InvalidRequestError,
     error_from_code,
 )
 
@@ -41,8 +40,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _Outcome = Callable[[Any, Optional[BaseException]], None]
 
+#: The error codes an execute response may carry (spec-v1).
+_EXECUTE_CODES = frozenset(
+    {"not_found", "invalid_request", "internal_error", "timeout", "channel_disconnected"}
+)
 
-def _decode(data: Optional[bytes], encoding: Optional[str]) -> Any:
+
+def _decode(data: bytes | None, encoding: str | None) -> Any:
     if data is None:
         return None
     if encoding == "json":
@@ -60,7 +64,7 @@ class _HandlerEntry:
     fn: Handler
     is_async: bool
     whole_request: bool
-    signature: Optional[inspect.Signature]
+    signature: inspect.Signature | None
 
     def invoke(self, request: Any) -> Any:
         if self.whole_request:
@@ -69,7 +73,7 @@ class _HandlerEntry:
             return self.fn()
         return self.fn(**request)
 
-    def binding_error(self, request: Any) -> Optional[str]:
+    def binding_error(self, request: Any) -> str | None:
         """Why ``request`` does not fit the handler's parameters, if it does not."""
         if self.signature is None or self.whole_request:
             return None
@@ -84,7 +88,7 @@ def _make_entry(command_id: str, fn: Handler) -> _HandlerEntry:
     if not callable(fn):
         raise TypeError(f"handler for {command_id!r} must be callable, got {fn!r}")
     try:
-        sig: Optional[inspect.Signature] = inspect.signature(fn)
+        sig: inspect.Signature | None = inspect.signature(fn)
     except (TypeError, ValueError):
         sig = None
     whole = False
@@ -137,7 +141,7 @@ class CommandRegistry:
     def __init__(
         self,
         id: str,
-        router_channel: Optional[str] = None,
+        router_channel: str | None = None,
         request_ttl: float = 30.0,
         event_ttl: float = 5.0,
         *,
@@ -159,17 +163,17 @@ class CommandRegistry:
         self.id = id
         self.router_channel = router_channel
         self.request_ttl = request_ttl
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._channels: dict[str, Channel] = {}
         self._handlers: dict[int, _HandlerEntry] = {}
         self._handler_of: dict[str, int] = {}
         self._next_handler = 1
         self._outcomes: dict[int, _Outcome] = {}
         self._listeners: dict[str, list[Listener]] = {}
-        self._deferred: dict[str, tuple[int, Optional[str], Optional[Mapping[str, Any]]]] = {}
+        self._deferred: dict[str, tuple[int, str | None, Mapping[str, Any] | None]] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
-        self._timer: Optional[asyncio.TimerHandle] = None
-        self._timer_at: Optional[float] = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -259,7 +263,7 @@ class CommandRegistry:
     # ------------------------------------------------------------------ handlers
 
     def _run(
-        self, job: int, handler_id: int, command_id: str, data: Optional[bytes], enc: Optional[str]
+        self, job: int, handler_id: int, command_id: str, data: bytes | None, enc: str | None
     ) -> None:
         entry = self._handlers.get(handler_id)
         if entry is None:
@@ -306,7 +310,13 @@ class CommandRegistry:
 
     def _handler_failed(self, job: int, entry: _HandlerEntry, request: Any, e: Exception) -> None:
         if isinstance(e, CommandError):
-            self._finish_err(job, e.code, e.message)
+            if e.code in _EXECUTE_CODES:
+                self._finish_err(job, e.code, e.message)
+            else:
+                # `duplicate_command` cannot travel in an execute response (so a remote caller
+                # would see internal_error) and a user-defined code is unknown to the router:
+                # answer internal_error here too, the same way locally and remotely.
+                self._finish_err(job, "internal_error", f"{type(e).__name__}: {e}")
             return
         if isinstance(e, TypeError):
             why = entry.binding_error(request)
@@ -356,8 +366,8 @@ class CommandRegistry:
         self,
         command_id: str,
         hid: int,
-        description: Optional[str],
-        schema: Optional[Mapping[str, Any]],
+        description: str | None,
+        schema: Mapping[str, Any] | None,
         outcome: _Outcome,
     ) -> None:
         if not isinstance(command_id, str) or not command_id:
@@ -372,7 +382,7 @@ class CommandRegistry:
             if schema.get("response") is not None:
                 resp = json.dumps(schema["response"]).encode()
 
-        def done(value: Any, err: Optional[BaseException]) -> None:
+        def done(value: Any, err: BaseException | None) -> None:
             if err is None:
                 old = self._handler_of.get(command_id)
                 if old is not None and old != hid:
@@ -395,8 +405,8 @@ class CommandRegistry:
         self,
         command_id: str,
         *,
-        description: Optional[str] = None,
-        schema: Optional[Mapping[str, Any]] = None,
+        description: str | None = None,
+        schema: Mapping[str, Any] | None = None,
     ) -> Callable[[F], F]:
         """Decorator registering a function as the handler of ``command_id``.
 
@@ -420,9 +430,9 @@ class CommandRegistry:
             if self._router_missing() and not command_id.startswith("_"):
                 self._deferred[command_id] = (hid, description, schema)
                 return fn
-            result: list[Optional[BaseException]] = []
+            result: list[BaseException | None] = []
 
-            def done(_: Any, err: Optional[BaseException]) -> None:
+            def done(_: Any, err: BaseException | None) -> None:
                 if result:
                     if err is not None:
                         logger.error("registration of %r failed: %s", command_id, err)
@@ -442,8 +452,8 @@ class CommandRegistry:
         self,
         command_id: str,
         handler: Handler,
-        description: Optional[str] = None,
-        schema: Optional[Mapping[str, Any]] = None,
+        description: str | None = None,
+        schema: Mapping[str, Any] | None = None,
     ) -> None:
         """Registers ``handler`` for ``command_id`` and waits until the tree accepted it.
 
@@ -481,9 +491,9 @@ class CommandRegistry:
     async def execute_command(
         self,
         command_id: str,
-        request: Optional[Mapping[str, Any]] = None,
+        request: Mapping[str, Any] | None = None,
         *,
-        timeout: Optional[float] = None,
+        timeout: float | None = None,
     ) -> Any:
         """Calls a command wherever it lives in the tree and returns its result.
 
@@ -550,7 +560,7 @@ class CommandRegistry:
             out.append(d)
         return out
 
-    def route_of(self, command_id: str) -> Optional[str]:
+    def route_of(self, command_id: str) -> str | None:
         """Where a call of ``command_id`` would go from here: ``"local"``, a channel id, or
         ``None`` (``not_found``)."""
         return self._router.route_of(command_id)
@@ -596,7 +606,7 @@ class CommandRegistry:
 
         return decorator
 
-    def _deliver_event(self, event_id: str, data: Optional[bytes], enc: Optional[str]) -> None:
+    def _deliver_event(self, event_id: str, data: bytes | None, enc: str | None) -> None:
         fns = self._listeners.get(event_id)
         if not fns:
             return
@@ -669,7 +679,7 @@ class CommandRegistry:
             return
         self._apply(actions)
 
-    def _on_close(self, channel_id: str, channel: Channel, reason: Optional[str]) -> None:
+    def _on_close(self, channel_id: str, channel: Channel, reason: str | None) -> None:
         if self._channels.get(channel_id) is not channel:
             return
         del self._channels[channel_id]
@@ -694,7 +704,7 @@ class CommandRegistry:
             calls of this registry waiting for a result, ``dropped`` messages dropped as
             invalid, spoofed, duplicate or undeliverable.
         """
-        return cast(dict[str, Any], self._router.stats())
+        return self._router.stats()
 
     @property
     def closed(self) -> bool:
@@ -734,7 +744,7 @@ class CommandRegistry:
 
 
 def _settle(fut: asyncio.Future[Any]) -> _Outcome:
-    def outcome(value: Any, err: Optional[BaseException]) -> None:
+    def outcome(value: Any, err: BaseException | None) -> None:
         if fut.done():
             return
         if err is None:
@@ -750,4 +760,3 @@ async def _log_failure(awaitable: Awaitable[Any], event_id: str) -> None:
         await awaitable
     except Exception:
         logger.exception("listener of event %r failed", event_id)
-

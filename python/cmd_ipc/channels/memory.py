@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from typing import Optional
 
 from cmd_ipc.channels.base import Channel, Encoding, OnClose, OnFrame
 
@@ -27,11 +26,11 @@ class InMemoryChannel(Channel):
 
     def __init__(self, id: str, encoding: Encoding = "msgpack") -> None:
         super().__init__(id, encoding)
-        self._peer: Optional[InMemoryChannel] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[int] = None
-        self._on_frame: Optional[OnFrame] = None
-        self._on_close: Optional[OnClose] = None
+        self._peer: InMemoryChannel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: int | None = None
+        self._on_frame: OnFrame | None = None
+        self._on_close: OnClose | None = None
         self._backlog: deque[bytes] = deque()
         self._closed = False
         self._close_reported = False
@@ -98,7 +97,7 @@ class InMemoryChannel(Channel):
         self._closed = True
         self._report_close("peer closed the channel")
 
-    def _report_close(self, reason: Optional[str]) -> None:
+    def _report_close(self, reason: str | None) -> None:
         if not self._close_reported and self._on_close is not None:
             self._close_reported = True
             self._on_close(reason)

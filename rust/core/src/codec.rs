@@ -176,7 +176,9 @@ pub fn check_msgpack(data: &[u8], max_depth: usize) -> Result<(), CodecError> {
         if let Some(items) = container {
             // Every element takes at least one byte: refuse impossible counts up front.
             if items > (data.len() - pos) as u64 {
-                return Err(malformed("container declares more elements than bytes remain"));
+                return Err(malformed(
+                    "container declares more elements than bytes remain",
+                ));
             }
             if open.len() + 1 > max_depth {
                 return Err(CodecError::TooDeep { limit: max_depth });
@@ -205,10 +207,7 @@ pub fn validate_payload(p: &Payload, limits: &Limits) -> Result<(), CodecError> 
 }
 
 /// Returns the payload's bytes in `target` encoding (borrowed when no transcoding is needed).
-pub fn payload_in(
-    p: &Payload,
-    target: Encoding,
-) -> Result<std::borrow::Cow<'_, [u8]>, CodecError> {
+pub fn payload_in(p: &Payload, target: Encoding) -> Result<std::borrow::Cow<'_, [u8]>, CodecError> {
     use std::borrow::Cow;
     if p.encoding == target {
         return Ok(Cow::Borrowed(&p.data));
@@ -864,7 +863,9 @@ impl Envelope {
         }
         Ok(match ty.as_str() {
             "register.command.request" => {
-                let command = self.command.ok_or_else(|| invalid("missing field 'command'"))?;
+                let command = self
+                    .command
+                    .ok_or_else(|| invalid("missing field 'command'"))?;
                 check_command(&command)?;
                 Message::RegisterRequest { id, command }
             }
@@ -1052,15 +1053,24 @@ mod tests {
                 "{e:?}"
             );
         }
-        for bad in [&[0xc1u8][..], &[0x81, 0xa2], &[0x92, 0x01], &[0x01, 0x02], &[]] {
+        for bad in [
+            &[0xc1u8][..],
+            &[0x81, 0xa2],
+            &[0x92, 0x01],
+            &[0x01, 0x02],
+            &[],
+        ] {
             assert!(decode_msgpack(bad, &lim()).is_err());
         }
     }
 
     #[test]
     fn message_ids_may_be_any_non_empty_string() {
-        let m = decode_json(br#"{"id":"not-a-uuid","type":"list.commands.request"}"#, &lim())
-            .unwrap();
+        let m = decode_json(
+            br#"{"id":"not-a-uuid","type":"list.commands.request"}"#,
+            &lim(),
+        )
+        .unwrap();
         assert_eq!(m.id(), "not-a-uuid");
     }
 }

@@ -200,8 +200,13 @@ enum Learned {
 
 #[derive(Clone, Debug)]
 enum Owner {
-    Local { handler: u64 },
-    Channel { channel: ChannelId, learned: Learned },
+    Local {
+        handler: u64,
+    },
+    Channel {
+        channel: ChannelId,
+        learned: Learned,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -229,8 +234,14 @@ struct Forward {
 }
 
 enum RegFor {
-    Local { call: u64, handler: u64 },
-    Child { channel: ChannelId, request_id: String },
+    Local {
+        call: u64,
+        handler: u64,
+    },
+    Child {
+        channel: ChannelId,
+        request_id: String,
+    },
 }
 
 struct PendingReg {
@@ -1243,7 +1254,8 @@ impl Router {
         if !is_private(&event_id) {
             self.flood(&id, &event_id, payload.clone(), Some(from));
         }
-        self.actions.push(Action::DeliverEvent { event_id, payload });
+        self.actions
+            .push(Action::DeliverEvent { event_id, payload });
     }
 
     // -----------------------------------------------------------------------------------------

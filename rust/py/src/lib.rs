@@ -46,7 +46,8 @@ fn encoding(name: &str) -> PyResult<Encoding> {
 }
 
 fn error_code(code: &str) -> PyResult<ErrorCode> {
-    ErrorCode::parse(code).ok_or_else(|| PyValueError::new_err(format!("unknown error code {code:?}")))
+    ErrorCode::parse(code)
+        .ok_or_else(|| PyValueError::new_err(format!("unknown error code {code:?}")))
 }
 
 fn to_micros(seconds: f64) -> Micros {
@@ -88,14 +89,15 @@ fn actions_to_py<'py>(
                     continue;
                 };
                 match codec::encode(&message, enc) {
-                    Ok(frame) => {
-                        ("send", &*channel, PyBytes::new(py, &frame)).into_pyobject(py)?
-                    }
+                    Ok(frame) => ("send", &*channel, PyBytes::new(py, &frame)).into_pyobject(py)?,
                     Err(e) => (
                         "dropped",
                         &*channel,
                         "unencodable",
-                        format!("could not encode {} for '{channel}': {e}", message.type_name()),
+                        format!(
+                            "could not encode {} for '{channel}': {e}",
+                            message.type_name()
+                        ),
                     )
                         .into_pyobject(py)?,
                 }
@@ -152,7 +154,7 @@ impl Router {
 impl Router {
     #[new]
     #[pyo3(signature = (id, router_channel=None, *, request_ttl=30.0, event_ttl=5.0,
-        max_pending=100_000, max_dedup=100_000, max_message_size=64*1024*1024, max_depth=64))]
+        max_pending=100_000, max_dedup=100_000, max_message_size=67_108_864, max_depth=64))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         id: &str,
@@ -165,7 +167,9 @@ impl Router {
         max_depth: usize,
     ) -> PyResult<Self> {
         if id.is_empty() {
-            return Err(PyValueError::new_err("registry id must be a non-empty string"));
+            return Err(PyValueError::new_err(
+                "registry id must be a non-empty string",
+            ));
         }
         if router_channel == Some("") {
             return Err(PyValueError::new_err(
@@ -279,7 +283,9 @@ impl Router {
         encoding: &str,
     ) -> PyResult<Bound<'py, PyList>> {
         let result = payload(result, encoding)?;
-        self.inner.complete_job(job, Ok(result)).map_err(usage_err)?;
+        self.inner
+            .complete_job(job, Ok(result))
+            .map_err(usage_err)?;
         self.flush(py)
     }
 
@@ -416,7 +422,7 @@ impl Router {
 /// Decodes `data` as one message in `source` encoding (enforcing the limits) and encodes it in
 /// `target` encoding.
 #[pyfunction]
-#[pyo3(signature = (data, source, target, *, max_message_size=64*1024*1024, max_depth=64))]
+#[pyo3(signature = (data, source, target, *, max_message_size=67_108_864, max_depth=64))]
 fn transcode<'py>(
     py: Python<'py>,
     data: &[u8],

@@ -180,7 +180,10 @@ fn duplicate_from_other_channel_rejected_same_channel_allowed() {
     let (_, m) = only_send(&register(&mut r, "w1", "math.add"));
     assert!(matches!(
         m,
-        Message::RegisterResponse { response: Ok(()), .. }
+        Message::RegisterResponse {
+            response: Ok(()),
+            ..
+        }
     ));
     let (to, m) = only_send(&register(&mut r, "w2", "math.add"));
     assert_eq!(to, "w2");
@@ -195,7 +198,10 @@ fn duplicate_from_other_channel_rejected_same_channel_allowed() {
     let (_, m) = only_send(&register(&mut r, "w1", "math.add"));
     assert!(matches!(
         m,
-        Message::RegisterResponse { response: Ok(()), .. }
+        Message::RegisterResponse {
+            response: Ok(()),
+            ..
+        }
     ));
     // Local registration of a channel-owned id is a duplicate naming the owner.
     let call = r.register_local(CommandDef::new("math.add"), 1, 0);
@@ -314,9 +320,9 @@ fn multi_hop_response_routing_through_three_levels() {
                         let j = index(&channel).unwrap();
                         routers[j].handle_message(&me, message, 0).unwrap();
                     }
-                    Action::RunHandler { job, .. } => {
-                        routers[i].complete_job(job, ok_payload("\"root\"")).unwrap()
-                    }
+                    Action::RunHandler { job, .. } => routers[i]
+                        .complete_job(job, ok_payload("\"root\""))
+                        .unwrap(),
                     other => acts.push(other),
                 }
             }
@@ -340,7 +346,10 @@ fn registration_escalates_through_a_middle_registry() {
     .unwrap();
     let (to, up) = only_send(&mid.take_actions());
     assert_eq!(to, "root");
-    assert!(mid.route_of("x.y").as_deref() == Some("root"), "not yet owned");
+    assert!(
+        mid.route_of("x.y").as_deref() == Some("root"),
+        "not yet owned"
+    );
     mid.handle_message(
         "root",
         Message::RegisterResponse {
@@ -353,7 +362,9 @@ fn registration_escalates_through_a_middle_registry() {
     .unwrap();
     let (to, ack) = only_send(&mid.take_actions());
     assert_eq!(to, "leaf");
-    assert!(matches!(ack, Message::RegisterResponse { thid, response: Ok(()), .. } if thid == child_req));
+    assert!(
+        matches!(ack, Message::RegisterResponse { thid, response: Ok(()), .. } if thid == child_req)
+    );
     assert_eq!(mid.route_of("x.y").as_deref(), Some("leaf"));
 }
 
@@ -416,10 +427,20 @@ fn forwarded_response_spoof_is_dropped() {
 fn loop_guard_never_forwards_back_to_sender() {
     // The router channel asks us for a command we do not have: no bounce back up.
     let mut r = with_channels("w", Some("root"), &["root"]);
-    r.handle_message("root", exec_req("missing.cmd"), 0).unwrap();
+    r.handle_message("root", exec_req("missing.cmd"), 0)
+        .unwrap();
     let (to, m) = only_send(&r.take_actions());
     assert_eq!(to, "root");
-    assert!(matches!(m, Message::ExecuteResponse { response: Err(ExecError { code: ErrorCode::NotFound, .. }), .. }));
+    assert!(matches!(
+        m,
+        Message::ExecuteResponse {
+            response: Err(ExecError {
+                code: ErrorCode::NotFound,
+                ..
+            }),
+            ..
+        }
+    ));
     // A peer that advertised a command asks us for it: not sent back to it.
     let mut r = with_channels("main", None, &["p"]);
     r.handle_message(
@@ -452,13 +473,19 @@ fn private_ids_never_advertised_escalated_or_executed_remotely() {
     assert!(matches!(m, Message::ListResponse { commands, .. } if commands.is_empty()));
     r.handle_message("root", exec_req("_secret"), 0).unwrap();
     let (_, m) = only_send(&r.take_actions());
-    assert!(matches!(m, Message::ExecuteResponse { response: Err(ExecError { code: ErrorCode::NotFound, .. }), .. }));
+    assert!(matches!(
+        m,
+        Message::ExecuteResponse {
+            response: Err(ExecError {
+                code: ErrorCode::NotFound,
+                ..
+            }),
+            ..
+        }
+    ));
     // Locally it works.
     r.execute("_secret", None, None, 0);
-    assert!(matches!(
-        r.take_actions()[0],
-        Action::RunHandler { .. }
-    ));
+    assert!(matches!(r.take_actions()[0], Action::RunHandler { .. }));
     // A private event is delivered locally only.
     r.emit_event("_audit", None, 0);
     let acts = r.take_actions();
@@ -561,7 +588,16 @@ fn forwarded_request_times_out_upstream() {
     r.tick(31 * SEC);
     let (to, m) = only_send(&r.take_actions());
     assert_eq!(to, "a");
-    assert!(matches!(m, Message::ExecuteResponse { response: Err(ExecError { code: ErrorCode::Timeout, .. }), .. }));
+    assert!(matches!(
+        m,
+        Message::ExecuteResponse {
+            response: Err(ExecError {
+                code: ErrorCode::Timeout,
+                ..
+            }),
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -583,7 +619,16 @@ fn close_drops_commands_and_fails_everything_in_flight() {
     }
     let (to, m) = only_send(&acts);
     assert_eq!(to, "up");
-    assert!(matches!(m, Message::ExecuteResponse { response: Err(ExecError { code: ErrorCode::ChannelDisconnected, .. }), .. }));
+    assert!(matches!(
+        m,
+        Message::ExecuteResponse {
+            response: Err(ExecError {
+                code: ErrorCode::ChannelDisconnected,
+                ..
+            }),
+            ..
+        }
+    ));
     assert!(r.route_of("cmd").is_none());
     assert!(r.list_commands().is_empty());
     assert_eq!(r.stats().pending, 0);
@@ -655,7 +700,9 @@ fn garbage_frame_is_dropped_and_bad_execute_answered() {
     let bad = br#"{"id":"r1","type":"execute.command.request","commandId":"x","request":[1]}"#;
     assert!(r.handle_frame("w", bad, 0).is_err());
     let (_, m) = only_send(&r.take_actions());
-    assert!(matches!(m, Message::ExecuteResponse { thid, response: Err(ExecError { code: ErrorCode::InvalidRequest, .. }), .. } if thid == "r1"));
+    assert!(
+        matches!(m, Message::ExecuteResponse { thid, response: Err(ExecError { code: ErrorCode::InvalidRequest, .. }), .. } if thid == "r1")
+    );
     assert_eq!(r.stats().dropped, 2);
 }
 
@@ -692,5 +739,9 @@ fn not_found_suggests_close_matches() {
     r.take_actions();
     let call = r.execute("calc.ad", None, None, 0);
     let err = call_done(&r.take_actions(), call).unwrap_err();
-    assert!(err.message.contains("did you mean calc.add"), "{}", err.message);
+    assert!(
+        err.message.contains("did you mean calc.add"),
+        "{}",
+        err.message
+    );
 }

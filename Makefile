@@ -1,0 +1,57 @@
+# One place for what people and CI run. `make test` is the whole test suite on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: all venv build test test-rust test-python lint fmt bench bench-rust demo clean
+
+all: test
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "maturin>=1.7,<2"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Builds the extension (release) into the venv with the dev extras.
+build: venv
+	$(VENV)/bin/maturin develop --release --extras dev --quiet
+
+test-rust:
+	cargo test --workspace
+
+test-python: build
+	$(PY) -m pytest
+
+# The whole suite: Rust tests, then the extension build and pytest.
+test: test-rust test-python
+
+lint: build
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
+	$(VENV)/bin/mypy
+	$(PY) -m mypy.stubtest cmd_ipc._core
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt: venv
+	$(VENV)/bin/ruff format python tests benches
+	$(VENV)/bin/ruff check --fix python tests benches
+	cargo fmt --all
+
+# The main job (for now a demo of a three-level in-process tree).
+demo: build
+	$(PY) -m cmd_ipc demo
+
+bench: build
+	$(PY) -m pytest benches --benchmark-only -p no:cacheprovider
+	cargo bench -p cmd-ipc-core
+
+bench-rust:
+	cargo bench -p cmd-ipc-core
+
+clean:
+	rm -rf $(VENV) target .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,126 @@
+"""The native core of cmd-ipc (Rust, via PyO3).
+
+Everything here is low level: applications use :class:`cmd_ipc.CommandRegistry`, which drives
+a :class:`Router` and carries out its actions.
+
+Actions are tuples, the first item naming the kind:
+
+* ``("send", channel_id, frame)``: send ``frame`` (bytes, in the channel's encoding).
+* ``("run", job, handler_id, command_id, request, encoding)``: run a local handler with the
+  still-encoded ``request`` (``None`` when absent), then report with ``complete_job_ok`` or
+  ``complete_job_err``.
+* ``("result", call, value, encoding)``: the local call ``call`` succeeded.
+* ``("error", call, code, message)``: the local call ``call`` failed with a spec code.
+* ``("registered", call, code, message)``: a local registration finished (``code`` is
+  ``None`` on success).
+* ``("event", event_id, payload, encoding)``: deliver an event to local listeners.
+* ``("dropped", channel_id, kind, reason)``: a message was dropped (counted in the stats).
+"""
+
+from typing import Any, final
+
+__all__ = ["ProtocolError", "Router", "__version__", "new_id", "transcode"]
+
+__version__: str
+
+_Action = tuple[Any, ...]
+
+class ProtocolError(ValueError):
+    """A frame or value that breaks the protocol or its limits; ``args`` are
+    ``(code, message)``."""
+
+@final
+class Router:
+    """The sans-I/O router of one registry: takes inputs, returns actions.
+
+    Times are seconds on the driver's monotonic clock (``loop.time()``).
+    """
+
+    def __new__(
+        cls,
+        id: str,
+        router_channel: str | None = None,
+        *,
+        request_ttl: float = 30.0,
+        event_ttl: float = 5.0,
+        max_pending: int = 100000,
+        max_dedup: int = 100000,
+        max_message_size: int = 67108864,
+        max_depth: int = 64,
+    ) -> "Router": ...
+    @property
+    def id(self) -> str:
+        """This registry's id."""
+    @property
+    def router_channel(self) -> str | None:
+        """The channel to the parent, if any."""
+    def add_channel(self, channel: str, encoding: str) -> list[_Action]:
+        """Attaches a channel (``"json"`` or ``"msgpack"``); queues a list request on it."""
+    def close_channel(self, channel: str) -> list[_Action]:
+        """Detaches a channel, dropping its commands and failing what waited on it."""
+    def has_channel(self, channel: str) -> bool:
+        """Whether a channel of this id is attached."""
+    def handle_frame(self, channel: str, frame: bytes, now: float) -> list[_Action]:
+        """Decodes and handles one frame from ``channel``; invalid frames become
+        ``dropped`` actions (and an ``invalid_request`` answer when possible)."""
+    def execute(
+        self,
+        command_id: str,
+        request: bytes | None,
+        encoding: str,
+        ttl: float | None,
+        now: float,
+    ) -> tuple[int, list[_Action]]:
+        """Starts a local call; returns its token and the actions."""
+    def cancel_call(self, call: int) -> None:
+        """Forgets a local call whose caller stopped waiting."""
+    def complete_job_ok(self, job: int, result: bytes | None, encoding: str) -> list[_Action]:
+        """Reports a handler's result (``None`` for no result)."""
+    def complete_job_err(self, job: int, code: str, message: str) -> list[_Action]:
+        """Reports a handler's failure with a spec error code."""
+    def register_local(
+        self,
+        command_id: str,
+        handler: int,
+        now: float,
+        description: str | None = None,
+        schema_request: bytes | None = None,
+        schema_response: bytes | None = None,
+    ) -> tuple[int, list[_Action]]:
+        """Registers a local command (schemas as JSON text); returns its token."""
+    def unregister_local(self, command_id: str) -> bool:
+        """Removes a local command; returns whether it existed."""
+    def emit_event(
+        self, event_id: str, payload: bytes | None, encoding: str, now: float
+    ) -> tuple[str, list[_Action]]:
+        """Emits an event; returns the message id used."""
+    def tick(self, now: float) -> list[_Action]:
+        """Fires every deadline at or before ``now``."""
+    def next_deadline(self) -> float | None:
+        """The next time ``tick`` has work, if any."""
+    def list_commands(
+        self,
+    ) -> list[tuple[str, str | None, bytes | None, bytes | None]]:
+        """``(id, description, schema_request_json, schema_response_json)`` of every
+        command this registry can route to."""
+    def route_of(self, command_id: str) -> str | None:
+        """``"local"``, the channel a call would take, or ``None``."""
+    def stats(self) -> dict[str, Any]:
+        """Per-channel message counts and table sizes."""
+
+def transcode(
+    data: bytes | bytearray,
+    source: str,
+    target: str,
+    *,
+    max_message_size: int = 67108864,
+    max_depth: int = 64,
+) -> bytes:
+    """Decodes one message in ``source`` encoding (with limits) and encodes it in ``target``.
+
+    Raises:
+        ProtocolError: The input is malformed, not a spec-v1 message, too large or too deep.
+    """
+
+def new_id() -> str:
+    """A fresh UUIDv4 string."""
