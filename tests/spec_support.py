@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import msgpack
 from cmd_ipc import _core
 from cmd_ipc.channels.base import Channel, Encoding, OnClose, OnFrame
 from referencing import Registry, Resource
@@ -69,10 +70,38 @@ def validate_message(msg: Any) -> None:
     validated_count += 1
 
 
+def _unwrap(value: bytes) -> Any:
+    return msgpack.unpackb(value, raw=False, strict_map_key=False)
+
+
+def msgpack_frame_to_message(frame: bytes) -> Any:
+    """Reads one of our msgpack frames with the ``msgpack`` package (independently of our
+    codec): a map with the spec's field names whose application values are ``bin`` holding
+    their own msgpack encoding."""
+    msg = msgpack.unpackb(frame, raw=False)
+    assert isinstance(msg, dict), f"msgpack frame is not a map: {msg!r}"
+    for key in ("request", "payload"):
+        if key in msg:
+            assert isinstance(msg[key], bytes), f"{key} is not bin"
+            msg[key] = _unwrap(msg[key])
+    response = msg.get("response")
+    if isinstance(response, dict) and "result" in response:
+        response["result"] = _unwrap(response["result"])
+    commands = list(msg.get("commands") or [])
+    if isinstance(msg.get("command"), dict):
+        commands.append(msg["command"])
+    for c in commands:
+        schema = c.get("schema") if isinstance(c, dict) else None
+        if isinstance(schema, dict):
+            for key in ("request", "response"):
+                if key in schema:
+                    schema[key] = _unwrap(schema[key])
+    return msg
+
+
 def validate_frame(frame: bytes, encoding: str) -> Any:
-    """Decodes a frame our codec emitted and validates it; returns the JSON value."""
-    text = frame if encoding == "json" else _core.transcode(frame, "msgpack", "json")
-    msg = json.loads(text)
+    """Decodes a frame our codec emitted and validates it; returns the decoded message."""
+    msg = json.loads(frame) if encoding == "json" else msgpack_frame_to_message(frame)
     validate_message(msg)
     return msg
 

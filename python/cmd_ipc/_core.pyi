@@ -47,7 +47,7 @@ class Router:
         max_dedup: int = 100000,
         max_message_size: int = 67108864,
         max_depth: int = 64,
-    ) -> "Router": ...
+    ) -> Router: ...
     @property
     def id(self) -> str:
         """This registry's id."""

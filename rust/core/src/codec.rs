@@ -106,16 +106,30 @@ pub fn check_json_depth(data: &[u8], max_depth: usize) -> Result<(), CodecError>
 /// Rejects truncated input, trailing bytes, reserved markers, nesting deeper than `max_depth`,
 /// and containers that declare more elements than there are bytes left (the "bomb" shape).
 pub fn check_msgpack(data: &[u8], max_depth: usize) -> Result<(), CodecError> {
+    walk_msgpack(data, max_depth, false)
+}
+
+/// Like [`check_msgpack`], and also refuses what JSON cannot carry unchanged: `bin` and `ext`
+/// values, non-finite floats, and map keys that are not strings.
+pub fn check_msgpack_json_safe(data: &[u8], max_depth: usize) -> Result<(), CodecError> {
+    walk_msgpack(data, max_depth, true)
+}
+
+fn walk_msgpack(data: &[u8], max_depth: usize, json_safe: bool) -> Result<(), CodecError> {
     fn malformed(detail: &str) -> CodecError {
         CodecError::Malformed {
             encoding: "msgpack",
             detail: detail.to_string(),
         }
     }
+    fn not_json(what: &str) -> CodecError {
+        CodecError::Unencodable(format!("{what} cannot be carried over a JSON channel"))
+    }
     let mut pos = 0usize;
-    // Items still to read in each open container (bounded by max_depth).
-    let mut open: Vec<u64> = Vec::new();
+    // (items still to read, is a map) for each open container; bounded by max_depth.
+    let mut open: Vec<(u64, bool)> = Vec::new();
     let mut pending: u64 = 1;
+    let mut in_map = false;
     let take = |pos: &mut usize, n: usize| -> Result<usize, CodecError> {
         let start = *pos;
         let end = start
@@ -134,19 +148,53 @@ pub fn check_msgpack(data: &[u8], max_depth: usize) -> Result<(), CodecError> {
     loop {
         if pending == 0 {
             match open.pop() {
-                Some(p) => {
+                Some((p, m)) => {
                     pending = p;
+                    in_map = m;
                     continue;
                 }
                 None => break,
             }
         }
+        // In a map of 2n items, items at even remaining counts are keys.
+        let is_key = in_map && pending % 2 == 0;
         pending -= 1;
         let m = data[take(&mut pos, 1)?];
-        let (skip, container): (u64, Option<u64>) = match m {
+        if json_safe {
+            let is_str = matches!(m, 0xa0..=0xbf | 0xd9..=0xdb);
+            if is_key && !is_str {
+                return Err(not_json("a map key that is not a string"));
+            }
+            match m {
+                0xc4..=0xc6 => return Err(not_json("a bytes value")),
+                0xc7..=0xc9 | 0xd4..=0xd8 => return Err(not_json("a msgpack ext value")),
+                0xca => {
+                    let s = pos;
+                    if data.len() >= s + 4 {
+                        let v =
+                            f32::from_be_bytes([data[s], data[s + 1], data[s + 2], data[s + 3]]);
+                        if !v.is_finite() {
+                            return Err(not_json("a NaN or infinite float"));
+                        }
+                    }
+                }
+                0xcb => {
+                    let s = pos;
+                    if let Some(b) = data.get(s..s + 8) {
+                        let mut a = [0u8; 8];
+                        a.copy_from_slice(b);
+                        if !f64::from_be_bytes(a).is_finite() {
+                            return Err(not_json("a NaN or infinite float"));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let (skip, container): (u64, Option<(u64, bool)>) = match m {
             0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, None),
-            0x80..=0x8f => (0, Some(2 * u64::from(m & 0x0f))),
-            0x90..=0x9f => (0, Some(u64::from(m & 0x0f))),
+            0x80..=0x8f => (0, Some((2 * u64::from(m & 0x0f), true))),
+            0x90..=0x9f => (0, Some((u64::from(m & 0x0f), false))),
             0xa0..=0xbf => (u64::from(m & 0x1f), None),
             0xc1 => return Err(malformed("reserved marker 0xc1")),
             0xc4 | 0xd9 => (read_uint(&mut pos, 1)?, None),
@@ -166,14 +214,14 @@ pub fn check_msgpack(data: &[u8], max_depth: usize) -> Result<(), CodecError> {
             0xd6 => (5, None),
             0xd7 => (9, None),
             0xd8 => (17, None),
-            0xdc => (0, Some(read_uint(&mut pos, 2)?)),
-            0xdd => (0, Some(read_uint(&mut pos, 4)?)),
-            0xde => (0, Some(2 * read_uint(&mut pos, 2)?)),
-            0xdf => (0, Some(2 * read_uint(&mut pos, 4)?)),
+            0xdc => (0, Some((read_uint(&mut pos, 2)?, false))),
+            0xdd => (0, Some((read_uint(&mut pos, 4)?, false))),
+            0xde => (0, Some((2 * read_uint(&mut pos, 2)?, true))),
+            0xdf => (0, Some((2 * read_uint(&mut pos, 4)?, true))),
         };
         let skip = usize::try_from(skip).map_err(|_| malformed("length overflows"))?;
         take(&mut pos, skip)?;
-        if let Some(items) = container {
+        if let Some((items, is_map)) = container {
             // Every element takes at least one byte: refuse impossible counts up front.
             if items > (data.len() - pos) as u64 {
                 return Err(malformed(
@@ -183,8 +231,9 @@ pub fn check_msgpack(data: &[u8], max_depth: usize) -> Result<(), CodecError> {
             if open.len() + 1 > max_depth {
                 return Err(CodecError::TooDeep { limit: max_depth });
             }
-            open.push(pending);
+            open.push((pending, in_map));
             pending = items;
+            in_map = is_map;
         }
     }
     if pos != data.len() {
@@ -221,6 +270,7 @@ pub fn payload_in(p: &Payload, target: Encoding) -> Result<std::borrow::Cow<'_, 
                 .map_err(|e| CodecError::Unencodable(e.to_string()))?;
         }
         (Encoding::Msgpack, Encoding::Json) => {
+            check_msgpack_json_safe(&p.data, usize::MAX)?;
             let mut de = rmp_serde::Deserializer::from_read_ref(&p.data[..]);
             let mut ser = serde_json::Serializer::new(&mut out);
             serde_transcode::transcode(&mut de, &mut ser)
@@ -1062,6 +1112,30 @@ mod tests {
         ] {
             assert!(decode_msgpack(bad, &lim()).is_err());
         }
+    }
+
+    #[test]
+    fn msgpack_to_json_refuses_what_json_cannot_carry() {
+        let cases: [&[u8]; 4] = [
+            &[0x81, 0x01, 0x02],                   // {1: 2}
+            &[0x91, 0xc4, 0x01, 0x00],             // [b"\0"]
+            &[0xcb, 0x7f, 0xf8, 0, 0, 0, 0, 0, 0], // NaN
+            &[0x91, 0xd4, 0x01, 0x02],             // [ext]
+        ];
+        for c in cases {
+            let p = Payload::new(Encoding::Msgpack, c.to_vec());
+            assert!(check_msgpack(c, 8).is_ok());
+            let e = payload_in(&p, Encoding::Json).unwrap_err();
+            assert_eq!(e.code(), "unencodable_value", "{c:?}");
+        }
+        let nested = Payload::new(
+            Encoding::Msgpack,
+            vec![0x81, 0xa1, b'k', 0x92, 0x01, 0xa1, b'x'],
+        );
+        assert_eq!(
+            &*payload_in(&nested, Encoding::Json).unwrap(),
+            br#"{"k":[1,"x"]}"#
+        );
     }
 
     #[test]

@@ -91,6 +91,8 @@ pub enum DropKind {
     DuplicateEvent,
     /// A reply for a channel that has gone away.
     Undeliverable,
+    /// A value the target channel's encoding cannot carry (bytes over JSON...).
+    Unencodable,
 }
 
 impl DropKind {
@@ -102,6 +104,7 @@ impl DropKind {
             DropKind::Unknown => "unknown_thid",
             DropKind::DuplicateEvent => "duplicate_event",
             DropKind::Undeliverable => "undeliverable",
+            DropKind::Unencodable => "unencodable",
         }
     }
 }
@@ -259,6 +262,7 @@ enum Reply {
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum TimerKind {
     Call,
+    LocalCall,
     Forward,
     Registration,
 }
@@ -274,6 +278,8 @@ pub struct Router {
     registrations: HashMap<String, PendingReg>,
     jobs: HashMap<u64, Reply>,
     local_jobs: usize,
+    /// Deadlines of local calls served by a local handler, by job.
+    local_deadlines: HashMap<u64, Micros>,
     timers: BinaryHeap<Reverse<(Micros, TimerKind, String)>>,
     seen_events: HashMap<String, Micros>,
     seen_order: VecDeque<(Micros, String)>,
@@ -297,6 +303,7 @@ impl Router {
             registrations: HashMap::new(),
             jobs: HashMap::new(),
             local_jobs: 0,
+            local_deadlines: HashMap::new(),
             timers: BinaryHeap::new(),
             seen_events: HashMap::new(),
             seen_order: VecDeque::new(),
@@ -368,6 +375,37 @@ impl Router {
 
     fn channel_arc(&self, name: &str) -> Option<ChannelId> {
         self.channels.get_key_value(name).map(|(k, _)| k.clone())
+    }
+
+    /// Converts a value to the encoding of the channel it is about to be sent on, so that a
+    /// value the channel cannot carry fails the decision now rather than the send later.
+    fn adapt(
+        &self,
+        payload: Option<Payload>,
+        channel: &ChannelId,
+    ) -> Result<Option<Payload>, CodecError> {
+        let (Some(p), Some(c)) = (payload.as_ref(), self.channels.get(channel)) else {
+            return Ok(payload);
+        };
+        if p.encoding == c.encoding {
+            return Ok(payload);
+        }
+        let data = codec::payload_in(p, c.encoding)?.into_owned();
+        Ok(Some(Payload::new(c.encoding, data)))
+    }
+
+    /// [`Router::adapt`] for a result on its way back: an unencodable result becomes an
+    /// `internal_error` for the caller.
+    fn adapt_result(&self, result: ExecResult, channel: &ChannelId) -> ExecResult {
+        match result {
+            Ok(value) => self.adapt(value, channel).map_err(|e| {
+                ExecError::new(
+                    ErrorCode::InternalError,
+                    format!("the result cannot be sent to '{channel}': {e}"),
+                )
+            }),
+            err => err,
+        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -515,6 +553,10 @@ impl Router {
                 let job = self.token();
                 self.jobs.insert(job, Reply::Local(call));
                 self.local_jobs += 1;
+                let deadline = now.saturating_add(ttl.unwrap_or(self.config.request_ttl));
+                self.local_deadlines.insert(job, deadline);
+                self.timers
+                    .push(Reverse((deadline, TimerKind::LocalCall, job.to_string())));
                 self.actions.push(Action::RunHandler {
                     job,
                     handler,
@@ -554,6 +596,19 @@ impl Router {
             });
             return call;
         }
+        let request = match self.adapt(request, &target) {
+            Ok(r) => r,
+            Err(e) => {
+                self.actions.push(Action::CallDone {
+                    call,
+                    result: Err(ExecError::new(
+                        ErrorCode::InvalidRequest,
+                        format!("request for '{command_id}' cannot be sent to '{target}': {e}"),
+                    )),
+                });
+                return call;
+            }
+        };
         let id = new_id();
         let deadline = now.saturating_add(ttl.unwrap_or(self.config.request_ttl));
         self.timers
@@ -581,6 +636,22 @@ impl Router {
     /// any, is dropped as unknown.
     pub fn cancel_call(&mut self, call: u64) {
         self.calls.retain(|_, c| c.call != call);
+        let jobs: Vec<u64> = self
+            .jobs
+            .iter()
+            .filter(|(_, r)| matches!(r, Reply::Local(c) if *c == call))
+            .map(|(j, _)| *j)
+            .collect();
+        for job in jobs {
+            self.forget_local_job(job);
+        }
+    }
+
+    fn forget_local_job(&mut self, job: u64) {
+        if let Some(Reply::Local(_)) = self.jobs.remove(&job) {
+            self.local_jobs -= 1;
+        }
+        self.local_deadlines.remove(&job);
     }
 
     fn not_found(&self, command_id: &str) -> ExecError {
@@ -622,10 +693,12 @@ impl Router {
         match reply {
             Reply::Local(call) => {
                 self.local_jobs -= 1;
+                self.local_deadlines.remove(&job);
                 self.actions.push(Action::CallDone { call, result });
             }
             Reply::Channel(channel, thid) => {
                 if self.channels.contains_key(&channel) {
+                    let result = self.adapt_result(result, &channel);
                     self.send(
                         &channel,
                         Message::ExecuteResponse {
@@ -780,14 +853,21 @@ impl Router {
             .collect();
         targets.sort();
         for t in targets {
-            self.send(
-                &t,
-                Message::Event {
-                    id: id.to_string(),
-                    event_id: event_id.to_string(),
-                    payload: payload.clone(),
-                },
-            );
+            match self.adapt(payload.clone(), &t) {
+                Ok(payload) => self.send(
+                    &t,
+                    Message::Event {
+                        id: id.to_string(),
+                        event_id: event_id.to_string(),
+                        payload,
+                    },
+                ),
+                Err(e) => self.drop_msg(
+                    Some(&t),
+                    DropKind::Unencodable,
+                    format!("event '{event_id}' not sent to '{t}': {e}"),
+                ),
+            }
         }
     }
 
@@ -971,6 +1051,16 @@ impl Router {
             let err = self.too_busy();
             return self.reply_error(from, id, err);
         }
+        let request = match self.adapt(request, &target) {
+            Ok(r) => r,
+            Err(e) => {
+                let err = ExecError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("request for '{command_id}' cannot be forwarded to '{target}': {e}"),
+                );
+                return self.reply_error(from, id, err);
+            }
+        };
         let out_id = new_id();
         let deadline = now.saturating_add(self.config.request_ttl);
         self.timers
@@ -1022,6 +1112,7 @@ impl Router {
             }
             if let Some(f) = self.forwards.remove(&thid) {
                 if self.channels.contains_key(&f.origin) {
+                    let response = self.adapt_result(response, &f.origin);
                     self.send(
                         &f.origin,
                         Message::ExecuteResponse {
@@ -1276,6 +1367,9 @@ impl Router {
     fn timer_live(&self, deadline: Micros, kind: TimerKind, key: &str) -> bool {
         match kind {
             TimerKind::Call => self.calls.get(key).is_some_and(|c| c.deadline == deadline),
+            TimerKind::LocalCall => key
+                .parse::<u64>()
+                .is_ok_and(|job| self.local_deadlines.get(&job) == Some(&deadline)),
             TimerKind::Forward => self
                 .forwards
                 .get(key)
@@ -1309,6 +1403,22 @@ impl Router {
                             result: Err(ExecError::new(
                                 ErrorCode::Timeout,
                                 format!("no response from channel '{}' in time", c.channel),
+                            )),
+                        });
+                    }
+                }
+                TimerKind::LocalCall => {
+                    let Ok(job) = key.parse::<u64>() else {
+                        continue;
+                    };
+                    if let Some(Reply::Local(call)) = self.jobs.get(&job) {
+                        let call = *call;
+                        self.forget_local_job(job);
+                        self.actions.push(Action::CallDone {
+                            call,
+                            result: Err(ExecError::new(
+                                ErrorCode::Timeout,
+                                "the local handler did not finish in time",
                             )),
                         });
                     }

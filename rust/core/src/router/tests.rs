@@ -745,3 +745,72 @@ fn not_found_suggests_close_matches() {
         err.message
     );
 }
+
+#[test]
+fn local_handler_calls_time_out_and_late_completion_is_ignored() {
+    let mut r = with_channels("main", None, &[]);
+    r.register_local(CommandDef::new("stuck"), 1, 0);
+    r.take_actions();
+    let call = r.execute("stuck", None, Some(SEC), 0);
+    let Action::RunHandler { job, .. } = r.take_actions()[0].clone() else {
+        panic!()
+    };
+    assert_eq!(r.next_deadline(), Some(SEC));
+    r.tick(SEC);
+    assert_eq!(
+        call_done(&r.take_actions(), call).unwrap_err().code,
+        ErrorCode::Timeout
+    );
+    assert_eq!(r.stats().pending, 0);
+    assert!(r.complete_job(job, ok_payload("1")).is_err());
+    // A job completed in time clears its deadline.
+    let call = r.execute("stuck", None, Some(SEC), 0);
+    let Action::RunHandler { job, .. } = r.take_actions()[0].clone() else {
+        panic!()
+    };
+    r.complete_job(job, ok_payload("1")).unwrap();
+    assert_eq!(call_done(&r.take_actions(), call), ok_payload("1"));
+    assert_eq!(r.next_deadline(), None);
+}
+
+#[test]
+fn values_json_cannot_carry_fail_the_decision_not_the_send() {
+    let mut r = router("main", None);
+    r.add_channel("j", Encoding::Json).unwrap();
+    r.add_channel("m", Encoding::Msgpack).unwrap();
+    r.take_actions();
+    register(&mut r, "j", "json.cmd");
+    // {"b": bin(\x00\x01)} in msgpack
+    let bin_req = Payload::new(
+        Encoding::Msgpack,
+        vec![0x81, 0xa1, b'b', 0xc4, 0x02, 0x00, 0x01],
+    );
+    let call = r.execute("json.cmd", Some(bin_req.clone()), None, 0);
+    let acts = r.take_actions();
+    assert!(sends(&acts).is_empty());
+    assert_eq!(
+        call_done(&acts, call).unwrap_err().code,
+        ErrorCode::InvalidRequest
+    );
+    // A plain msgpack request is transcoded for the JSON channel at decision time.
+    let ok_req = Payload::new(Encoding::Msgpack, vec![0x81, 0xa1, b'a', 0x01]);
+    r.execute("json.cmd", Some(ok_req), None, 0);
+    let (_, m) = only_send(&r.take_actions());
+    let Message::ExecuteRequest { request, .. } = m else {
+        panic!()
+    };
+    assert_eq!(request.unwrap(), Payload::json(r#"{"a":1}"#));
+    // An event with bytes reaches the msgpack channel and is dropped for the JSON one.
+    r.emit_event("e", Some(bin_req), 0);
+    let acts = r.take_actions();
+    let s = sends(&acts);
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].0, "m");
+    assert!(acts.iter().any(|a| matches!(
+        a,
+        Action::Dropped {
+            kind: DropKind::Unencodable,
+            ..
+        }
+    )));
+}
