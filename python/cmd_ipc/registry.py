@@ -12,6 +12,8 @@ import functools
 import inspect
 import json
 import logging
+import os
+import threading
 import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import msgpack
 
 from cmd_ipc import _core
 from cmd_ipc.channels.base import Channel
+from cmd_ipc.channels.native import NativeChannel
 from cmd_ipc.errors import (
     ChannelDisconnectedError,
     CommandError,
@@ -39,6 +42,17 @@ Listener = Callable[[Any], Any]
 F = TypeVar("F", bound=Callable[..., Any])
 
 _Outcome = Callable[[Any, Optional[BaseException]], None]
+
+#: Bumped in a forked child, so registries inherited from the parent refuse to work there.
+_FORK_GENERATION = [0]
+
+
+def _after_fork_in_child() -> None:
+    _FORK_GENERATION[0] += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 #: The error codes an execute response may carry (spec-v1).
 _EXECUTE_CODES = frozenset(
@@ -149,8 +163,9 @@ class CommandRegistry:
         max_dedup: int = 100_000,
         max_message_size: int = 64 * 1024 * 1024,
         max_depth: int = 64,
+        spin_us: int = 50,
     ) -> None:
-        self._router = _core.Router(
+        self._node = _core.Node(
             id,
             router_channel,
             request_ttl=request_ttl,
@@ -159,12 +174,20 @@ class CommandRegistry:
             max_dedup=max_dedup,
             max_message_size=max_message_size,
             max_depth=max_depth,
+            spin_us=spin_us,
         )
+        self.spin_us = spin_us
+        self._fork_generation = _FORK_GENERATION[0]
+        self._loop_thread: int | None = None
+        self._background: threading.Thread | None = None
+        self._native: dict[str, NativeChannel] = {}
+        self._native_fds: dict[str, int] = {}
+        self._close_listeners: list[Callable[[str, str], None]] = []
         self.id = id
         self.router_channel = router_channel
         self.request_ttl = request_ttl
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._channels: dict[str, Channel] = {}
+        self._channels: dict[str, Channel | NativeChannel] = {}
         self._handlers: dict[int, _HandlerEntry] = {}
         self._handler_of: dict[str, int] = {}
         self._next_handler = 1
@@ -181,10 +204,21 @@ class CommandRegistry:
 
     # ------------------------------------------------------------------ loop and actions
 
+    def _check_process(self) -> None:
+        if self._fork_generation != _FORK_GENERATION[0]:
+            raise RuntimeError(
+                f"registry {self.id!r} was created before os.fork(); a forked child cannot use "
+                "it (its channels and threads belong to the parent): create a new registry "
+                "in the child"
+            )
+
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        self._check_process()
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
+            self._loop_thread = threading.get_ident()
+            loop.add_reader(self._node.wake_fd, self._on_wake)
         elif self._loop is not loop:
             raise RuntimeError(
                 f"registry {self.id!r} is bound to another event loop; "
@@ -203,7 +237,7 @@ class CommandRegistry:
             kind = act[0]
             if kind == "send":
                 channel = self._channels.get(act[1])
-                if channel is not None:
+                if channel is not None and not isinstance(channel, NativeChannel):
                     channel.send(act[2])
             elif kind == "run":
                 self._run(act[1], act[2], act[3], act[4], act[5])
@@ -223,6 +257,12 @@ class CommandRegistry:
                     outcome(None, err)
             elif kind == "event":
                 self._deliver_event(act[1], act[2], act[3])
+            elif kind == "closed":
+                self._native_closed(act[1], act[2])
+            elif kind == "want_write":
+                fd = self._native_fds.get(act[1])
+                if fd is not None and self._loop is not None:
+                    self._loop.add_writer(fd, self._on_native_writable, act[1])
             elif kind == "dropped":
                 level = logging.DEBUG if act[2] == "duplicate_event" else logging.WARNING
                 logger.log(
@@ -234,7 +274,7 @@ class CommandRegistry:
         loop = self._loop
         if loop is None:
             return
-        deadline = self._router.next_deadline()
+        deadline = self._node.next_deadline()
         if deadline is None:
             if self._timer is not None:
                 self._timer.cancel()
@@ -253,7 +293,7 @@ class CommandRegistry:
         if self._loop is None:
             return
         # call_at may fire up to one clock tick early: never tick before the deadline.
-        self._apply(self._router.tick(max(self._loop.time(), at)))
+        self._apply(self._node.tick(max(self._loop.time(), at)))
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -341,10 +381,10 @@ class CommandRegistry:
                     f"result of {entry.command_id!r} cannot be serialised: {e}",
                 )
                 return
-        self._complete(lambda: self._router.complete_job_ok(job, data, "msgpack"))
+        self._complete(lambda: self._node.complete_job_ok(job, data, "msgpack"))
 
     def _finish_err(self, job: int, code: str, message: str) -> None:
-        self._complete(lambda: self._router.complete_job_err(job, code, message))
+        self._complete(lambda: self._node.complete_job_err(job, code, message))
 
     def _complete(self, fn: Callable[[], list[Any]]) -> None:
         try:
@@ -392,7 +432,7 @@ class CommandRegistry:
                 self._handlers.pop(hid, None)
             outcome(value, err)
 
-        call, actions = self._router.register_local(
+        call, actions = self._node.register_local(
             command_id, hid, self._now(), description, req, resp
         )
         self._outcomes[call] = done
@@ -484,7 +524,7 @@ class CommandRegistry:
         hid = self._handler_of.pop(command_id, None)
         if hid is not None:
             self._handlers.pop(hid, None)
-        return self._router.unregister_local(command_id)
+        return self._node.unregister_local(command_id)
 
     # ------------------------------------------------------------------ calls
 
@@ -527,14 +567,14 @@ class CommandRegistry:
         if timeout is not None and not timeout > 0:
             raise ValueError("timeout must be a positive number of seconds")
         fut: asyncio.Future[Any] = loop.create_future()
-        call, actions = self._router.execute(command_id, data, "msgpack", timeout, loop.time())
+        call, actions = self._node.execute(command_id, data, "msgpack", timeout, loop.time())
         self._outcomes[call] = _settle(fut)
         self._apply(actions)
         try:
             return await fut
         except asyncio.CancelledError:
             self._outcomes.pop(call, None)
-            self._router.cancel_call(call)
+            self._node.cancel_call(call)
             raise
 
     def list_commands(self) -> list[dict[str, Any]]:
@@ -546,7 +586,7 @@ class CommandRegistry:
             commands registered by child registries, and commands peers advertised.
         """
         out: list[dict[str, Any]] = []
-        for cid, desc, req, resp in self._router.list_commands():
+        for cid, desc, req, resp in self._node.list_commands():
             d: dict[str, Any] = {"id": cid}
             if desc is not None:
                 d["description"] = desc
@@ -563,7 +603,7 @@ class CommandRegistry:
     def route_of(self, command_id: str) -> str | None:
         """Where a call of ``command_id`` would go from here: ``"local"``, a channel id, or
         ``None`` (``not_found``)."""
-        return self._router.route_of(command_id)
+        return self._node.route_of(command_id)
 
     # ------------------------------------------------------------------ events
 
@@ -579,7 +619,7 @@ class CommandRegistry:
             data = None if payload is None else _encode(payload)
         except Exception as e:
             raise TypeError(f"payload of {event_id!r} cannot be serialised: {e}") from e
-        _, actions = self._router.emit_event(event_id, data, "msgpack", self._now())
+        _, actions = self._node.emit_event(event_id, data, "msgpack", self._now())
         self._apply(actions)
 
     def add_event_listener(self, event_id: str, fn: Listener) -> Callable[[], None]:
@@ -625,7 +665,7 @@ class CommandRegistry:
 
     # ------------------------------------------------------------------ channels
 
-    async def register_channel(self, channel: Channel) -> None:
+    async def register_channel(self, channel: Channel | NativeChannel) -> None:
         """Attaches a channel and starts exchanging messages over it.
 
         The registry asks the peer for its commands. If this is the router channel, commands
@@ -636,10 +676,15 @@ class CommandRegistry:
             ValueError: A channel with the same id is already attached.
             DuplicateCommandError: A deferred command was rejected by the tree.
         """
-        self._bind_loop()
+        loop = self._bind_loop()
         if channel.id in self._channels:
             raise ValueError(f"registry {self.id!r} already has a channel {channel.id!r}")
-        actions = self._router.add_channel(channel.id, channel.encoding)
+        if isinstance(channel, NativeChannel):
+            self._attach_native(loop, channel)
+            if channel.id == self.router_channel and self._deferred:
+                await self._flush_deferred()
+            return
+        actions = self._node.add_channel(channel.id, channel.encoding)
         self._channels[channel.id] = channel
         try:
             await channel.start(
@@ -648,8 +693,8 @@ class CommandRegistry:
             )
         except BaseException:
             self._channels.pop(channel.id, None)
-            if self._router.has_channel(channel.id):
-                self._apply(self._router.close_channel(channel.id))
+            if self._node.has_channel(channel.id):
+                self._apply(self._node.close_channel(channel.id))
             raise
         self._apply(actions)
         if channel.id == self.router_channel and self._deferred:
@@ -674,7 +719,7 @@ class CommandRegistry:
         if self._channels.get(channel_id) is not channel:
             return
         try:
-            actions = self._router.handle_frame(channel_id, frame, self._now())
+            actions = self._node.handle_frame(channel_id, frame, self._now())
         except KeyError:
             return
         self._apply(actions)
@@ -685,10 +730,88 @@ class CommandRegistry:
         del self._channels[channel_id]
         if reason:
             logger.info("channel %r of registry %r closed: %s", channel_id, self.id, reason)
-        self._apply(self._router.close_channel(channel_id))
+        self._apply(self._node.close_channel(channel_id))
+
+    def _attach_native(self, loop: asyncio.AbstractEventLoop, channel: NativeChannel) -> None:
+        actions = self._node.add_native_channel(
+            channel.id, channel.sock_fd, channel.encoding, channel.shm_fd, channel.side
+        )
+        # The node holds its own duplicates of the descriptors.
+        channel.close_fds()
+        fd = self._node.native_fd(channel.id)
+        self._channels[channel.id] = channel
+        self._native[channel.id] = channel
+        if fd is not None:
+            self._native_fds[channel.id] = fd
+            loop.add_reader(fd, self._on_native, channel.id)
+        self._apply(actions)
+        # Frames may already be waiting (the peer may have spoken first).
+        self._on_native(channel.id)
+
+    def _on_native(self, channel_id: str) -> None:
+        """The channel's socket is readable: read and route in Rust, then carry out what
+        Python must (the poll spins briefly for the next frame before parking)."""
+        while channel_id in self._native:
+            actions, again, want_write = self._node.poll_native(channel_id, self.spin_us)
+            if actions:
+                self._apply(actions)
+            if want_write and self._loop is not None:
+                fd = self._native_fds.get(channel_id)
+                if fd is not None:
+                    self._loop.add_writer(fd, self._on_native_writable, channel_id)
+            if not again:
+                break
+
+    def _on_native_writable(self, channel_id: str) -> None:
+        if not self._node.flush_native(channel_id) and self._loop is not None:
+            fd = self._native_fds.get(channel_id)
+            if fd is not None:
+                self._loop.remove_writer(fd)
+
+    def _on_wake(self) -> None:
+        """Actions queued by another thread (a blocking caller that read a frame)."""
+        self._apply(self._node.take_queued())
+
+    def _native_closed(self, channel_id: str, reason: str) -> None:
+        channel = self._native.pop(channel_id, None)
+        if channel is None:
+            return
+        self._channels.pop(channel_id, None)
+        fd = self._native_fds.pop(channel_id, None)
+        if fd is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(fd)
+            self._loop.remove_writer(fd)
+        level = logging.DEBUG if reason == "closed locally" else logging.WARNING
+        logger.log(level, "channel %r of registry %r closed: %s", channel_id, self.id, reason)
+        for fn in list(self._close_listeners):
+            try:
+                fn(channel_id, reason)
+            except Exception:
+                logger.exception("channel close listener failed")
+
+    def add_close_listener(self, fn: Callable[[str, str], None]) -> Callable[[], None]:
+        """Calls ``fn(channel_id, reason)`` when a native channel closes; returns an
+        unsubscribe callable. (Worker supervision uses it.)"""
+        self._close_listeners.append(fn)
+        return functools.partial(self._close_listeners.remove, fn)
+
+    async def close_channel(self, channel_id: str) -> None:
+        """Closes one channel by id; calls waiting on it fail with ``channel_disconnected``.
+
+        Raises:
+            KeyError: No channel of that id is attached.
+        """
+        self._bind_loop()
+        channel = self._channels.get(channel_id)
+        if channel is None:
+            raise KeyError(f"registry {self.id!r} has no channel {channel_id!r}")
+        if isinstance(channel, NativeChannel):
+            self._apply(self._node.close_native(channel_id))
+        else:
+            await channel.close()
 
     @property
-    def channels(self) -> dict[str, Channel]:
+    def channels(self) -> dict[str, Channel | NativeChannel]:
         """The attached channels by id (a copy)."""
         return dict(self._channels)
 
@@ -704,7 +827,7 @@ class CommandRegistry:
             calls of this registry waiting for a result, ``dropped`` messages dropped as
             invalid, spoofed, duplicate or undeliverable.
         """
-        return self._router.stats()
+        return self._node.stats()
 
     @property
     def closed(self) -> bool:
@@ -719,7 +842,11 @@ class CommandRegistry:
         if self._closed:
             return
         self._closed = True
+        if self._native:
+            self._apply(self._node.close_all_native())
         for channel in list(self._channels.values()):
+            if isinstance(channel, NativeChannel):
+                continue
             try:
                 await channel.close()
             except Exception:
@@ -734,6 +861,8 @@ class CommandRegistry:
         outcomes, self._outcomes = self._outcomes, {}
         for outcome in outcomes.values():
             outcome(None, ChannelDisconnectedError(f"registry {self.id!r} closed"))
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._node.wake_fd)
 
     async def __aenter__(self) -> CommandRegistry:
         self._bind_loop()

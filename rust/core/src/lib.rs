@@ -6,8 +6,11 @@
 
 pub mod codec;
 pub mod error;
+pub mod frame;
 pub mod message;
+pub mod node;
 pub mod router;
+pub mod transport;
 
 pub use codec::Limits;
 pub use error::{CodecError, UsageError};

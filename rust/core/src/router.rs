@@ -151,6 +151,20 @@ pub enum Action {
         /// Payload, still encoded.
         payload: Option<Payload>,
     },
+    /// A native channel closed and was detached (produced by [`crate::node::Node`], never by
+    /// the router itself).
+    Closed {
+        /// The channel.
+        channel: ChannelId,
+        /// Why.
+        reason: String,
+    },
+    /// A native stream channel has unsent bytes: wait for its socket to be writable and
+    /// flush it (produced by [`crate::node::Node`]).
+    WantWrite {
+        /// The channel.
+        channel: ChannelId,
+    },
     /// A message was dropped (for logs; already counted in the stats).
     Dropped {
         /// Channel it came from, if any.

@@ -11,7 +11,9 @@ use cmd_ipc_core::error::{CodecError, UsageError};
 use cmd_ipc_core::message::{
     new_id as core_new_id, CommandDef, CommandSchema, Encoding, ErrorCode, ExecError, Payload,
 };
+use cmd_ipc_core::node::{Node as CoreNode, SyncOutcome};
 use cmd_ipc_core::router::{Action, Config, Micros, Router as CoreRouter};
+use cmd_ipc_core::transport::Endpoint;
 
 create_exception!(
     _core,
@@ -75,17 +77,29 @@ fn py_payload<'py>(py: Python<'py>, p: &Option<Payload>) -> (Bound<'py, PyAny>, 
     }
 }
 
-/// Converts the queued actions into Python tuples (see `_core.pyi` for their shapes).
+/// Converts actions into Python tuples (see `_core.pyi` for their shapes). Sends to channels
+/// written in Python are encoded here with the channel's encoding.
 fn actions_to_py<'py>(
     py: Python<'py>,
-    router: &CoreRouter,
+    node: &Node,
     actions: Vec<Action>,
 ) -> PyResult<Bound<'py, PyList>> {
+    // Look the encodings up under the lock, then build Python objects without it.
+    let encodings: Vec<Option<Encoding>> = {
+        let st = node.lock();
+        actions
+            .iter()
+            .map(|a| match a {
+                Action::Send { channel, .. } => st.router.channel_encoding(channel),
+                _ => None,
+            })
+            .collect()
+    };
     let list = PyList::empty(py);
-    for a in actions {
+    for (a, enc) in actions.into_iter().zip(encodings) {
         let item: Bound<'py, PyTuple> = match a {
             Action::Send { channel, message } => {
-                let Some(enc) = router.channel_encoding(&channel) else {
+                let Some(enc) = enc else {
                     continue;
                 };
                 match codec::encode(&message, enc) {
@@ -126,6 +140,10 @@ fn actions_to_py<'py>(
                 let (data, enc) = py_payload(py, &payload);
                 ("event", event_id, data, enc).into_pyobject(py)?
             }
+            Action::WantWrite { channel } => ("want_write", &*channel).into_pyobject(py)?,
+            Action::Closed { channel, reason } => {
+                ("closed", &*channel, reason).into_pyobject(py)?
+            }
             Action::Dropped {
                 channel,
                 kind,
@@ -137,24 +155,39 @@ fn actions_to_py<'py>(
     Ok(list)
 }
 
-/// The sans-I/O router of one registry (see the `cmd-ipc-core` crate).
-#[pyclass(module = "cmd_ipc._core")]
-struct Router {
-    inner: CoreRouter,
+type PyActions<'py> = PyResult<Bound<'py, PyList>>;
+
+/// A registry's native half: the sans-I/O router plus the native channels (see the
+/// `cmd-ipc-core` crate's `node` module). Safe to call from several threads.
+#[pyclass(module = "cmd_ipc._core", frozen)]
+struct Node {
+    inner: CoreNode,
 }
 
-impl Router {
-    fn flush<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let actions = self.inner.take_actions();
-        actions_to_py(py, &self.inner, actions)
+impl std::ops::Deref for Node {
+    type Target = CoreNode;
+    fn deref(&self) -> &CoreNode {
+        &self.inner
+    }
+}
+
+impl Node {
+    fn run<'py, R>(
+        &self,
+        py: Python<'py>,
+        f: impl FnOnce(&mut CoreRouter) -> R,
+    ) -> PyResult<(R, Bound<'py, PyList>)> {
+        let (r, actions) = self.inner.with_router(f);
+        Ok((r, actions_to_py(py, self, actions)?))
     }
 }
 
 #[pymethods]
-impl Router {
+impl Node {
     #[new]
     #[pyo3(signature = (id, router_channel=None, *, request_ttl=30.0, event_ttl=5.0,
-        max_pending=100_000, max_dedup=100_000, max_message_size=67_108_864, max_depth=64))]
+        max_pending=100_000, max_dedup=100_000, max_message_size=67_108_864, max_depth=64,
+        spin_us=50))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         id: &str,
@@ -165,6 +198,7 @@ impl Router {
         max_dedup: usize,
         max_message_size: usize,
         max_depth: usize,
+        spin_us: u64,
     ) -> PyResult<Self> {
         if id.is_empty() {
             return Err(PyValueError::new_err(
@@ -198,64 +232,125 @@ impl Router {
             max_message_size,
             max_depth,
         };
-        Ok(Router {
-            inner: CoreRouter::new(config),
-        })
+        let mut inner = CoreNode::new(config).map_err(PyErr::from)?;
+        inner.spin_us = spin_us;
+        Ok(Node { inner })
     }
 
     #[getter]
     fn id(&self) -> String {
-        self.inner.config().id.clone()
+        self.lock().router.config().id.clone()
     }
 
     #[getter]
     fn router_channel(&self) -> Option<String> {
-        self.inner.config().router_channel.clone()
+        self.lock().router.config().router_channel.clone()
     }
 
-    fn add_channel<'py>(
-        &mut self,
+    #[getter]
+    fn wake_fd(&self) -> i32 {
+        self.inner.wake_fd()
+    }
+
+    fn add_channel<'py>(&self, py: Python<'py>, channel: &str, encoding: &str) -> PyActions<'py> {
+        let enc = self::encoding(encoding)?;
+        let (r, list) = self.run(py, |r| r.add_channel(channel, enc))?;
+        r.map_err(usage_err)?;
+        Ok(list)
+    }
+
+    #[pyo3(signature = (channel, sock_fd, encoding, shm_fd=None, side=0))]
+    fn add_native_channel<'py>(
+        &self,
         py: Python<'py>,
         channel: &str,
+        sock_fd: i32,
         encoding: &str,
-    ) -> PyResult<Bound<'py, PyList>> {
-        self.inner
-            .add_channel(channel, self::encoding(encoding)?)
-            .map_err(usage_err)?;
-        self.flush(py)
+        shm_fd: Option<i32>,
+        side: u8,
+    ) -> PyActions<'py> {
+        let enc = self::encoding(encoding)?;
+        let max = self.lock().router.config().limits.max_message_size;
+        let ep =
+            Endpoint::open(sock_fd, shm_fd.map(|fd| (fd, side)), enc, max).map_err(PyErr::from)?;
+        let actions = self.inner.add_endpoint(channel, ep).map_err(usage_err)?;
+        actions_to_py(py, self, actions)
     }
 
-    fn close_channel<'py>(
-        &mut self,
+    fn native_fd(&self, channel: &str) -> Option<i32> {
+        self.inner.endpoint_fd(channel)
+    }
+
+    fn is_native(&self, channel: &str) -> bool {
+        self.inner.is_native(channel)
+    }
+
+    /// Reads a native channel (GIL released); returns (actions, again, want_write).
+    #[pyo3(signature = (channel, spin_us=0))]
+    fn poll_native<'py>(
+        &self,
         py: Python<'py>,
         channel: &str,
-    ) -> PyResult<Bound<'py, PyList>> {
-        self.inner.close_channel(channel).map_err(usage_err)?;
-        self.flush(py)
+        spin_us: u64,
+    ) -> PyResult<(Bound<'py, PyList>, bool, bool)> {
+        let node = &self.inner;
+        let poll = py.detach(|| node.poll_endpoint(channel, spin_us));
+        Ok((
+            actions_to_py(py, self, poll.actions)?,
+            poll.again,
+            poll.want_write,
+        ))
+    }
+
+    fn flush_native(&self, py: Python<'_>, channel: &str) -> bool {
+        let node = &self.inner;
+        py.detach(|| node.flush_endpoint(channel))
+    }
+
+    fn close_native<'py>(&self, py: Python<'py>, channel: &str) -> PyActions<'py> {
+        let actions = self.inner.close_endpoint(channel);
+        actions_to_py(py, self, actions)
+    }
+
+    fn close_all_native<'py>(&self, py: Python<'py>) -> PyActions<'py> {
+        let actions = self.inner.close_all();
+        actions_to_py(py, self, actions)
+    }
+
+    fn take_queued<'py>(&self, py: Python<'py>) -> PyActions<'py> {
+        let actions = self.inner.take_queued();
+        actions_to_py(py, self, actions)
+    }
+
+    fn close_channel<'py>(&self, py: Python<'py>, channel: &str) -> PyActions<'py> {
+        let (r, list) = self.run(py, |r| r.close_channel(channel))?;
+        r.map_err(usage_err)?;
+        Ok(list)
     }
 
     fn has_channel(&self, channel: &str) -> bool {
-        self.inner.has_channel(channel)
+        self.lock().router.has_channel(channel)
     }
 
     fn handle_frame<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         channel: &str,
         frame: &[u8],
         now: f64,
-    ) -> PyResult<Bound<'py, PyList>> {
+    ) -> PyActions<'py> {
         use cmd_ipc_core::router::FrameError;
-        match self.inner.handle_frame(channel, frame, to_micros(now)) {
+        let (r, list) = self.run(py, |r| r.handle_frame(channel, frame, to_micros(now)))?;
+        match r {
             // A codec error is already reported as a "dropped" action.
-            Ok(()) | Err(FrameError::Codec(_)) => self.flush(py),
+            Ok(()) | Err(FrameError::Codec(_)) => Ok(list),
             Err(FrameError::Usage(e)) => Err(usage_err(e)),
         }
     }
 
     #[pyo3(signature = (command_id, request, encoding, ttl, now))]
     fn execute<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         command_id: &str,
         request: Option<&[u8]>,
@@ -264,47 +359,73 @@ impl Router {
         now: f64,
     ) -> PyResult<(u64, Bound<'py, PyList>)> {
         let request = payload(request, encoding)?;
-        let call = self
-            .inner
-            .execute(command_id, request, ttl.map(to_micros), to_micros(now));
-        Ok((call, self.flush(py)?))
+        self.run(py, |r| {
+            r.execute(command_id, request, ttl.map(to_micros), to_micros(now))
+        })
     }
 
-    fn cancel_call(&mut self, call: u64) {
-        self.inner.cancel_call(call);
+    /// A blocking call (GIL released). Returns ("result", data, encoding),
+    /// ("error", code, message), or None when the command is not behind a native channel.
+    #[pyo3(signature = (command_id, request, encoding, ttl))]
+    fn call_sync<'py>(
+        &self,
+        py: Python<'py>,
+        command_id: &str,
+        request: Option<Vec<u8>>,
+        encoding: &str,
+        ttl: Option<f64>,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let enc = self::encoding(encoding)?;
+        let request = request.map(|d| Payload::new(enc, d));
+        let node = &self.inner;
+        let outcome = py.detach(|| node.call_sync(command_id, request, ttl.map(to_micros)));
+        Ok(match outcome {
+            SyncOutcome::Fallback => None,
+            SyncOutcome::Done(Ok(p)) => {
+                let (data, enc) = py_payload(py, &p);
+                Some(("result", data, enc).into_pyobject(py)?)
+            }
+            SyncOutcome::Done(Err(e)) => {
+                Some(("error", e.code.as_str(), e.message).into_pyobject(py)?)
+            }
+        })
+    }
+
+    fn cancel_call(&self, call: u64) {
+        self.lock().router.cancel_call(call);
     }
 
     #[pyo3(signature = (job, result, encoding))]
     fn complete_job_ok<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         job: u64,
         result: Option<&[u8]>,
         encoding: &str,
-    ) -> PyResult<Bound<'py, PyList>> {
+    ) -> PyActions<'py> {
         let result = payload(result, encoding)?;
-        self.inner
-            .complete_job(job, Ok(result))
-            .map_err(usage_err)?;
-        self.flush(py)
+        let (r, list) = self.run(py, |r| r.complete_job(job, Ok(result)))?;
+        r.map_err(usage_err)?;
+        Ok(list)
     }
 
     fn complete_job_err<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         job: u64,
         code: &str,
         message: &str,
-    ) -> PyResult<Bound<'py, PyList>> {
+    ) -> PyActions<'py> {
         let err = ExecError::new(error_code(code)?, message);
-        self.inner.complete_job(job, Err(err)).map_err(usage_err)?;
-        self.flush(py)
+        let (r, list) = self.run(py, |r| r.complete_job(job, Err(err)))?;
+        r.map_err(usage_err)?;
+        Ok(list)
     }
 
     #[pyo3(signature = (command_id, handler, now, description=None, schema_request=None, schema_response=None))]
     #[allow(clippy::too_many_arguments)]
     fn register_local<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         command_id: &str,
         handler: u64,
@@ -313,7 +434,7 @@ impl Router {
         schema_request: Option<&[u8]>,
         schema_response: Option<&[u8]>,
     ) -> PyResult<(u64, Bound<'py, PyList>)> {
-        let limits = self.inner.config().limits;
+        let limits = self.lock().router.config().limits;
         let schema_part = |s: Option<&[u8]>| -> PyResult<Option<Payload>> {
             let Some(s) = s else { return Ok(None) };
             let p = Payload::new(Encoding::Json, s.to_vec());
@@ -329,17 +450,16 @@ impl Router {
             description,
             schema,
         };
-        let call = self.inner.register_local(def, handler, to_micros(now));
-        Ok((call, self.flush(py)?))
+        self.run(py, |r| r.register_local(def, handler, to_micros(now)))
     }
 
-    fn unregister_local(&mut self, command_id: &str) -> bool {
-        self.inner.unregister_local(command_id)
+    fn unregister_local(&self, command_id: &str) -> bool {
+        self.lock().router.unregister_local(command_id)
     }
 
     #[pyo3(signature = (event_id, payload, encoding, now))]
     fn emit_event<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         event_id: &str,
         payload: Option<&[u8]>,
@@ -351,18 +471,17 @@ impl Router {
         }
         let payload = self::payload(payload, encoding)?;
         if let Some(p) = &payload {
-            codec::validate_payload(p, &self.inner.config().limits).map_err(codec_err)?;
+            let limits = self.lock().router.config().limits;
+            codec::validate_payload(p, &limits).map_err(codec_err)?;
         }
-        let id = self.inner.emit_event(event_id, payload, to_micros(now));
-        Ok((id, self.flush(py)?))
+        self.run(py, |r| r.emit_event(event_id, payload, to_micros(now)))
     }
 
-    fn tick<'py>(&mut self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
-        self.inner.tick(to_micros(now));
-        self.flush(py)
+    fn tick<'py>(&self, py: Python<'py>, now: f64) -> PyActions<'py> {
+        Ok(self.run(py, |r| r.tick(to_micros(now)))?.1)
     }
 
-    fn next_deadline(&mut self) -> Option<f64> {
+    fn next_deadline(&self) -> Option<f64> {
         self.inner.next_deadline().map(|d| d as f64 / 1e6)
     }
 
@@ -381,8 +500,8 @@ impl Router {
                 )),
             }
         };
-        self.inner
-            .list_commands()
+        let commands = self.lock().router.list_commands();
+        commands
             .into_iter()
             .map(|c| {
                 let (req, resp) = match &c.schema {
@@ -395,11 +514,11 @@ impl Router {
     }
 
     fn route_of(&self, command_id: &str) -> Option<String> {
-        self.inner.route_of(command_id)
+        self.lock().router.route_of(command_id)
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.inner.stats();
+        let s = self.lock().router.stats();
         let d = PyDict::new(py);
         let channels = PyDict::new(py);
         for (name, c) in &s.channels {
@@ -417,6 +536,15 @@ impl Router {
         d.set_item("jobs", s.jobs)?;
         Ok(d)
     }
+}
+
+/// Creates a shared-memory segment (a memfd) for a shm channel with two rings of
+/// `ring_capacity` bytes; returns its descriptor, owned by the caller.
+#[pyfunction]
+#[pyo3(signature = (ring_capacity=1_048_576))]
+fn create_segment(ring_capacity: usize) -> PyResult<i32> {
+    use std::os::fd::IntoRawFd;
+    Ok(cmd_ipc_core::transport::create_segment(ring_capacity)?.into_raw_fd())
 }
 
 /// Decodes `data` as one message in `source` encoding (enforcing the limits) and encodes it in
@@ -448,7 +576,8 @@ fn new_id() -> String {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<Router>()?;
+    m.add_class::<Node>()?;
+    m.add_function(wrap_pyfunction!(create_segment, m)?)?;
     m.add_function(wrap_pyfunction!(transcode, m)?)?;
     m.add_function(wrap_pyfunction!(new_id, m)?)?;
     m.add("ProtocolError", m.py().get_type::<ProtocolError>())?;

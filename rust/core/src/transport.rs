@@ -1,0 +1,872 @@
+//! Native channel endpoints: framed messages over a Unix stream socket ("pipe" transport),
+//! or over two single-producer/single-consumer rings in a shared-memory segment with the
+//! socket kept as doorbell and liveness signal ("shm" transport).
+//!
+//! Shared-memory segment (a `memfd`, so nothing is ever left in /dev/shm, even after a crash:
+//! the kernel frees it with the last descriptor or mapping):
+//!
+//! ```text
+//! 0      magic u64 | capacity u64
+//! 64     ring 0 header: head u64 (own cache line) | tail u64 (own line) | reader_parked u32
+//!        | writer_waiting u32
+//! 320    ring 1 header
+//! 4096   ring 0 data (capacity bytes, a power of two), then ring 1 data
+//! ```
+//!
+//! Side 0 (the creator) writes ring 0 and reads ring 1; side 1 the reverse. The rings carry a
+//! byte stream of length-prefixed frames ([`crate::frame`]), so a frame larger than a ring
+//! simply crosses it in pieces: the writer keeps what does not fit in a local outbox and the
+//! reader, after consuming, rings the doorbell if the writer said it is waiting for space.
+//! Neither side ever blocks on a full ring, so two peers sending large frames to each other
+//! cannot deadlock.
+//!
+//! Parking: a reader that finds its ring empty sets `reader_parked`, re-checks the ring, and
+//! sleeps in `poll()` on its socket; a writer that publishes bytes and sees `reader_parked`
+//! clears it and writes one doorbell byte to the socket. An idle channel costs no CPU, and a
+//! busy one issues no system call at all. Peer death closes the peer's socket: the reader
+//! sees end-of-file at once.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::frame::{self, FrameDecoder, FrameError, Hello, HEADER_LEN, PROTOCOL_VERSION};
+use crate::message::Encoding;
+
+const MAGIC: u64 = 0x3130_4350_4944_4d43; // "CMDIPC01" little-endian
+const DATA_OFFSET: usize = 4096;
+const RING_HEADER_OFFSET: [usize; 2] = [64, 320];
+
+/// Smallest and largest ring capacity accepted.
+pub const MIN_RING: usize = 4096;
+/// Largest ring capacity accepted (1 GiB).
+pub const MAX_RING: usize = 1 << 30;
+
+fn os_err(what: &str) -> io::Error {
+    let e = io::Error::last_os_error();
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// Creates a shared-memory segment for a shm channel with two rings of `capacity` bytes
+/// (rounded up to a power of two) and returns its descriptor (close-on-exec).
+pub fn create_segment(capacity: usize) -> io::Result<OwnedFd> {
+    let capacity = capacity.clamp(MIN_RING, MAX_RING).next_power_of_two();
+    let size = DATA_OFFSET + 2 * capacity;
+    // SAFETY: plain system calls on a fresh descriptor we own.
+    unsafe {
+        let fd = libc::memfd_create(c"cmd-ipc".as_ptr(), libc::MFD_CLOEXEC);
+        if fd < 0 {
+            return Err(os_err("memfd_create"));
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        if libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) != 0 {
+            return Err(os_err("ftruncate"));
+        }
+        let seg = Segment::map(fd.as_raw_fd(), size)?;
+        // A fresh memfd is zero-filled: only the header needs writing.
+        (seg.ptr as *mut u64).write(MAGIC);
+        (seg.ptr as *mut u64).add(1).write(capacity as u64);
+        drop(seg);
+        Ok(fd)
+    }
+}
+
+struct Segment {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is shared memory accessed only through atomics (headers) and under the
+// single-producer/single-consumer discipline (data), which the endpoint's locks enforce
+// within this process.
+unsafe impl Send for Segment {}
+unsafe impl Sync for Segment {}
+
+impl Segment {
+    fn map(fd: RawFd, len: usize) -> io::Result<Segment> {
+        // SAFETY: mapping a descriptor we were given, with its own size.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(os_err("mmap"));
+        }
+        Ok(Segment {
+            ptr: ptr as *mut u8,
+            len,
+        })
+    }
+
+    /// Maps a segment made by [`create_segment`], checking its header and size.
+    fn open(fd: RawFd) -> io::Result<(Segment, usize)> {
+        // SAFETY: fstat into a zeroed struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+            return Err(os_err("fstat"));
+        }
+        let len = st.st_size as usize;
+        let bad = || io::Error::new(io::ErrorKind::InvalidData, "not a cmd-ipc shm segment");
+        if len < DATA_OFFSET + 2 * MIN_RING {
+            return Err(bad());
+        }
+        let seg = Segment::map(fd, len)?;
+        // SAFETY: the mapping is at least DATA_OFFSET bytes long.
+        let (magic, cap) = unsafe {
+            (
+                (seg.ptr as *const u64).read(),
+                (seg.ptr as *const u64).add(1).read() as usize,
+            )
+        };
+        if magic != MAGIC || !cap.is_power_of_two() || DATA_OFFSET + 2 * cap != len {
+            return Err(bad());
+        }
+        Ok((seg, cap))
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping once.
+        unsafe {
+            libc::munmap(self.ptr as *mut libc::c_void, self.len);
+        }
+    }
+}
+
+/// One ring inside a mapped segment.
+struct Ring {
+    head: *const AtomicU64,
+    tail: *const AtomicU64,
+    reader_parked: *const AtomicU32,
+    writer_waiting: *const AtomicU32,
+    data: *mut u8,
+    cap: u64,
+}
+
+// SAFETY: see Segment; the pointers stay valid while the owning Endpoint keeps the Segment.
+unsafe impl Send for Ring {}
+unsafe impl Sync for Ring {}
+
+impl Ring {
+    fn new(seg: &Segment, index: usize, cap: usize) -> Ring {
+        let h = RING_HEADER_OFFSET[index];
+        // SAFETY: offsets are inside the checked mapping and 8-byte aligned.
+        unsafe {
+            Ring {
+                head: seg.ptr.add(h) as *const AtomicU64,
+                tail: seg.ptr.add(h + 64) as *const AtomicU64,
+                reader_parked: seg.ptr.add(h + 128) as *const AtomicU32,
+                writer_waiting: seg.ptr.add(h + 132) as *const AtomicU32,
+                data: seg.ptr.add(DATA_OFFSET + index * cap),
+                cap: cap as u64,
+            }
+        }
+    }
+
+    fn head(&self) -> &AtomicU64 {
+        // SAFETY: valid for the segment's lifetime.
+        unsafe { &*self.head }
+    }
+    fn tail(&self) -> &AtomicU64 {
+        // SAFETY: as above.
+        unsafe { &*self.tail }
+    }
+    fn reader_parked(&self) -> &AtomicU32 {
+        // SAFETY: as above.
+        unsafe { &*self.reader_parked }
+    }
+    fn writer_waiting(&self) -> &AtomicU32 {
+        // SAFETY: as above.
+        unsafe { &*self.writer_waiting }
+    }
+
+    /// Producer: copies as much of `bytes` as fits; returns the count.
+    fn write(&self, bytes: &[u8]) -> usize {
+        // Only this side stores `head`, so a relaxed load sees our own last store.
+        let head = self.head().load(Ordering::Relaxed);
+        // Acquire pairs with the consumer's Release store of `tail`: the space it freed is
+        // no longer being read.
+        let tail = self.tail().load(Ordering::Acquire);
+        let used = head.wrapping_sub(tail);
+        if used > self.cap {
+            return 0; // a corrupt peer; never write out of bounds
+        }
+        let n = (self.cap - used).min(bytes.len() as u64) as usize;
+        if n == 0 {
+            return 0;
+        }
+        let pos = (head % self.cap) as usize;
+        let first = n.min(self.cap as usize - pos);
+        // SAFETY: pos + first <= cap and n - first <= pos; the consumer does not read this
+        // region until `head` is published below.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.data.add(pos), first);
+            std::ptr::copy_nonoverlapping(bytes.as_ptr().add(first), self.data, n - first);
+        }
+        // SeqCst (a Release store plus a full fence) publishes the bytes to the consumer's
+        // Acquire load of `head`, and orders this store before our load of `reader_parked`
+        // (Dekker pairing with the reader's park below).
+        self.head()
+            .store(head.wrapping_add(n as u64), Ordering::SeqCst);
+        n
+    }
+
+    /// Consumer: appends everything available to `out`; returns the count.
+    fn read(&self, out: &mut Vec<u8>) -> usize {
+        let tail = self.tail().load(Ordering::Relaxed);
+        // Acquire pairs with the producer's publishing store of `head`.
+        let head = self.head().load(Ordering::Acquire);
+        let avail = head.wrapping_sub(tail);
+        if avail == 0 || avail > self.cap {
+            return 0;
+        }
+        let n = avail as usize;
+        let pos = (tail % self.cap) as usize;
+        let first = n.min(self.cap as usize - pos);
+        out.reserve(n);
+        // SAFETY: the producer published these n bytes and will not overwrite them until
+        // `tail` moves past them below.
+        unsafe {
+            out.extend_from_slice(std::slice::from_raw_parts(self.data.add(pos), first));
+            out.extend_from_slice(std::slice::from_raw_parts(self.data, n - first));
+        }
+        // Release pairs with the producer's Acquire load of `tail`: we are done with the
+        // bytes. SeqCst also orders it before our load of `writer_waiting`.
+        self.tail()
+            .store(tail.wrapping_add(n as u64), Ordering::SeqCst);
+        n
+    }
+
+    fn has_data(&self) -> bool {
+        self.head().load(Ordering::Acquire) != self.tail().load(Ordering::Relaxed)
+    }
+}
+
+struct Shm {
+    _seg: Segment,
+    tx: Ring,
+    rx: Ring,
+}
+
+/// Which transport an endpoint uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Frames over the socket.
+    Stream,
+    /// Frames over shared-memory rings; the socket is doorbell and liveness signal.
+    Shm,
+}
+
+struct Outbox {
+    pending: Vec<u8>,
+    sent: usize,
+}
+
+/// The reading state of an endpoint; hold it (via [`Endpoint::try_reader`]) to read.
+pub struct Reader {
+    decoder: FrameDecoder,
+    scratch: Vec<u8>,
+    hello_seen: bool,
+    eof: bool,
+}
+
+/// What one read pass found.
+#[derive(Debug, Default)]
+pub struct ReadPass {
+    /// Whole frames (hello already checked and removed).
+    pub frames: Vec<Vec<u8>>,
+    /// Bytes were received (frames may still be incomplete).
+    pub progressed: bool,
+    /// The peer is gone (after the last frame it sent).
+    pub eof: bool,
+    /// The stream is unusable (oversized frame, bad hello): the channel must close.
+    pub fatal: Option<FrameError>,
+}
+
+/// One end of a native channel.
+pub struct Endpoint {
+    sock: OwnedFd,
+    shm: Option<Shm>,
+    kind: Kind,
+    encoding: Encoding,
+    writer: Mutex<Outbox>,
+    reader: Mutex<Reader>,
+    closed: AtomicBool,
+}
+
+fn dup(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller vouches for.
+    let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if n < 0 {
+        return Err(os_err("dup"));
+    }
+    // SAFETY: n is a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+impl Endpoint {
+    /// Opens an endpoint over a connected Unix stream socket (duplicated: the caller keeps
+    /// its descriptor) and, for the shm transport, a segment from [`create_segment`]
+    /// (`side` 0 for the creator's end, 1 for the other). Sends our hello at once.
+    pub fn open(
+        sock_fd: RawFd,
+        shm: Option<(RawFd, u8)>,
+        encoding: Encoding,
+        max_frame: usize,
+    ) -> io::Result<Endpoint> {
+        let sock = dup(sock_fd)?;
+        // SAFETY: setting O_NONBLOCK on our own descriptor.
+        unsafe {
+            let flags = libc::fcntl(sock.as_raw_fd(), libc::F_GETFL);
+            if flags < 0
+                || libc::fcntl(sock.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0
+            {
+                return Err(os_err("fcntl"));
+            }
+        }
+        let (shm, kind) = match shm {
+            None => (None, Kind::Stream),
+            Some((mem_fd, side)) => {
+                if side > 1 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "shm side must be 0 or 1",
+                    ));
+                }
+                let (seg, cap) = Segment::open(mem_fd)?;
+                let (txi, rxi) = if side == 0 { (0, 1) } else { (1, 0) };
+                let tx = Ring::new(&seg, txi, cap);
+                let rx = Ring::new(&seg, rxi, cap);
+                (Some(Shm { _seg: seg, tx, rx }), Kind::Shm)
+            }
+        };
+        let ep = Endpoint {
+            sock,
+            shm,
+            kind,
+            encoding,
+            writer: Mutex::new(Outbox {
+                pending: Vec::new(),
+                sent: 0,
+            }),
+            reader: Mutex::new(Reader {
+                decoder: FrameDecoder::new(max_frame),
+                scratch: Vec::new(),
+                hello_seen: false,
+                eof: false,
+            }),
+            closed: AtomicBool::new(false),
+        };
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            encoding,
+        };
+        ep.send_frame(&hello.encode())?;
+        Ok(ep)
+    }
+
+    /// The socket's descriptor: readable when there is something to read (doorbell or data)
+    /// or the peer is gone.
+    pub fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    /// The transport.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The frame encoding agreed in the hello.
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    /// Whether [`Endpoint::close`] ran or the peer was found gone.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn lock_writer(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the reading role if nobody holds it.
+    pub fn try_reader(&self) -> Option<std::sync::MutexGuard<'_, Reader>> {
+        match self.reader.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    fn doorbell(&self) {
+        let b = [1u8];
+        // SAFETY: a non-blocking send of one byte; a full socket buffer already holds
+        // doorbells, so EAGAIN is fine to ignore.
+        unsafe {
+            libc::send(
+                self.sock.as_raw_fd(),
+                b.as_ptr() as *const libc::c_void,
+                1,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            );
+        }
+    }
+
+    /// Writes raw bytes to the transport without blocking; returns how many were taken.
+    fn write_bytes(&self, bytes: &[u8]) -> io::Result<usize> {
+        match &self.shm {
+            Some(shm) => Ok(shm.tx.write(bytes)),
+            None => {
+                // SAFETY: non-blocking send from a valid buffer.
+                let n = unsafe {
+                    libc::send(
+                        self.sock.as_raw_fd(),
+                        bytes.as_ptr() as *const libc::c_void,
+                        bytes.len(),
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
+                if n >= 0 {
+                    return Ok(n as usize);
+                }
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    Ok(0)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    fn wake_reader(&self) {
+        if let Some(shm) = &self.shm {
+            // Pairs with the reader's SeqCst store of `reader_parked` then load of `head`:
+            // either it sees our bytes, or we see it parked and ring.
+            if shm.tx.reader_parked().load(Ordering::SeqCst) == 1
+                && shm.tx.reader_parked().swap(0, Ordering::SeqCst) == 1
+            {
+                self.doorbell();
+            }
+        }
+    }
+
+    /// Queues one frame (header added here) and writes as much as the transport takes now.
+    pub fn send_frame(&self, body: &[u8]) -> io::Result<()> {
+        if self.is_closed() {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "channel is closed",
+            ));
+        }
+        let mut out = self.lock_writer();
+        let hdr = frame::header(body.len());
+        if out.pending.len() == out.sent {
+            out.pending.clear();
+            out.sent = 0;
+            let n = self.write_bytes(&hdr)?;
+            if n == HEADER_LEN {
+                let m = self.write_bytes(body)?;
+                if m < body.len() {
+                    out.pending.extend_from_slice(&body[m..]);
+                }
+            } else {
+                out.pending.extend_from_slice(&hdr[n..]);
+                out.pending.extend_from_slice(body);
+            }
+        } else {
+            out.pending.extend_from_slice(&hdr);
+            out.pending.extend_from_slice(body);
+        }
+        let more = self.flush_locked(&mut out)?;
+        drop(out);
+        self.wake_reader();
+        let _ = more;
+        Ok(())
+    }
+
+    fn flush_locked(&self, out: &mut Outbox) -> io::Result<bool> {
+        loop {
+            if out.sent < out.pending.len() {
+                let n = self.write_bytes(&out.pending[out.sent..])?;
+                out.sent += n;
+                if n > 0 {
+                    continue;
+                }
+            }
+            if out.sent == out.pending.len() {
+                out.pending.clear();
+                out.sent = 0;
+                return Ok(false);
+            }
+            let Some(shm) = &self.shm else {
+                return Ok(true); // the driver waits for the socket to become writable
+            };
+            // Tell the reader we wait for space, then look again (it may have just read).
+            shm.tx.writer_waiting().store(1, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            let n = self.write_bytes(&out.pending[out.sent..])?;
+            out.sent += n;
+            if n == 0 {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Writes what the outbox still holds; returns whether some remains (for the stream
+    /// transport the driver should then wait for the socket to be writable).
+    pub fn flush(&self) -> io::Result<bool> {
+        let mut out = self.lock_writer();
+        let more = self.flush_locked(&mut out)?;
+        drop(out);
+        self.wake_reader();
+        Ok(more)
+    }
+
+    /// Whether unsent bytes wait in the outbox.
+    pub fn has_pending_output(&self) -> bool {
+        let out = self.lock_writer();
+        out.sent < out.pending.len()
+    }
+
+    /// Whether frames (or doorbells) may be waiting, without a system call for shm.
+    pub fn has_data(&self) -> bool {
+        match &self.shm {
+            Some(shm) => shm.rx.has_data(),
+            None => false,
+        }
+    }
+
+    /// Reads everything available now (the caller holds the reader role).
+    pub fn read(&self, r: &mut Reader) -> ReadPass {
+        let mut pass = ReadPass::default();
+        if r.eof {
+            pass.eof = true;
+            return pass;
+        }
+        // Socket: doorbells (shm) or data (stream); 0 bytes means the peer closed.
+        let mut buf = [0u8; 16384];
+        loop {
+            // SAFETY: non-blocking recv into a stack buffer.
+            let n = unsafe {
+                libc::recv(
+                    self.sock.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n > 0 {
+                if self.shm.is_none() {
+                    r.decoder.push(&buf[..n as usize]);
+                    pass.progressed = true;
+                    if r.decoder.buffered() > (1 << 20) {
+                        break; // let frames out before reading more
+                    }
+                }
+                continue;
+            }
+            if n == 0 {
+                r.eof = true;
+            } else {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    r.eof = true;
+                }
+            }
+            break;
+        }
+        if let Some(shm) = &self.shm {
+            shm.rx.reader_parked().store(0, Ordering::Relaxed);
+            r.scratch.clear();
+            if shm.rx.read(&mut r.scratch) > 0 {
+                pass.progressed = true;
+                r.decoder.push(&r.scratch);
+                // Pairs with the writer's store of `writer_waiting` then retry.
+                if shm.rx.writer_waiting().load(Ordering::SeqCst) == 1
+                    && shm.rx.writer_waiting().swap(0, Ordering::SeqCst) == 1
+                {
+                    self.doorbell();
+                }
+            }
+        }
+        loop {
+            match r.decoder.next_frame() {
+                Ok(Some(f)) => {
+                    if !r.hello_seen {
+                        let ours = Hello {
+                            version: PROTOCOL_VERSION,
+                            encoding: self.encoding,
+                        };
+                        if let Err(e) = Hello::check(&f, &ours) {
+                            pass.fatal = Some(e);
+                            break;
+                        }
+                        r.hello_seen = true;
+                        continue;
+                    }
+                    pass.frames.push(f);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    pass.fatal = Some(e);
+                    break;
+                }
+            }
+        }
+        if r.eof && !pass.frames.is_empty() {
+            // Deliver the last frames first; EOF is reported on the next pass.
+            return pass;
+        }
+        pass.eof = r.eof;
+        pass
+    }
+
+    /// Before sleeping on [`Endpoint::fd`]: announces the reader is parked; returns false if
+    /// data arrived meanwhile (then do not sleep).
+    pub fn prepare_park(&self) -> bool {
+        match &self.shm {
+            Some(shm) => {
+                // Dekker pairing with the writer's SeqCst `head` store then `reader_parked`
+                // load: one of us sees the other.
+                shm.rx.reader_parked().store(1, Ordering::SeqCst);
+                if shm.rx.has_data() {
+                    shm.rx.reader_parked().store(0, Ordering::SeqCst);
+                    return false;
+                }
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Shuts the socket down (the peer sees end-of-file) and refuses further sends.
+    pub fn close(&self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            // SAFETY: shutdown of our own socket; the descriptor stays valid until drop.
+            unsafe {
+                libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR);
+            }
+        }
+    }
+}
+
+/// Waits until one of `fds` is readable (or hung up) or `timeout_ms` passes (-1: forever).
+pub fn wait_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<bool> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: *fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: poll over a valid array.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(n > 0)
+}
+
+/// A connected pair of Unix stream sockets (close-on-exec), for tests and for spawning.
+pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: socketpair into a local array.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(os_err("socketpair"));
+    }
+    // SAFETY: two fresh descriptors we own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A non-blocking eventfd, used to wake a thread parked in [`wait_readable`].
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: creating a descriptor we own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(os_err("eventfd"));
+    }
+    // SAFETY: fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Increments an eventfd (wakes its waiter).
+pub fn eventfd_signal(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: an 8-byte write to an eventfd; failure (overflow) still leaves it readable.
+    unsafe {
+        libc::write(fd, &one as *const u64 as *const libc::c_void, 8);
+    }
+}
+
+/// Resets an eventfd.
+pub fn eventfd_drain(fd: RawFd) {
+    let mut v: u64 = 0;
+    // SAFETY: an 8-byte read from a non-blocking eventfd.
+    unsafe {
+        libc::read(fd, &mut v as *mut u64 as *mut libc::c_void, 8);
+    }
+}
+
+/// Microseconds on CLOCK_MONOTONIC (the clock of Python's `time.monotonic()` and asyncio).
+pub fn monotonic_micros() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime into a local struct.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(kind: Kind, ring: usize) -> (Endpoint, Endpoint) {
+        let (a, b) = socketpair().unwrap();
+        match kind {
+            Kind::Stream => (
+                Endpoint::open(a.as_raw_fd(), None, Encoding::Msgpack, 1 << 26).unwrap(),
+                Endpoint::open(b.as_raw_fd(), None, Encoding::Msgpack, 1 << 26).unwrap(),
+            ),
+            Kind::Shm => {
+                let seg = create_segment(ring).unwrap();
+                (
+                    Endpoint::open(
+                        a.as_raw_fd(),
+                        Some((seg.as_raw_fd(), 0)),
+                        Encoding::Msgpack,
+                        1 << 26,
+                    )
+                    .unwrap(),
+                    Endpoint::open(
+                        b.as_raw_fd(),
+                        Some((seg.as_raw_fd(), 1)),
+                        Encoding::Msgpack,
+                        1 << 26,
+                    )
+                    .unwrap(),
+                )
+            }
+        }
+    }
+
+    /// Pumps both ends until `want` frames arrived at `to`.
+    fn pump(from: &Endpoint, to: &Endpoint, want: usize) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        for _ in 0..100_000 {
+            from.flush().unwrap();
+            let mut r = to.try_reader().unwrap();
+            let pass = to.read(&mut r);
+            assert!(pass.fatal.is_none(), "{:?}", pass.fatal);
+            got.extend(pass.frames);
+            if got.len() >= want {
+                return got;
+            }
+        }
+        panic!("only {} of {want} frames arrived", got.len());
+    }
+
+    #[test]
+    fn frames_cross_both_transports_in_order() {
+        for kind in [Kind::Stream, Kind::Shm] {
+            let (a, b) = pair(kind, 4096);
+            let bodies: Vec<Vec<u8>> = (0..50u8).map(|i| vec![i; i as usize * 7]).collect();
+            for body in &bodies {
+                a.send_frame(body).unwrap();
+            }
+            assert_eq!(pump(&a, &b, bodies.len()), bodies, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn frame_larger_than_the_ring_crosses_in_pieces() {
+        let (a, b) = pair(Kind::Shm, 4096);
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        a.send_frame(&big).unwrap();
+        assert!(a.has_pending_output());
+        // Both sides send large frames at once: no deadlock, as nobody blocks.
+        b.send_frame(&big).unwrap();
+        assert_eq!(pump(&a, &b, 1)[0], big);
+        assert_eq!(pump(&b, &a, 1)[0], big);
+    }
+
+    #[test]
+    fn parked_reader_gets_a_doorbell_and_peer_death_is_eof() {
+        let (a, b) = pair(Kind::Shm, 4096);
+        {
+            let mut r = b.try_reader().unwrap();
+            let _ = b.read(&mut r); // consumes the hello
+        }
+        assert!(b.prepare_park());
+        a.send_frame(b"x").unwrap();
+        assert!(wait_readable(&[b.fd()], 1000).unwrap(), "no doorbell");
+        let mut r = b.try_reader().unwrap();
+        assert_eq!(b.read(&mut r).frames, vec![b"x".to_vec()]);
+        drop(r);
+        a.close();
+        drop(a);
+        assert!(wait_readable(&[b.fd()], 1000).unwrap());
+        let mut r = b.try_reader().unwrap();
+        assert!(b.read(&mut r).eof);
+    }
+
+    #[test]
+    fn garbage_and_bad_hello_are_fatal() {
+        let (a, b) = socketpair().unwrap();
+        let ep = Endpoint::open(b.as_raw_fd(), None, Encoding::Msgpack, 1024).unwrap();
+        let junk = [0xffu8; 8];
+        // SAFETY: test write on our socket.
+        unsafe { libc::send(a.as_raw_fd(), junk.as_ptr() as *const _, 8, 0) };
+        let mut r = ep.try_reader().unwrap();
+        assert_eq!(ep.read(&mut r).fatal.unwrap().code(), "frame_too_large");
+        let (a, b) = socketpair().unwrap();
+        let ep = Endpoint::open(b.as_raw_fd(), None, Encoding::Msgpack, 1024).unwrap();
+        let f = frame::encode_frame(b"{\"cmd-ipc\":1,\"encoding\":\"json\"}");
+        // SAFETY: test write on our socket.
+        unsafe { libc::send(a.as_raw_fd(), f.as_ptr() as *const _, f.len(), 0) };
+        let mut r = ep.try_reader().unwrap();
+        assert_eq!(ep.read(&mut r).fatal.unwrap().code(), "handshake_failed");
+    }
+
+    #[test]
+    fn corrupt_segment_is_refused() {
+        let (a, _b) = socketpair().unwrap();
+        let fd = eventfd().unwrap();
+        assert!(Endpoint::open(
+            a.as_raw_fd(),
+            Some((fd.as_raw_fd(), 0)),
+            Encoding::Json,
+            1024
+        )
+        .is_err());
+    }
+}
