@@ -21,6 +21,7 @@ Example:
 
 from cmd_ipc._core import __version__
 from cmd_ipc.channels import Channel, InMemoryChannel
+from cmd_ipc.channels.native import NativeChannel
 from cmd_ipc.errors import (
     ChannelDisconnectedError,
     CommandError,
@@ -32,6 +33,7 @@ from cmd_ipc.errors import (
     ProtocolError,
 )
 from cmd_ipc.registry import CommandRegistry
+from cmd_ipc.workers import RestartPolicy, Worker, WorkerError
 
 __all__ = [
     "Channel",
@@ -43,7 +45,11 @@ __all__ = [
     "InMemoryChannel",
     "InternalError",
     "InvalidRequestError",
+    "NativeChannel",
     "NotFoundError",
     "ProtocolError",
+    "RestartPolicy",
+    "Worker",
+    "WorkerError",
     "__version__",
 ]

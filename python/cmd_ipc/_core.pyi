@@ -1,7 +1,7 @@
 """The native core of cmd-ipc (Rust, via PyO3).
 
 Everything here is low level: applications use :class:`cmd_ipc.CommandRegistry`, which drives
-a :class:`Router` and carries out its actions.
+a :class:`Node` and carries out its actions.
 
 Actions are tuples, the first item naming the kind:
 
@@ -15,11 +15,14 @@ Actions are tuples, the first item naming the kind:
   ``None`` on success).
 * ``("event", event_id, payload, encoding)``: deliver an event to local listeners.
 * ``("dropped", channel_id, kind, reason)``: a message was dropped (counted in the stats).
+* ``("closed", channel_id, reason)``: a native channel closed and was detached.
+* ``("want_write", channel_id)``: a native pipe channel has unsent bytes; call
+  ``flush_native`` when its socket is writable.
 """
 
 from typing import Any, final
 
-__all__ = ["ProtocolError", "Router", "__version__", "new_id", "transcode"]
+__all__ = ["Node", "ProtocolError", "__version__", "create_segment", "new_id", "transcode"]
 
 __version__: str
 
@@ -30,8 +33,10 @@ class ProtocolError(ValueError):
     ``(code, message)``."""
 
 @final
-class Router:
-    """The sans-I/O router of one registry: takes inputs, returns actions.
+class Node:
+    """A registry's native half: the sans-I/O router plus the native channels, whose traffic
+    (including forwarding between them) is carried out in Rust. Safe to call from several
+    threads.
 
     Times are seconds on the driver's monotonic clock (``loop.time()``).
     """
@@ -47,13 +52,51 @@ class Router:
         max_dedup: int = 100000,
         max_message_size: int = 67108864,
         max_depth: int = 64,
-    ) -> Router: ...
+        spin_us: int = 50,
+    ) -> Node: ...
     @property
     def id(self) -> str:
         """This registry's id."""
     @property
     def router_channel(self) -> str | None:
         """The channel to the parent, if any."""
+    @property
+    def wake_fd(self) -> int:
+        """Readable when another thread queued actions (take them with ``take_queued``)."""
+    def add_native_channel(
+        self,
+        channel: str,
+        sock_fd: int,
+        encoding: str,
+        shm_fd: int | None = None,
+        side: int = 0,
+    ) -> list[_Action]:
+        """Attaches a native channel over duplicates of the given descriptors."""
+    def native_fd(self, channel: str) -> int | None:
+        """The socket descriptor to watch for a native channel."""
+    def is_native(self, channel: str) -> bool:
+        """Whether ``channel`` is a native channel."""
+    def poll_native(self, channel: str, spin_us: int = 0) -> tuple[list[_Action], bool, bool]:
+        """Reads and routes a native channel (GIL released): ``(actions, again,
+        want_write)``; poll again after the actions when ``again``."""
+    def flush_native(self, channel: str) -> bool:
+        """Writes pending output; returns whether some remains."""
+    def close_native(self, channel: str) -> list[_Action]:
+        """Closes a native channel."""
+    def close_all_native(self) -> list[_Action]:
+        """Closes every native channel."""
+    def take_queued(self) -> list[_Action]:
+        """Actions queued by other threads."""
+    def call_sync(
+        self,
+        command_id: str,
+        request: bytes | None,
+        encoding: str,
+        ttl: float | None,
+    ) -> tuple[str, Any, Any] | None:
+        """A blocking call over a native channel (GIL released): ``("result", data,
+        encoding)`` or ``("error", code, message)``; ``None`` when the command is not behind
+        a native channel."""
     def add_channel(self, channel: str, encoding: str) -> list[_Action]:
         """Attaches a channel (``"json"`` or ``"msgpack"``); queues a list request on it."""
     def close_channel(self, channel: str) -> list[_Action]:
@@ -121,6 +164,9 @@ def transcode(
     Raises:
         ProtocolError: The input is malformed, not a spec-v1 message, too large or too deep.
     """
+
+def create_segment(ring_capacity: int = 1048576) -> int:
+    """Creates a shared-memory segment (a memfd) with two rings; returns its descriptor."""
 
 def new_id() -> str:
     """A fresh UUIDv4 string."""

@@ -23,13 +23,16 @@ import msgpack
 
 from cmd_ipc import _core
 from cmd_ipc.channels.base import Channel
-from cmd_ipc.channels.native import NativeChannel
+from cmd_ipc.channels.native import DEFAULT_RING_SIZE, NativeChannel, Transport
 from cmd_ipc.errors import (
     ChannelDisconnectedError,
     CommandError,
     InternalError,
     error_from_code,
 )
+from cmd_ipc.workers import RestartPolicy, Worker
+from cmd_ipc.workers import connect_workers as _connect_workers
+from cmd_ipc.workers import spawn_worker as _spawn_worker
 
 __all__ = ["CommandRegistry", "Handler", "Listener"]
 
@@ -183,6 +186,11 @@ class CommandRegistry:
         self._native: dict[str, NativeChannel] = {}
         self._native_fds: dict[str, int] = {}
         self._close_listeners: list[Callable[[str, str], None]] = []
+        self._pending_registrations: set[asyncio.Future[None]] = set()
+        self._spin_scheduled = False
+        #: Set in a worker process told to stop, so losing the parent is not a warning.
+        self._stopping_worker = False
+        self._workers: dict[str, Worker] = {}
         self.id = id
         self.router_channel = router_channel
         self.request_ttl = request_ttl
@@ -471,22 +479,52 @@ class CommandRegistry:
                 self._deferred[command_id] = (hid, description, schema)
                 return fn
             result: list[BaseException | None] = []
+            later: list[asyncio.Future[None]] = []
 
             def done(_: Any, err: BaseException | None) -> None:
-                if result:
-                    if err is not None:
-                        logger.error("registration of %r failed: %s", command_id, err)
-                else:
+                if not result:
                     result.append(err)
+                    return
+                if err is not None:
+                    logger.error("registration of %r failed: %s", command_id, err)
+                if later and not later[0].done():
+                    if err is None:
+                        later[0].set_result(None)
+                    else:
+                        later[0].set_exception(err)
 
             self._start_registration(command_id, hid, description, schema, done)
             if result and result[0] is not None:
                 raise result[0]
-            # Still pending (escalated): `done` will log a failure when the ack arrives.
-            result.append(None)
+            if not result:
+                # Escalated: the ack comes later; `ready()` waits for it.
+                result.append(None)
+                if self._loop is not None:
+                    fut: asyncio.Future[None] = self._loop.create_future()
+                    later.append(fut)
+                    self._pending_registrations.add(fut)
+                    fut.add_done_callback(self._pending_registrations.discard)
             return fn
 
         return decorator
+
+    async def ready(self) -> None:
+        """Waits until every registration started so far (with :meth:`command` too) was
+        acknowledged by the tree.
+
+        Raises:
+            DuplicateCommandError: One of them was rejected (the first failure is raised).
+        """
+        self._bind_loop()
+        if self._deferred and not self._router_missing():
+            await self._flush_deferred()
+        pending = list(self._pending_registrations)
+        if not pending:
+            return
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
 
     async def register_command(
         self,
@@ -570,6 +608,13 @@ class CommandRegistry:
         call, actions = self._node.execute(command_id, data, "msgpack", timeout, loop.time())
         self._outcomes[call] = _settle(fut)
         self._apply(actions)
+        if self._native and not fut.done() and not self._spin_scheduled:
+            # The reply will come back on a native channel: read it as soon as the loop is
+            # idle (spinning briefly) rather than after a doorbell wake-up.
+            route = self._node.route_of(command_id)
+            if route in self._native:
+                self._spin_scheduled = True
+                loop.call_soon(self._spin_native, route)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -751,8 +796,12 @@ class CommandRegistry:
     def _on_native(self, channel_id: str) -> None:
         """The channel's socket is readable: read and route in Rust, then carry out what
         Python must (the poll spins briefly for the next frame before parking)."""
+        ready = getattr(self._loop, "_ready", None)
         while channel_id in self._native:
-            actions, again, want_write = self._node.poll_native(channel_id, self.spin_us)
+            # Spin for the next frame only when the loop has nothing else to run: a spin
+            # while a resumed caller waits would only delay it.
+            spin = self.spin_us if ready is not None and not ready else 0
+            actions, again, want_write = self._node.poll_native(channel_id, spin)
             if actions:
                 self._apply(actions)
             if want_write and self._loop is not None:
@@ -761,6 +810,11 @@ class CommandRegistry:
                     self._loop.add_writer(fd, self._on_native_writable, channel_id)
             if not again:
                 break
+
+    def _spin_native(self, channel_id: str) -> None:
+        self._spin_scheduled = False
+        if channel_id in self._native:
+            self._on_native(channel_id)
 
     def _on_native_writable(self, channel_id: str) -> None:
         if not self._node.flush_native(channel_id) and self._loop is not None:
@@ -781,7 +835,14 @@ class CommandRegistry:
         if fd is not None and self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(fd)
             self._loop.remove_writer(fd)
-        level = logging.DEBUG if reason == "closed locally" else logging.WARNING
+        worker = self._workers.get(channel_id)
+        expected = (
+            reason == "closed locally"
+            or self._closed
+            or (worker is not None and worker._stopping)
+            or (channel_id == self.router_channel and self._stopping_worker)
+        )
+        level = logging.INFO if expected else logging.WARNING
         logger.log(level, "channel %r of registry %r closed: %s", channel_id, self.id, reason)
         for fn in list(self._close_listeners):
             try:
@@ -815,6 +876,195 @@ class CommandRegistry:
         """The attached channels by id (a copy)."""
         return dict(self._channels)
 
+    # ------------------------------------------------------------------ workers
+
+    async def spawn_worker(
+        self,
+        worker_id: str,
+        target: str,
+        *,
+        transport: Transport = "shm",
+        ring_size: int = DEFAULT_RING_SIZE,
+        restart: RestartPolicy | None = None,
+        env: dict[str, str] | None = None,
+        ready_timeout: float = 30.0,
+        cpu: int | None = None,
+    ) -> Worker:
+        """Starts a worker process joined to this registry over a native channel.
+
+        The child runs ``sys.executable``, builds ``CommandRegistry(worker_id,
+        router_channel=self.id)`` connected to this registry, imports ``target``
+        (``"package.module:function"``) and calls ``function(registry)`` (sync or async) to
+        register commands. This returns once those registrations were acknowledged by the
+        tree. The worker serves until :meth:`Worker.stop`, this registry's :meth:`close`, or
+        this process's death.
+
+        Args:
+            worker_id: The worker's registry id, and this registry's channel id for it.
+            target: ``"package.module:function"``, importable in the child.
+            transport: ``"shm"`` (shared-memory rings, the fastest) or ``"pipe"`` (a Unix
+                socket).
+            ring_size: Capacity of each shared-memory ring, in bytes.
+            restart: Restart the worker with backoff when it exits unasked; it re-registers
+                its commands, which the tree accepts as they come from the same channel.
+            env: The child's environment (default: this process's).
+            ready_timeout: Seconds to wait for the worker to be ready.
+            cpu: Pin the worker to this CPU.
+
+        Raises:
+            WorkerError: The target failed, or the child exited or stalled before ready.
+        """
+        self._bind_loop()
+        worker = await _spawn_worker(
+            self,
+            worker_id,
+            target,
+            transport=transport,
+            ring_size=ring_size,
+            restart=restart,
+            env=env,
+            ready_timeout=ready_timeout,
+            cpu=cpu,
+        )
+        self._workers[worker_id] = worker
+        return worker
+
+    async def connect_workers(
+        self, worker_a: Worker, worker_b: Worker, *, ring_size: int = DEFAULT_RING_SIZE
+    ) -> None:
+        """Opens a direct shared-memory channel between two workers of this registry.
+
+        Each learns the other's commands (and those of its sub-workers) and calls them
+        directly from then on, instead of through this registry.
+        """
+        self._bind_loop()
+        await _connect_workers(worker_a, worker_b, ring_size=ring_size)
+
+    @property
+    def workers(self) -> dict[str, Worker]:
+        """Workers spawned by this registry, by id (a copy)."""
+        return dict(self._workers)
+
+    # ------------------------------------------------------------------ blocking API
+
+    def __enter__(self) -> CommandRegistry:
+        """Runs the registry's event loop on a background thread, for the ``*_sync``
+        methods: ``with CommandRegistry("main") as registry: ...``."""
+        self._check_process()
+        if self._loop is not None:
+            raise RuntimeError(f"registry {self.id!r} already runs on an event loop")
+        loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(started.set)
+            loop.run_forever()
+
+        thread = threading.Thread(target=run, name=f"cmd-ipc-{self.id}", daemon=True)
+        thread.start()
+        started.wait()
+        self._background = thread
+        asyncio.run_coroutine_threadsafe(self.__aenter__(), loop).result()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        loop, thread = self._loop, self._background
+        if loop is None or thread is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.close(), loop).result(30)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(30)
+            loop.close()
+            self._background = None
+
+    def _blocking(self, make: Callable[[], Awaitable[Any]], timeout: float | None = None) -> Any:
+        self._check_process()
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            raise RuntimeError(
+                f"registry {self.id!r} has no running event loop: use "
+                "`with CommandRegistry(...) as registry:` for the blocking API"
+            )
+        if threading.get_ident() == self._loop_thread:
+            raise RuntimeError(
+                "a blocking call on the registry's own event loop thread would deadlock; "
+                "use the `await` form instead"
+            )
+        coro = make()
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)  # type: ignore[arg-type]
+
+    def execute_command_sync(
+        self,
+        command_id: str,
+        request: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Blocking :meth:`execute_command`, for code without asyncio.
+
+        Over a native channel this is the fastest call in the library: the calling thread
+        writes the request and waits for its own reply on the channel (spinning briefly,
+        then parking with the GIL released), with no hand-off to the loop thread. Other
+        routes go through the registry's loop.
+
+        Raises:
+            RuntimeError: Called on the registry's own loop thread (it would deadlock), or
+                without a running loop.
+        """
+        self._check_process()
+        if threading.get_ident() == self._loop_thread:
+            raise RuntimeError(
+                "execute_command_sync on the registry's own event loop thread would deadlock; "
+                "use `await registry.execute_command(...)`"
+            )
+        if self._closed:
+            raise RuntimeError(f"registry {self.id!r} is closed")
+        if request is not None and not isinstance(request, Mapping):
+            raise TypeError(f"request must be a mapping or None, not {type(request).__name__}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        try:
+            data = None if request is None else _encode(request)
+        except Exception as e:
+            raise TypeError(f"request for {command_id!r} cannot be serialised: {e}") from e
+        out = self._node.call_sync(command_id, data, "msgpack", timeout)
+        if out is None:
+            return self._blocking(
+                lambda: self.execute_command(command_id, request, timeout=timeout)
+            )
+        if out[0] == "result":
+            return _decode(out[1], out[2])
+        raise error_from_code(out[1], out[2])
+
+    def register_command_sync(
+        self,
+        command_id: str,
+        handler: Handler,
+        description: str | None = None,
+        schema: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Blocking :meth:`register_command`."""
+        self._blocking(lambda: self.register_command(command_id, handler, description, schema))
+
+    def register_channel_sync(self, channel: Channel | NativeChannel) -> None:
+        """Blocking :meth:`register_channel`."""
+        self._blocking(lambda: self.register_channel(channel))
+
+    def spawn_worker_sync(self, worker_id: str, target: str, **kwargs: Any) -> Worker:
+        """Blocking :meth:`spawn_worker` (same arguments)."""
+        return cast(Worker, self._blocking(lambda: self.spawn_worker(worker_id, target, **kwargs)))
+
+    def connect_workers_sync(self, worker_a: Worker, worker_b: Worker, **kwargs: Any) -> None:
+        """Blocking :meth:`connect_workers`."""
+        self._blocking(lambda: self.connect_workers(worker_a, worker_b, **kwargs))
+
+    def stop_worker_sync(self, worker: Worker, timeout: float = 5.0) -> int | None:
+        """Blocking :meth:`Worker.stop`."""
+        return cast("int | None", self._blocking(lambda: worker.stop(timeout)))
+
     # ------------------------------------------------------------------ stats and lifecycle
 
     def stats(self) -> dict[str, Any]:
@@ -841,6 +1091,9 @@ class CommandRegistry:
         """
         if self._closed:
             return
+        workers = list(self._workers.values())
+        if workers:
+            await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
         self._closed = True
         if self._native:
             self._apply(self._node.close_all_native())

@@ -19,6 +19,7 @@ at once as end-of-file on the socket: every call waiting on the channel fails wi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from typing import Literal
@@ -132,10 +133,8 @@ class NativeChannel:
     def close_fds(self) -> None:
         """Closes this object's descriptors (a registry that attached it keeps its own)."""
         for fd in self.fds():
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self.sock_fd = -1
         self.shm_fd = None
 

@@ -280,12 +280,7 @@ impl Node {
                 let now = transport::monotonic_micros();
                 let start = *spin_start.get_or_insert(now);
                 if now.saturating_sub(start) < spin_us {
-                    for _ in 0..64 {
-                        if ep.has_data() {
-                            break;
-                        }
-                        std::hint::spin_loop();
-                    }
+                    spin_wait(&ep);
                     continue;
                 }
             }
@@ -435,7 +430,7 @@ impl Node {
             let now = transport::monotonic_micros();
             let start = *spin_start.get_or_insert(now);
             if now.saturating_sub(start) < self.spin_us {
-                std::hint::spin_loop();
+                spin_wait(&ep);
                 continue;
             }
             // Park until a doorbell, our waker, or the deadline.
@@ -472,5 +467,20 @@ impl Node {
             py.extend(self.close_endpoint(&id));
         }
         py
+    }
+}
+
+/// One short spin on an empty ring: a few pause instructions, then a yield, so that a peer
+/// sharing this CPU gets to run (spinning alone would only delay it).
+fn spin_wait(ep: &Endpoint) {
+    for _ in 0..32 {
+        if ep.has_data() {
+            return;
+        }
+        std::hint::spin_loop();
+    }
+    // SAFETY: sched_yield has no preconditions.
+    unsafe {
+        libc::sched_yield();
     }
 }

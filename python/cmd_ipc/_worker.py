@@ -1,0 +1,127 @@
+"""Bootstrap of a worker process: ``python -m cmd_ipc._worker`` (see :mod:`cmd_ipc.workers`).
+
+Reads its instructions from the environment (removed at once so that sub-workers do not
+inherit them), joins the parent's tree, runs the target, reports ready, and serves until
+the parent says stop or goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import os
+import socket
+import sys
+import traceback
+from typing import Any
+
+from cmd_ipc.channels.native import NativeChannel
+from cmd_ipc.registry import CommandRegistry
+from cmd_ipc.workers import BOOT_ENV, _load_target, _recv_control, _send_control
+
+logger = logging.getLogger("cmd_ipc")
+
+
+async def serve(boot: dict[str, Any]) -> int:
+    """Runs the worker described by ``boot``; returns the exit status."""
+    loop = asyncio.get_running_loop()
+    if boot.get("cpu") is not None:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {int(boot["cpu"])})
+    ctl = socket.socket(fileno=int(boot["control_fd"]))
+    ctl.setblocking(False)
+    stop = asyncio.Event()
+    tasks: set[asyncio.Task[None]] = set()
+    registry = CommandRegistry(
+        boot["id"],
+        router_channel=boot["parent"],
+        request_ttl=float(boot.get("request_ttl", 30.0)),
+        spin_us=int(boot.get("spin_us", 50)),
+    )
+    parent = boot["parent"]
+
+    def on_close(channel_id: str, reason: str) -> None:
+        if channel_id == parent:
+            stop.set()  # the parent went away (or closed us): nothing left to serve
+
+    registry.add_close_listener(on_close)
+
+    async def handle(msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        op = msg.get("op")
+        if op == "stop":
+            registry._stopping_worker = True
+            stop.set()
+            return {"ok": True}
+        if op == "connect":
+            desc = dict(msg["channel"])
+            desc["sock_fd"] = fds[0]
+            desc["shm_fd"] = fds[1] if len(fds) > 1 else None
+            await registry.register_channel(NativeChannel.from_description(desc))
+            return {"ok": True}
+        for fd in fds:
+            os.close(fd)
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def on_control() -> None:
+        while True:
+            try:
+                msg, fds = _recv_control(ctl)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (OSError, ValueError):
+                msg, fds = None, []
+            if msg is None:
+                loop.remove_reader(ctl.fileno())
+                stop.set()
+                return
+            task = loop.create_task(reply(msg, fds))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    async def reply(msg: dict[str, Any], fds: list[int]) -> None:
+        try:
+            answer = await handle(msg, fds)
+        except Exception as e:
+            answer = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        answer["seq"] = msg.get("seq")
+        with contextlib.suppress(OSError):
+            _send_control(ctl, answer)
+
+    async with registry:
+        try:
+            await registry.register_channel(NativeChannel.from_description(boot["channel"]))
+            fn = _load_target(boot["target"])
+            result = fn(registry)
+            if inspect.isawaitable(result):
+                await result
+            await registry.ready()
+        except Exception as e:
+            logger.error("worker %r failed to start:\n%s", boot["id"], traceback.format_exc())
+            with contextlib.suppress(OSError):
+                _send_control(ctl, {"op": "failed", "error": f"{type(e).__name__}: {e}"})
+            return 1
+        loop.add_reader(ctl.fileno(), on_control)
+        _send_control(ctl, {"op": "ready"})
+        await stop.wait()
+        with contextlib.suppress(Exception):
+            loop.remove_reader(ctl.fileno())
+    ctl.close()
+    return 0
+
+
+def main() -> None:
+    """Entry point of the worker process."""
+    raw = os.environ.pop(BOOT_ENV, None)
+    if raw is None:
+        sys.exit("cmd_ipc._worker is started by CommandRegistry.spawn_worker, not by hand")
+    logging.basicConfig(
+        level=logging.WARNING, format="[worker %(process)d] %(levelname)s %(name)s: %(message)s"
+    )
+    sys.exit(asyncio.run(serve(json.loads(raw))))
+
+
+if __name__ == "__main__":
+    main()

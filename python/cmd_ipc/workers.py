@@ -1,0 +1,436 @@
+"""Worker processes: children that join the registry tree over a native channel.
+
+A worker is ``sys.executable -m cmd_ipc._worker`` (nothing is pickled). It builds a
+:class:`~cmd_ipc.CommandRegistry` whose id is the worker id and whose ``router_channel`` is
+the parent's id, connects it to the parent over a shared-memory (or pipe) channel, imports
+``target`` (``"package.module:function"``) and calls ``function(registry)`` (sync or async)
+to register commands, then serves until it is told to stop or its parent goes away.
+
+Besides the data channel, each worker has a control socket (``AF_UNIX``/``SOCK_SEQPACKET``)
+carrying small JSON messages and, for :meth:`CommandRegistry.connect_workers`, the
+descriptors of new direct channels (``SCM_RIGHTS``):
+
+* child to parent: ``{"op": "ready"}`` once ``function(registry)`` returned and every
+  registration was acknowledged by the tree, or ``{"op": "failed", "error": ...}``;
+* parent to child: ``{"op": "stop", "seq": n}``, ``{"op": "connect", "seq": n, "channel": ...}``
+  (with descriptors); the child answers ``{"seq": n, "ok": true}`` or
+  ``{"seq": n, "ok": false, "error": ...}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from cmd_ipc.channels.native import DEFAULT_RING_SIZE, NativeChannel, Transport
+
+if TYPE_CHECKING:
+    from cmd_ipc.registry import CommandRegistry
+
+__all__ = ["RestartPolicy", "Worker", "WorkerError"]
+
+logger = logging.getLogger("cmd_ipc")
+
+BOOT_ENV = "CMD_IPC_WORKER_BOOT"
+_MAX_CONTROL = 65536
+
+
+class WorkerError(RuntimeError):
+    """A worker could not be started (its target failed, or the process died early)."""
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """Restart a worker that exits without being asked to.
+
+    Attributes:
+        max_restarts: Restarts allowed in total (``None``: unlimited).
+        backoff: Seconds before the first restart; doubled after each, up to ``max_backoff``.
+        max_backoff: Upper bound of the delay.
+    """
+
+    max_restarts: int | None = 5
+    backoff: float = 0.1
+    max_backoff: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        """Delay before restart number ``attempt`` (0-based)."""
+        return float(min(self.max_backoff, self.backoff * (2**attempt)))
+
+
+def _send_control(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = json.dumps(msg).encode()
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.send(data)
+
+
+def _recv_control(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    """One control message (None at end-of-file); raises BlockingIOError if none waits."""
+    data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_CONTROL, 8)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    return json.loads(data), fds
+
+
+class Worker:
+    """A worker process of a registry, as returned by
+    :meth:`CommandRegistry.spawn_worker`.
+
+    Attributes:
+        id: The worker's registry id (and the channel id under which the parent knows it).
+        target: ``"package.module:function"`` run in the child.
+        transport: ``"shm"`` or ``"pipe"``.
+        restarts: How many times the restart policy restarted it.
+    """
+
+    def __init__(
+        self,
+        registry: CommandRegistry,
+        worker_id: str,
+        target: str,
+        *,
+        transport: Transport,
+        ring_size: int,
+        restart: RestartPolicy | None,
+        env: dict[str, str] | None,
+        ready_timeout: float,
+        cpu: int | None,
+    ) -> None:
+        self.id = worker_id
+        self.target = target
+        self.transport: Transport = transport
+        self.restart = restart
+        self.restarts = 0
+        self._registry = registry
+        self._ring_size = ring_size
+        self._env = env
+        self._ready_timeout = ready_timeout
+        self._cpu = cpu
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pidfd: int | None = None
+        self._ctl: socket.socket | None = None
+        self._seq = 0
+        self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ready: asyncio.Future[None] | None = None
+        self._exited: asyncio.Event = asyncio.Event()
+        self._stopping = False
+        self._restart_task: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def __repr__(self) -> str:
+        return f"<Worker id={self.id!r} pid={self.pid} alive={self.alive}>"
+
+    @property
+    def pid(self) -> int | None:
+        """The current process id (changes after a restart)."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the process ended (negative: killed by that signal)."""
+        return None if self._proc is None else self._proc.poll()
+
+    # ------------------------------------------------------------------ start
+
+    async def _start(self) -> None:
+        registry = self._registry
+        parent_end, child_end = NativeChannel.pair(
+            self.id, registry.id, transport=self.transport, ring_size=self._ring_size
+        )
+        ctl_parent, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        boot = {
+            "id": self.id,
+            "parent": registry.id,
+            "target": self.target,
+            "channel": child_end.describe(),
+            "control_fd": ctl_child.fileno(),
+            "request_ttl": registry.request_ttl,
+            "spin_us": registry.spin_us,
+            "cpu": self._cpu,
+        }
+        env = dict(os.environ if self._env is None else self._env)
+        env[BOOT_ENV] = json.dumps(boot)
+        # Like multiprocessing's spawn: the child sees this process's import path, so the
+        # target imports in the child exactly as it would here (and so does this package).
+        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        paths = [pkg_root, *(p for p in sys.path if p), env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "cmd_ipc._worker"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                pass_fds=[*child_end.fds(), ctl_child.fileno()],
+            )
+        finally:
+            child_end.close_fds()
+            ctl_child.close()
+        self._exited = asyncio.Event()
+        self._ctl = ctl_parent
+        ctl_parent.setblocking(False)
+        self._ready = self._loop.create_future()
+        self._loop.add_reader(ctl_parent.fileno(), self._on_control)
+        try:
+            self._pidfd = os.pidfd_open(self._proc.pid)
+            self._loop.add_reader(self._pidfd, self._on_exit)
+        except (AttributeError, OSError):  # pragma: no cover - Linux < 5.3
+            self._pidfd = None
+            self._loop.create_task(self._poll_exit())
+        await registry.register_channel(parent_end)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), self._ready_timeout)
+        except asyncio.TimeoutError:
+            await self._kill()
+            raise WorkerError(
+                f"worker {self.id!r} did not become ready within {self._ready_timeout}s"
+            ) from None
+        except BaseException:
+            await self._kill()
+            raise
+
+    async def _poll_exit(self) -> None:  # pragma: no cover - fallback without pidfd
+        while self.alive:
+            await asyncio.sleep(0.1)
+        self._on_exit()
+
+    # ------------------------------------------------------------------ control
+
+    def _on_control(self) -> None:
+        ctl = self._ctl
+        if ctl is None:
+            return
+        while True:
+            try:
+                msg, fds = _recv_control(ctl)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (OSError, ValueError) as e:
+                logger.warning("bad control message from worker %r: %s", self.id, e)
+                msg, fds = None, []
+            for fd in fds:
+                os.close(fd)
+            if msg is None:
+                self._control_closed()
+                return
+            self._handle_control(msg)
+
+    def _handle_control(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op == "ready":
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(None)
+        elif op == "failed":
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_exception(
+                    WorkerError(f"worker {self.id!r} failed to start: {msg.get('error')}")
+                )
+        elif "seq" in msg:
+            fut = self._replies.pop(int(msg["seq"]), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+
+    def _control_closed(self) -> None:
+        if self._ctl is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._ctl.fileno())
+            self._ctl.close()
+            self._ctl = None
+        err = WorkerError(f"worker {self.id!r} closed its control channel")
+        for fut in self._replies.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._replies.clear()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(
+                WorkerError(
+                    f"worker {self.id!r} exited before it was ready "
+                    f"(exit status {self.returncode}; its stderr is above)"
+                )
+            )
+
+    async def _request(
+        self, msg: dict[str, Any], fds: list[int] | None = None, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        if self._ctl is None:
+            raise WorkerError(f"worker {self.id!r} is not running")
+        self._seq += 1
+        msg = {**msg, "seq": self._seq}
+        fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._replies[self._seq] = fut
+        _send_control(self._ctl, msg, fds)
+        reply = await asyncio.wait_for(fut, timeout)
+        if not reply.get("ok"):
+            raise WorkerError(f"worker {self.id!r}: {reply.get('error')}")
+        return reply
+
+    async def _connect(self, channel: NativeChannel) -> None:
+        desc = channel.describe()
+        fds = channel.fds()
+        try:
+            await self._request({"op": "connect", "channel": desc}, fds)
+        finally:
+            channel.close_fds()
+
+    # ------------------------------------------------------------------ exit and stop
+
+    def _on_exit(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._proc is not None:
+            self._proc.poll()
+        if self._ctl is not None:
+            self._control_closed()
+        self._exited.set()
+        code = self.returncode
+        if self._stopping:
+            return
+        logger.warning("worker %r (pid %s) exited with status %s", self.id, self.pid, code)
+        # The data channel saw end-of-file already; make sure it is gone before a restart.
+        if self.id in self._registry.channels:
+            self._loop.create_task(self._registry.close_channel(self.id))
+        policy = self.restart
+        if policy is None or self._registry.closed:
+            return
+        if policy.max_restarts is not None and self.restarts >= policy.max_restarts:
+            logger.error("worker %r: giving up after %d restarts", self.id, self.restarts)
+            return
+        self._restart_task = self._loop.create_task(self._restart(policy.delay(self.restarts)))
+
+    async def _restart(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._stopping or self._registry.closed:
+            return
+        self.restarts += 1
+        # Wait for the old channel to be detached, then start afresh under the same id.
+        while self.id in self._registry.channels:
+            await asyncio.sleep(0.01)
+        try:
+            await self._start()
+            logger.info("worker %r restarted (pid %s)", self.id, self.pid)
+        except Exception as e:
+            logger.error("restart of worker %r failed: %s", self.id, e)
+
+    async def wait(self) -> int | None:
+        """Waits until the current process exits; returns its exit status."""
+        await self._exited.wait()
+        return self.returncode
+
+    async def _kill(self) -> None:
+        self._stopping = True
+        if self.alive and self._proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGKILL)
+        if self._proc is not None:
+            await self._exited.wait()
+
+    async def stop(self, timeout: float = 5.0) -> int | None:
+        """Stops the worker: asks it to exit (it closes its own sub-workers first), then
+        kills it if it has not exited after ``timeout`` seconds. Disables restarts.
+
+        Returns:
+            The exit status.
+        """
+        self._stopping = True
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+        if self.alive:
+            with contextlib.suppress(Exception):
+                await self._request({"op": "stop"}, timeout=timeout)
+            try:
+                await asyncio.wait_for(self._exited.wait(), timeout)
+            except asyncio.TimeoutError:
+                logger.warning("worker %r did not stop in %.1fs: killing it", self.id, timeout)
+                await self._kill()
+        elif self._proc is not None and not self._exited.is_set():
+            await self._exited.wait()
+        if self.id in self._registry.channels:
+            await self._registry.close_channel(self.id)
+        return self.returncode
+
+
+async def spawn_worker(
+    registry: CommandRegistry,
+    worker_id: str,
+    target: str,
+    *,
+    transport: Transport = "shm",
+    ring_size: int = DEFAULT_RING_SIZE,
+    restart: RestartPolicy | None = None,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 30.0,
+    cpu: int | None = None,
+) -> Worker:
+    """Implementation of :meth:`CommandRegistry.spawn_worker`."""
+    if not isinstance(worker_id, str) or not worker_id:
+        raise ValueError("worker_id must be a non-empty string")
+    if ":" not in target:
+        raise ValueError(f"target must look like 'package.module:function', got {target!r}")
+    if transport not in ("shm", "pipe"):
+        raise ValueError(f"unknown transport {transport!r}: expected 'shm' or 'pipe'")
+    if worker_id in registry.channels:
+        raise ValueError(f"registry {registry.id!r} already has a channel {worker_id!r}")
+    worker = Worker(
+        registry,
+        worker_id,
+        target,
+        transport=transport,
+        ring_size=ring_size,
+        restart=restart,
+        env=env,
+        ready_timeout=ready_timeout,
+        cpu=cpu,
+    )
+    await worker._start()
+    return worker
+
+
+async def connect_workers(a: Worker, b: Worker, *, ring_size: int = DEFAULT_RING_SIZE) -> None:
+    """Implementation of :meth:`CommandRegistry.connect_workers`."""
+    if a is b:
+        raise ValueError("cannot connect a worker to itself")
+    if not (a.alive and b.alive):
+        raise WorkerError("both workers must be running")
+    # a's end is named after b (the peer it reaches), and the reverse.
+    end_a, end_b = NativeChannel.pair(b.id, a.id, transport="shm", ring_size=ring_size)
+    try:
+        await asyncio.gather(a._connect(end_a), b._connect(end_b))
+    finally:
+        end_a.close_fds()
+        end_b.close_fds()
+
+
+# ---------------------------------------------------------------------------- child side
+
+
+def _load_target(target: str) -> Callable[[CommandRegistry], Any]:
+    import importlib
+
+    module_name, _, attr = target.partition(":")
+    module = importlib.import_module(module_name)
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise TypeError(f"{target} is not callable")
+    return fn
