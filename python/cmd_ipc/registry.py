@@ -1072,10 +1072,12 @@ class CommandRegistry:
 
         Returns:
             ``{"channels": {channel_id: {"sent": n, "received": n}}, "forwarded": n,
-            "pending": n, "pending_forwards": n, "dropped": n, "dedup_entries": n}``:
+            "pending": n, "pending_forwards": n, "dropped": n, "dedup_entries": n,
+            "jobs": n}``:
             ``forwarded`` counts requests this registry forwarded for others, ``pending``
             calls of this registry waiting for a result, ``dropped`` messages dropped as
-            invalid, spoofed, duplicate or undeliverable.
+            invalid, spoofed, duplicate or undeliverable, ``jobs`` handler runs in
+            progress.
         """
         return self._node.stats()
 

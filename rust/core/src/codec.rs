@@ -67,23 +67,54 @@ pub fn encode(msg: &Message, encoding: Encoding) -> Result<Vec<u8>, CodecError> 
 // Payload validation and transcoding
 // ---------------------------------------------------------------------------------------------
 
-/// Checks that `data` is exactly one JSON value nested at most `max_depth` levels.
+/// Checks a JSON text's nesting (at most `max_depth` levels) and its `\u` escapes (no lone
+/// surrogates: Python's `json` would accept them and then fail to encode them elsewhere,
+/// so they are refused here, where every JSON message enters).
 ///
 /// A linear scan that allocates nothing; it runs before serde so that a hostile depth never
 /// reaches a recursive parser.
 pub fn check_json_depth(data: &[u8], max_depth: usize) -> Result<(), CodecError> {
+    fn hex4(data: &[u8], at: usize) -> Option<u32> {
+        let s = data.get(at..at + 4)?;
+        u32::from_str_radix(std::str::from_utf8(s).ok()?, 16).ok()
+    }
+    let lone = || CodecError::Malformed {
+        encoding: "json",
+        detail: "lone UTF-16 surrogate in a \\u escape".to_string(),
+    };
     let mut depth = 0usize;
     let mut in_string = false;
-    let mut escaped = false;
-    for &b in data {
+    let mut i = 0usize;
+    while i < data.len() {
+        let b = data[i];
         if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
+            if b == b'\\' {
+                if data.get(i + 1) == Some(&b'u') {
+                    if let Some(cp) = hex4(data, i + 2) {
+                        if (0xDC00..0xE000).contains(&cp) {
+                            return Err(lone());
+                        }
+                        if (0xD800..0xDC00).contains(&cp) {
+                            let low = (data.get(i + 6) == Some(&b'\\')
+                                && data.get(i + 7) == Some(&b'u'))
+                            .then(|| hex4(data, i + 8))
+                            .flatten();
+                            match low {
+                                Some(l) if (0xDC00..0xE000).contains(&l) => i += 6,
+                                _ => return Err(lone()),
+                            }
+                        }
+                    }
+                    i += 6;
+                    continue;
+                }
+                i += 2;
+                continue;
+            }
+            if b == b'"' {
                 in_string = false;
             }
+            i += 1;
             continue;
         }
         match b {
@@ -97,8 +128,71 @@ pub fn check_json_depth(data: &[u8], max_depth: usize) -> Result<(), CodecError>
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     Ok(())
+}
+
+/// Prepares JSON text for transcoding to msgpack: integer literals must fit 64 bits (serde
+/// would silently turn larger ones into floats), and `-0` becomes `0` (an integer, as every
+/// JSON reader in Python sees it, not the float `-0.0`). Returns the text to transcode.
+fn json_for_msgpack(data: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, CodecError> {
+    use std::borrow::Cow;
+    let mut minus_zero: Vec<usize> = Vec::new();
+    let mut in_string = false;
+    let mut i = 0usize;
+    while i < data.len() {
+        let b = data[i];
+        if in_string {
+            match b {
+                b'\\' => i += 2,
+                b'"' => {
+                    in_string = false;
+                    i += 1;
+                }
+                _ => i += 1,
+            }
+            continue;
+        }
+        if b == b'"' {
+            in_string = true;
+            i += 1;
+            continue;
+        }
+        if b == b'-' || b.is_ascii_digit() {
+            let start = i;
+            i += 1;
+            while i < data.len()
+                && matches!(data[i], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')
+            {
+                i += 1;
+            }
+            let tok = &data[start..i];
+            if !tok.iter().any(|c| matches!(c, b'.' | b'e' | b'E')) {
+                let text = std::str::from_utf8(tok).unwrap_or("");
+                if text == "-0" {
+                    minus_zero.push(start);
+                } else if text.parse::<i64>().is_err() && text.parse::<u64>().is_err() {
+                    return Err(CodecError::Unencodable(format!(
+                        "integer {text} is outside the 64-bit range msgpack carries"
+                    )));
+                }
+            }
+            continue;
+        }
+        i += 1;
+    }
+    if minus_zero.is_empty() {
+        return Ok(Cow::Borrowed(data));
+    }
+    let mut out = Vec::with_capacity(data.len());
+    let mut last = 0;
+    for pos in minus_zero {
+        out.extend_from_slice(&data[last..pos]);
+        last = pos + 1; // drop the '-'
+    }
+    out.extend_from_slice(&data[last..]);
+    Ok(Cow::Owned(out))
 }
 
 /// Walks exactly one msgpack value covering all of `data`, without allocating per element.
@@ -264,7 +358,8 @@ pub fn payload_in(p: &Payload, target: Encoding) -> Result<std::borrow::Cow<'_, 
     let mut out = Vec::with_capacity(p.data.len() + 16);
     match (p.encoding, target) {
         (Encoding::Json, Encoding::Msgpack) => {
-            let mut de = serde_json::Deserializer::from_slice(&p.data);
+            let text = json_for_msgpack(&p.data)?;
+            let mut de = serde_json::Deserializer::from_slice(&text);
             let mut ser = rmp_serde::Serializer::new(&mut out);
             serde_transcode::transcode(&mut de, &mut ser)
                 .map_err(|e| CodecError::Unencodable(e.to_string()))?;
@@ -614,7 +709,12 @@ fn mp_payload(
     match b {
         None => Ok(None),
         Some(b) => {
-            check_msgpack(b, limits.max_depth.saturating_sub(level))?;
+            check_msgpack(b, limits.max_depth.saturating_sub(level)).map_err(|e| match e {
+                CodecError::TooDeep { .. } => CodecError::TooDeep {
+                    limit: limits.max_depth,
+                },
+                other => other,
+            })?;
             Ok(Some(Payload::new(Encoding::Msgpack, b.to_vec())))
         }
     }
@@ -825,9 +925,12 @@ pub fn sniff_execute_request(data: &[u8], encoding: Encoding, err: &CodecError) 
     let sniff: Sniff = match (encoding, err) {
         (_, CodecError::TooLarge { .. }) => return None,
         (Encoding::Json, _) => serde_json::from_slice(data).ok()?,
-        // Only a structurally valid msgpack frame is read again.
-        (Encoding::Msgpack, CodecError::InvalidMessage(_)) => rmp_serde::from_slice(data).ok()?,
-        (Encoding::Msgpack, _) => return None,
+        // Only a structurally sound msgpack envelope is read again (its payloads are `bin`,
+        // so a too-deep payload does not make the envelope deep).
+        (Encoding::Msgpack, _) => {
+            check_msgpack(data, 16).ok()?;
+            rmp_serde::from_slice(data).ok()?
+        }
     };
     (sniff.ty == "execute.command.request" && !sniff.id.is_empty()).then_some(sniff.id)
 }
@@ -1136,6 +1239,40 @@ mod tests {
             &*payload_in(&nested, Encoding::Json).unwrap(),
             br#"{"k":[1,"x"]}"#
         );
+    }
+
+    #[test]
+    fn json_edge_values_are_handled_one_way() {
+        // Lone surrogates are refused; a valid pair is fine.
+        for bad in [r#""\ud800""#, r#""a\udfffb""#, r#"{"\ud800":1}"#] {
+            assert_eq!(
+                check_json_depth(bad.as_bytes(), 8).unwrap_err().code(),
+                "malformed_message"
+            );
+        }
+        assert!(check_json_depth(br#""\ud83d\ude00""#, 8).is_ok());
+        // Integers outside 64 bits cannot go to msgpack; -0 becomes the integer 0.
+        let big = Payload::json(r#"{"n":18446744073709551616}"#);
+        assert_eq!(
+            payload_in(&big, Encoding::Msgpack).unwrap_err().code(),
+            "unencodable_value"
+        );
+        let edge = Payload::json(
+            r#"{"a":18446744073709551615,"b":-9223372036854775808,"s":"-0 1e999999999999999999999","z":-0,"f":-0.0}"#,
+        );
+        let mp = payload_in(&edge, Encoding::Msgpack).unwrap().into_owned();
+        let mp = Payload::new(Encoding::Msgpack, mp);
+        let back = payload_in(&mp, Encoding::Json).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&back).unwrap(),
+            r#"{"a":18446744073709551615,"b":-9223372036854775808,"s":"-0 1e999999999999999999999","z":0,"f":-0.0}"#
+        );
+        // Doubles survive JSON -> msgpack -> JSON exactly.
+        let f = Payload::json("2.7715077941825975e-163");
+        let mp = payload_in(&f, Encoding::Msgpack).unwrap().into_owned();
+        let mp = Payload::new(Encoding::Msgpack, mp);
+        let back = payload_in(&mp, Encoding::Json).unwrap();
+        assert_eq!(&*back, b"2.7715077941825975e-163");
     }
 
     #[test]

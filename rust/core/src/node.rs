@@ -387,9 +387,17 @@ impl Node {
                     continue;
                 }
             }
-            // Read the channel ourselves if nobody else is.
+            // Read the channel ourselves if nobody else is (a system call only when the
+            // ring is empty and we are about to park: see Endpoint::read).
             let mut progressed = false;
-            if let Some(mut reader) = ep.try_reader() {
+            let spun_out = spin_start
+                .is_some_and(|s| transport::monotonic_micros().saturating_sub(s) >= self.spin_us);
+            let reader = if ep.has_data() || spun_out || spin_start.is_none() {
+                ep.try_reader()
+            } else {
+                None
+            };
+            if let Some(mut reader) = reader {
                 let pass = ep.read(&mut reader);
                 progressed = pass.progressed || !pass.frames.is_empty();
                 if !pass.frames.is_empty() || pass.eof || pass.fatal.is_some() {
@@ -470,10 +478,11 @@ impl Node {
     }
 }
 
-/// One short spin on an empty ring: a few pause instructions, then a yield, so that a peer
-/// sharing this CPU gets to run (spinning alone would only delay it).
+/// One short spin on an empty ring (about a microsecond of pause instructions, returning as
+/// soon as bytes arrive), then a yield, so that a peer sharing this CPU gets to run
+/// (spinning alone would only delay it).
 fn spin_wait(ep: &Endpoint) {
-    for _ in 0..32 {
+    for _ in 0..256 {
         if ep.has_data() {
             return;
         }

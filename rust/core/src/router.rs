@@ -384,7 +384,7 @@ impl Router {
     }
 
     fn in_flight(&self) -> usize {
-        self.calls.len() + self.forwards.len() + self.registrations.len()
+        self.calls.len() + self.forwards.len() + self.registrations.len() + self.jobs.len()
     }
 
     fn channel_arc(&self, name: &str) -> Option<ChannelId> {
@@ -713,6 +713,17 @@ impl Router {
             Reply::Channel(channel, thid) => {
                 if self.channels.contains_key(&channel) {
                     let result = self.adapt_result(result, &channel);
+                    let limit = self.config.limits.max_message_size;
+                    let result = match result {
+                        Ok(Some(p)) if p.data.len() > limit => Err(ExecError::new(
+                            ErrorCode::InternalError,
+                            format!(
+                                "the result ({} bytes) exceeds the message size limit of {limit} bytes",
+                                p.data.len()
+                            ),
+                        )),
+                        other => other,
+                    };
                     self.send(
                         &channel,
                         Message::ExecuteResponse {
@@ -1040,6 +1051,10 @@ impl Router {
                 ..
             }) => {
                 let handler = *handler;
+                if self.in_flight() >= self.config.max_pending {
+                    let err = self.too_busy();
+                    return self.reply_error(from, id, err);
+                }
                 let job = self.token();
                 self.jobs.insert(job, Reply::Channel(from.clone(), id));
                 self.actions.push(Action::RunHandler {

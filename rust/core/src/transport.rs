@@ -553,9 +553,13 @@ impl Endpoint {
             pass.eof = true;
             return pass;
         }
-        // Socket: doorbells (shm) or data (stream); 0 bytes means the peer closed.
+        // Socket: doorbells (shm) or data (stream); 0 bytes means the peer closed. With shm
+        // and bytes already in the ring, skip the system call: doorbells are only sent to a
+        // parked reader, and a peer's death is seen on the next pass that finds the ring
+        // empty (a parked reader is woken by the hang-up).
+        let skip_socket = self.shm.as_ref().is_some_and(|shm| shm.rx.has_data());
         let mut buf = [0u8; 16384];
-        loop {
+        while !skip_socket {
             // SAFETY: non-blocking recv into a stack buffer.
             let n = unsafe {
                 libc::recv(
