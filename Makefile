@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all venv build test test-rust test-python lint fmt bench bench-rust demo clean
+.PHONY: all venv build test test-rust test-python test-slow lint fmt bench bench-rust demo fuzz clean
 
 all: test
 
@@ -52,6 +52,23 @@ bench: build
 
 bench-rust:
 	cargo bench -p cmd-ipc-core
+
+# Slow soak/property runs (more hypothesis examples), never in the default test run.
+test-slow: build
+	$(PY) -m pytest -m slow
+
+# Coverage-guided fuzzing with libFuzzer, FUZZ_SECONDS per target (default 60). Uses the
+# machine's stable toolchain (RUSTC_BOOTSTRAP for cargo-fuzz's flags) without a sanitizer.
+# New corpus entries land in rust/core/fuzz/corpus/<target>/ and are replayed by `cargo test`
+# (rust/core/tests/fuzz_corpus.rs); crashes land in rust/core/fuzz/artifacts/.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := json_decode msgpack_decode frame_decode router_ops
+fuzz:
+	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	cd rust/core/fuzz && for t in $(FUZZ_TARGETS); do \
+	  RUSTC_BOOTSTRAP=1 cargo fuzz run -s none --release $$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -rss_limit_mb=512 || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) target .pytest_cache .mypy_cache .ruff_cache

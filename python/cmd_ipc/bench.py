@@ -568,7 +568,7 @@ class _Bench:
         def chunk(n: int, warmup: int) -> tuple[list[int], float]:
             # The worker's calls time out after CALL_TIMEOUT too (its request_ttl is ours).
             req = {"command": "calc.add", "n": n, "warmup": warmup}
-            limit = CALL_TIMEOUT + (n + warmup) * 0.01
+            limit = CALL_TIMEOUT + (n + warmup) * 0.002
             out = self.on_loop(lambda: reg.execute_command("bench.call_many", req, timeout=limit))
             return [int(x) for x in out["ns"]], int(out["elapsed_ns"]) / 1e9
 

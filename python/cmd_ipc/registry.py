@@ -272,7 +272,10 @@ class CommandRegistry:
                 if fd is not None and self._loop is not None:
                     self._loop.add_writer(fd, self._on_native_writable, act[1])
             elif kind == "dropped":
-                level = logging.DEBUG if act[2] == "duplicate_event" else logging.WARNING
+                quiet = act[2] == "duplicate_event" or (
+                    act[2] == "undeliverable" and (self._closed or self._stopping_worker)
+                )
+                level = logging.DEBUG if quiet else logging.WARNING
                 logger.log(
                     level, "registry %r dropped a message from %r: %s", self.id, act[1], act[3]
                 )

@@ -7,6 +7,8 @@
 pub mod codec;
 pub mod error;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod message;
 pub mod node;
 pub mod router;

@@ -242,12 +242,11 @@ impl Node {
             if got || pass.eof || pass.fatal.is_some() {
                 let mut st = self.lock();
                 let now = transport::monotonic_micros();
-                for f in &pass.frames {
-                    let _ = st.router.handle_frame(id, f, now);
-                }
-                let reason = match (&pass.fatal, pass.eof) {
-                    (Some(e), _) => Some(format!("[{}] {e}", e.code())),
-                    (None, true) => Some("peer closed the channel".to_string()),
+                let garbage = route_frames(&mut st.router, id, &pass.frames, now);
+                let reason = match (&pass.fatal, pass.eof, garbage) {
+                    (Some(e), _, _) => Some(format!("[{}] {e}", e.code())),
+                    (None, _, Some(g)) => Some(g),
+                    (None, true, None) => Some("peer closed the channel".to_string()),
                     _ => None,
                 };
                 if let Some(reason) = reason {
@@ -406,12 +405,11 @@ impl Node {
                     let now = transport::monotonic_micros();
                     let mut py = Vec::new();
                     if let Some(id) = &id {
-                        for f in &pass.frames {
-                            let _ = st.router.handle_frame(id, f, now);
-                        }
-                        let reason = match (&pass.fatal, pass.eof) {
-                            (Some(e), _) => Some(format!("[{}] {e}", e.code())),
-                            (None, true) => Some("peer closed the channel".to_string()),
+                        let garbage = route_frames(&mut st.router, id, &pass.frames, now);
+                        let reason = match (&pass.fatal, pass.eof, garbage) {
+                            (Some(e), _, _) => Some(format!("[{}] {e}", e.code())),
+                            (None, _, Some(g)) => Some(g),
+                            (None, true, None) => Some("peer closed the channel".to_string()),
                             _ => None,
                         };
                         if let Some(reason) = reason {
@@ -476,6 +474,20 @@ impl Node {
         }
         py
     }
+}
+
+/// Routes received frames; returns a reason to disconnect if one was not even well-formed
+/// JSON/msgpack (a peer of ours that sends garbage is broken). Frames that are well-formed
+/// but invalid, too large or too deep are only dropped (and answered when possible).
+fn route_frames(router: &mut Router, id: &str, frames: &[Vec<u8>], now: Micros) -> Option<String> {
+    for f in frames {
+        if let Err(crate::router::FrameError::Codec(e @ crate::CodecError::Malformed { .. })) =
+            router.handle_frame(id, f, now)
+        {
+            return Some(format!("[{}] {e}", e.code()));
+        }
+    }
+    None
 }
 
 /// One short spin on an empty ring (about a microsecond of pause instructions, returning as

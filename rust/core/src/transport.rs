@@ -526,9 +526,16 @@ impl Endpoint {
     /// transport the driver should then wait for the socket to be writable).
     pub fn flush(&self) -> io::Result<bool> {
         let mut out = self.lock_writer();
+        let before = out.sent;
+        if before == out.pending.len() {
+            return Ok(false); // nothing pending: no doorbell (an idle channel stays silent)
+        }
         let more = self.flush_locked(&mut out)?;
+        let wrote = out.sent != before || !more;
         drop(out);
-        self.wake_reader();
+        if wrote {
+            self.wake_reader();
+        }
         Ok(more)
     }
 
@@ -559,7 +566,10 @@ impl Endpoint {
         // empty (a parked reader is woken by the hang-up).
         let skip_socket = self.shm.as_ref().is_some_and(|shm| shm.rx.has_data());
         let mut buf = [0u8; 16384];
-        while !skip_socket {
+        loop {
+            if skip_socket {
+                break;
+            }
             // SAFETY: non-blocking recv into a stack buffer.
             let n = unsafe {
                 libc::recv(
