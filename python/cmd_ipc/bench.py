@@ -1,32 +1,30 @@
 """``cmd-ipc bench``: the latency benchmark (the main job).
 
 One run spawns the worker processes of :mod:`cmd_ipc._bench_targets` and the baseline
-children, and measures the round trip of ``add({"a": 1, "b": 2})``:
+children, and times the round trip of ``add({"a": 1, "b": 2})`` (baseline in brackets):
 
-=========================  ===================================================  ==========
-row                        what is timed                                        baseline
-=========================  ===================================================  ==========
-blocking shm               ``execute_command_sync`` to a worker over shm        mp.Pipe
-await shm                  ``await execute_command`` to a worker over shm       streams
-blocking pipe              ``execute_command_sync`` to a worker over a socket   mp.Pipe
-hop: bench→worker→sub      blocking call of a sub-worker's command (the         mp.Pipe
-                           middle worker forwards natively)
-hop: worker→parent→worker  blocking calls timed in a worker, of a sibling's     mp.Pipe
-                           command (the bench process forwards natively)
-direct: worker→worker      the same after ``connect_workers`` (the reference    mp.Pipe
-                           of the row above)
-pipelined shm              ``await`` with ``--window`` calls in flight          mp.Pipe
-mp.Pipe (baseline)         ``multiprocessing.Pipe`` send/recv with a child
-asyncio streams (baseline) length-prefixed msgpack over an asyncio Unix socket
-=========================  ===================================================  ==========
+* blocking shm: ``execute_command_sync`` to a worker over shared memory [Pipe];
+* await shm: ``await execute_command`` to the same worker [streams];
+* blocking pipe: ``execute_command_sync`` to a worker over the pipe transport [Pipe];
+* hop bench→worker→sub-worker: a blocking call of a sub-worker's command, which the middle
+  worker forwards natively [Pipe]; its extra cost is measured against blocking shm;
+* hop worker→parent→worker: blocking calls timed inside a worker, of a sibling's command,
+  which the bench process forwards natively [Pipe]; its extra cost is measured against
+  the next row;
+* direct worker→worker: the same calls after ``connect_workers`` [Pipe];
+* pipelined shm: ``await`` with ``--window`` calls in flight [Pipe];
+* baselines: ``multiprocessing.Pipe`` send/recv with a child process (Pipe), and
+  length-prefixed msgpack over an asyncio Unix socket to a child process (streams);
 
-then the idle cost (CPU used by the idle workers and the idle bench process over
-``--idle-seconds``). Each latency row reports p50/p99 (µs), mean and calls/s; its ratio is
+then the idle cost: CPU used by the idle workers and the idle bench process over
+``--idle-seconds``. Each latency row reports p50/p99/mean (µs) and calls/s; its ratio is
 ``p50 / baseline p50`` (for the pipelined row, time per call ``1 / calls/s`` over the
-baseline's), lower is better. The targets of the project are printed as met or NOT met.
+baseline's), lower is better. The targets of issue 3 are printed as met or NOT met.
 
-``--pin`` pins the bench process to CPU 0 and every child (workers, their sub-workers,
-baseline children) to CPU 1.
+Workers are started just before the rows that use them. A call that takes longer than
+``CALL_TIMEOUT`` fails its row (shown in the table) instead of hanging the run. ``--pin``
+pins the bench process to CPU 0 and every child (workers, their sub-workers, baseline
+children) to CPU 1.
 """
 
 from __future__ import annotations
@@ -126,6 +124,8 @@ class BenchConfig:
     idle_seconds: float = 5.0
     pin: bool = False
     progress: bool = True
+    #: Spin of native readers before parking, in µs (None: the registry's default).
+    spin_us: int | None = None
 
     @property
     def warmup(self) -> int:
@@ -187,6 +187,7 @@ class Results:
     errors: dict[str, str] = field(default_factory=dict)
     started: str = ""
     duration_s: float = 0.0
+    machine: dict[str, Any] = field(default_factory=dict)
 
     def p50(self, key: str) -> float | None:
         row = self.rows.get(key)
@@ -298,7 +299,7 @@ class Results:
             "tool": "cmd-ipc bench",
             "date": self.started,
             "duration_s": round(self.duration_s, 3),
-            "machine": machine_info(),
+            "machine": self.machine or machine_info(),
             "config": {
                 "calls": self.config.calls,
                 "warmup": self.config.warmup,
@@ -306,6 +307,7 @@ class Results:
                 "window": self.config.window,
                 "idle_seconds": self.config.idle_seconds,
                 "pin": self.config.pin,
+                "spin_us": self.config.spin_us,
                 "payload": REQ,
             },
             "rows": rows,
@@ -480,6 +482,11 @@ class _Bench:
         """Runs a coroutine on the registry's event loop (its background thread) and waits."""
         return self.reg._blocking(make, timeout)
 
+    def control(self, command: str, request: dict[str, Any] | None = None) -> Any:
+        """A call that is not measured, made through the event loop (``await``)."""
+        reg = self.reg
+        return self.on_loop(lambda: reg.execute_command(command, request), CALL_TIMEOUT + 1)
+
     def step(self, key: str, weight: float, fn: Callable[[], None]) -> None:
         """Runs one step; a failure is recorded as the error of row ``key``."""
         self.progress.set(LABELS.get(key, key))
@@ -513,7 +520,7 @@ class _Bench:
                 elapsed += e
                 self.progress.advance(weight / len(chunks))
         except Exception as e:
-            self.res.errors[key] = f"{type(e).__name__}: {e}"
+            self.res.errors[key] = f"{type(e).__name__}: {e} (after {len(samples)} of {n} calls)"
             self.progress.advance(weight * (1 - len(samples) / max(1, n)))
             return
         samples.sort()
@@ -582,7 +589,7 @@ class _Bench:
         deadline = time.monotonic() + 10
         route = None
         while time.monotonic() < deadline:
-            route = reg.execute_command_sync("bench.route_of", {"command_id": "calc.add"})
+            route = self.control("bench.route_of", {"command_id": "calc.add"})
             if route == W_ADD:
                 break
             time.sleep(0.01)
@@ -751,7 +758,9 @@ class _Bench:
         # Each step may fail (its row then shows the error); the rest of the run goes on.
         # Workers are started just before the rows that use them, so that a worker that is
         # not being measured does not share the CPUs with one that is.
-        with CommandRegistry("bench", request_ttl=CALL_TIMEOUT) as reg:
+        extra: dict[str, Any] = {} if cfg.spin_us is None else {"spin_us": cfg.spin_us}
+        with CommandRegistry("bench", request_ttl=CALL_TIMEOUT, **extra) as reg:
+            cfg.spin_us = reg.spin_us  # the effective value, for the report
             self.registry = reg
             self.step("spawn", 0.5, lambda: self.spawn(W_ADD, "add_worker"))
             have_add = W_ADD in reg.workers
@@ -777,24 +786,28 @@ class _Bench:
                 self.skip(AWAIT_SHM, 1.0)
                 self.skip(PIPELINED, 2.0)
 
-            def sibling_rows() -> None:
+            def via_parent() -> None:
                 if not have_add:
                     raise RuntimeError(f"{W_ADD} did not start")
                 self.spawn(W_CALLER, "caller_worker")
                 self.from_worker(
                     HOP_SIBLING, 1.0, f"timed in {W_CALLER}; forwarded by the bench process"
                 )
-                self.progress.set(LABELS[DIRECT_SIBLING])
+
+            def direct() -> None:
+                if W_CALLER not in reg.workers:
+                    raise RuntimeError(f"{W_CALLER} did not start")
                 route = self.connect_direct()
                 if route != W_ADD:
                     raise RuntimeError(f"calc.add still routed to {route!r} after connect")
                 self.from_worker(DIRECT_SIBLING, 1.0, f"timed in {W_CALLER}; direct channel")
 
-            self.step(HOP_SIBLING, 0.0, sibling_rows)
+            self.step(HOP_SIBLING, 0.0, via_parent)
+            self.step(DIRECT_SIBLING, 0.0, direct)
 
             def hop_row() -> None:
                 self.spawn(W_HOP, "hop_worker")
-                pids = reg.execute_command_sync("bench.hop_pids")
+                pids = self.control("bench.hop_pids")
                 for wid, pid in pids.items():
                     if pid is not None:
                         self.worker_pids.setdefault(wid, int(pid))
@@ -804,8 +817,7 @@ class _Bench:
             self.progress.set(f"idle cost ({cfg.idle_seconds:g} s)")
             self.step(IDLE_WORKER, 1.0, self.idle)
             self.progress.set("stopping workers")
-            # Stop in reverse order of start, so that a worker never sees a direct peer
-            # go away first (which it would log as a warning).
+            # Stop in reverse order of start: callers before what they call.
             for wid in reversed(list(reg.workers)):
                 with contextlib.suppress(Exception):
                     self.stop(wid)
@@ -854,7 +866,8 @@ def run(config: BenchConfig, progress_stream: TextIO | None = None) -> Results:
     """Runs the whole benchmark; returns its results."""
     started = datetime.datetime.now(datetime.timezone.utc).astimezone()
     t0 = time.monotonic()
-    results = Results(config, started=started.isoformat(timespec="seconds"))
+    # Before pinning, so that the CPUs this process may use are reported as they were.
+    results = Results(config, started=started.isoformat(timespec="seconds"), machine=machine_info())
     if config.pin:
         # Before any thread exists: threads inherit the affinity of the one creating them.
         os.sched_setaffinity(0, {0})
@@ -903,8 +916,8 @@ def table_rows(results: Results) -> tuple[list[str], list[list[str]]]:
             mets = by_row[key]
             status = " / ".join(_status(m) for m in mets)
         if row is None:
-            err = results.errors.get(key, "not measured")
-            rows.append([LABELS[key], "-", "-", "-", "-", f"failed: {err}"[:60], status])
+            why = "failed (below)" if key in results.errors else "not measured"
+            rows.append([LABELS[key], "-", "-", "-", "-", why, status])
             continue
         ratio = results.ratio(key)
         base = BASELINE_OF.get(key)
@@ -927,8 +940,8 @@ def table_rows(results: Results) -> tuple[list[str], list[list[str]]]:
         idle = results.idle.get(key)
         status = _status(None if idle is None else idle["cpu_percent"] < 1.0)
         if idle is None:
-            err = results.errors.get(key, "not measured")
-            rows.append([LABELS[key], "-", "-", "-", "-", f"failed: {err}"[:60], status])
+            why = "failed (below)" if key in results.errors else "not measured"
+            rows.append([LABELS[key], "-", "-", "-", "-", why, status])
             continue
         cpu = f"{idle['cpu_percent']:.3f}% CPU"
         rows.append([LABELS[key], "", "", "", "", cpu, status])
@@ -971,6 +984,7 @@ def render(results: Results, out: TextIO | None = None) -> None:
     title = (
         f"cmd-ipc bench: add(a, b) round trip, {cfg.calls} calls per row"
         f"{', pinned (bench CPU 0, children CPU 1)' if cfg.pin else ', not pinned'}"
+        f"{'' if cfg.spin_us is None else f', readers spin {cfg.spin_us} µs'}"
     )
     targets = results.targets()
     try:
@@ -1030,7 +1044,7 @@ def render(results: Results, out: TextIO | None = None) -> None:
         print("", file=out)
         for key, err in results.errors.items():
             print(f"  error in {LABELS.get(key, key)}: {err}", file=out)
-    m = machine_info()
+    m = results.machine or machine_info()
     print(
         f"\n{m['cpu_count']} CPUs ({m['cpu_model']}), Python {m['python']}, "
         f"{results.started}, {results.duration_s:.1f} s",
@@ -1079,6 +1093,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="pin the bench process to CPU 0 and its children to CPU 1",
     )
+    parser.add_argument(
+        "--spin-us",
+        type=int,
+        default=None,
+        metavar="US",
+        help="how long native readers spin before parking, in µs, in this process and the "
+        "workers (default: the registry's, 50)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -1094,6 +1116,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise SystemExit("--idle-seconds must be positive")
     if args.window < 1:
         raise SystemExit("--window must be at least 1")
+    if args.spin_us is not None and args.spin_us < 0:
+        raise SystemExit("--spin-us must not be negative")
     return BenchConfig(
         calls=calls,
         pipelined_calls=args.pipelined_calls,
@@ -1101,6 +1125,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         idle_seconds=idle,
         pin=args.pin,
         progress=not args.no_progress,
+        spin_us=args.spin_us,
     )
 
 
