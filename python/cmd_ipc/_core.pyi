@@ -79,6 +79,8 @@ class Node:
     def poll_native(self, channel: str, spin_us: int = 0) -> tuple[list[_Action], bool, bool]:
         """Reads and routes a native channel (GIL released): ``(actions, again,
         want_write)``; poll again after the actions when ``again``."""
+    def native_busy(self, channel: str) -> bool:
+        """Whether a blocking caller is reading the native channel now."""
     def flush_native(self, channel: str) -> bool:
         """Writes pending output; returns whether some remains."""
     def close_native(self, channel: str) -> list[_Action]:

@@ -46,6 +46,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _Outcome = Callable[[Any, Optional[BaseException]], None]
 
+#: Result types that are never awaitable (skips the slower ``inspect.isawaitable``).
+_PLAIN = frozenset({int, float, str, bytes, bool, dict, list, tuple, type(None)})
+
+#: Seconds the loop waits before watching again a native channel a blocking caller reads.
+_RESUME_AFTER = 0.001
+
 #: Bumped in a forked child, so registries inherited from the parent refuse to work there.
 _FORK_GENERATION = [0]
 
@@ -329,11 +335,14 @@ class CommandRegistry:
             self._spawn(self._run_async(job, entry, request))
             return
         try:
-            result = entry.invoke(request)
+            if type(request) is dict and not entry.whole_request:
+                result = entry.fn(**request)
+            else:
+                result = entry.invoke(request)
         except Exception as e:
             self._handler_failed(job, entry, request, e)
             return
-        if inspect.isawaitable(result):
+        if type(result) not in _PLAIN and inspect.isawaitable(result):
             self._spawn(self._await_result(job, entry, request, result))
         else:
             self._finish_ok(job, entry, result)
@@ -392,7 +401,12 @@ class CommandRegistry:
                     f"result of {entry.command_id!r} cannot be serialised: {e}",
                 )
                 return
-        self._complete(lambda: self._node.complete_job_ok(job, data, "msgpack"))
+        try:
+            actions = self._node.complete_job_ok(job, data, "msgpack")
+        except KeyError:
+            return  # the job ended already (its call timed out or was cancelled)
+        if actions:  # a reply over a native channel was sent by Rust: usually nothing left
+            self._apply(actions)
 
     def _finish_err(self, job: int, code: str, message: str) -> None:
         self._complete(lambda: self._node.complete_job_err(job, code, message))
@@ -401,7 +415,7 @@ class CommandRegistry:
         try:
             actions = fn()
         except KeyError:
-            return  # the job was already completed (cannot happen twice; be safe on close)
+            return  # the job ended already (its call timed out or was cancelled)
         self._apply(actions)
 
     # ------------------------------------------------------------------ registration
@@ -804,7 +818,16 @@ class CommandRegistry:
             # Spin for the next frame only when the loop has nothing else to run: a spin
             # while a resumed caller waits would only delay it.
             spin = self.spin_us if ready is not None and not ready else 0
-            actions, again, want_write = self._node.poll_native(channel_id, spin)
+            actions, again, want_write, busy = self._node.poll_native(channel_id, spin)
+            if busy:
+                # A blocking caller is reading this channel: step aside (a level-triggered
+                # watch would spin on its bytes) and look again shortly. Frames that arrive
+                # meanwhile are read and routed by that caller.
+                fd = self._native_fds.get(channel_id)
+                if fd is not None and self._loop is not None:
+                    self._loop.remove_reader(fd)
+                    self._loop.call_later(_RESUME_AFTER, self._resume_native, channel_id)
+                return
             if actions:
                 self._apply(actions)
             if want_write and self._loop is not None:
@@ -824,6 +847,16 @@ class CommandRegistry:
             fd = self._native_fds.get(channel_id)
             if fd is not None:
                 self._loop.remove_writer(fd)
+
+    def _resume_native(self, channel_id: str) -> None:
+        fd = self._native_fds.get(channel_id)
+        if fd is None or self._loop is None:
+            return
+        if self._node.native_busy(channel_id):
+            self._loop.call_later(_RESUME_AFTER, self._resume_native, channel_id)
+            return
+        self._loop.add_reader(fd, self._on_native, channel_id)
+        self._on_native(channel_id)
 
     def _on_wake(self) -> None:
         """Actions queued by another thread (a blocking caller that read a frame)."""

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use crate::codec;
 use crate::message::{ErrorCode, ExecError, ExecResult, Payload};
 use crate::router::{Action, Config, DropKind, Micros, Router};
-use crate::transport::{self, Endpoint};
+use crate::transport::{self, Endpoint, Reader};
 
 /// The router and what is shared between threads.
 pub struct State {
@@ -38,6 +38,7 @@ pub struct State {
 struct SyncSlot {
     result: Option<ExecResult>,
     waker: RawFd,
+    ep: Arc<Endpoint>,
 }
 
 /// Outcome of [`Node::call_sync`].
@@ -58,6 +59,17 @@ pub struct Poll {
     pub again: bool,
     /// Unsent bytes remain (stream transport): wait for the socket to be writable.
     pub want_write: bool,
+    /// A blocking caller holds the reading role: stop watching this channel for a moment
+    /// (a level-triggered watch would spin) and look again later.
+    pub busy: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Got,
+    Progressed,
+    Empty,
+    Closed,
 }
 
 thread_local! {
@@ -165,6 +177,7 @@ impl Node {
                         Some(slot) => {
                             slot.result = Some(result);
                             transport::eventfd_signal(slot.waker);
+                            slot.ep.wake_local_waiter();
                         }
                         None => py.push(Action::CallDone { call, result }),
                     },
@@ -225,66 +238,142 @@ impl Node {
         py
     }
 
-    /// Reads and routes everything waiting on a native channel, spinning up to `spin_us`
-    /// for more before arming its doorbell. Returns at once if another thread is reading.
+    /// Reads and routes one received batch of an endpoint (the caller holds its reader
+    /// role); Python actions go to `py`. Closes the channel on end-of-file, a broken stream
+    /// or garbage.
+    fn read_route(
+        &self,
+        id: &str,
+        ep: &Endpoint,
+        reader: &mut Reader,
+        py: &mut Vec<Action>,
+    ) -> Pass {
+        let pass = ep.read(reader);
+        let got = !pass.frames.is_empty();
+        if got || pass.eof || pass.fatal.is_some() {
+            let mut st = self.lock();
+            let now = transport::monotonic_micros();
+            let garbage = route_frames(&mut st.router, id, &pass.frames, now);
+            let reason = match (&pass.fatal, pass.eof, garbage) {
+                (Some(e), _, _) => Some(format!("[{}] {e}", e.code())),
+                (None, _, Some(g)) => Some(g),
+                (None, true, None) => Some("peer closed the channel".to_string()),
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                self.detach(id);
+                ep.close();
+                let _ = st.router.close_channel(id);
+                self.dispatch(&mut st, py);
+                py.push(Action::Closed {
+                    channel: Arc::from(id),
+                    reason,
+                });
+                return Pass::Closed;
+            }
+            self.dispatch(&mut st, py);
+        }
+        if got {
+            Pass::Got
+        } else if pass.progressed {
+            Pass::Progressed
+        } else {
+            Pass::Empty
+        }
+    }
+
+    fn shm_endpoints(&self) -> Vec<(Arc<str>, Arc<Endpoint>)> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, e)| e.parks_on_futex())
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect()
+    }
+
+    /// Reads and routes everything waiting on a native channel; then, if `spin_us` > 0,
+    /// spins that long over every shared-memory channel (a reply to a request just forwarded
+    /// arrives on another one) before arming the doorbells. Returns at once, with
+    /// `busy`, if a blocking caller holds this channel's reading role.
     pub fn poll_endpoint(&self, id: &str, spin_us: u64) -> Poll {
         let mut out = Poll::default();
         let Some(ep) = self.endpoint(id) else {
             return out;
         };
         let Some(mut reader) = ep.try_reader() else {
+            out.busy = true;
             return out;
         };
+        let others: Vec<(Arc<str>, Arc<Endpoint>)> = if spin_us > 0 {
+            self.shm_endpoints()
+                .into_iter()
+                .filter(|(k, _)| &**k != id)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut touched: Vec<usize> = Vec::new();
         let mut spin_start: Option<Micros> = None;
         loop {
-            let pass = ep.read(&mut reader);
-            let got = !pass.frames.is_empty();
-            if got || pass.eof || pass.fatal.is_some() {
-                let mut st = self.lock();
-                let now = transport::monotonic_micros();
-                let garbage = route_frames(&mut st.router, id, &pass.frames, now);
-                let reason = match (&pass.fatal, pass.eof, garbage) {
-                    (Some(e), _, _) => Some(format!("[{}] {e}", e.code())),
-                    (None, _, Some(g)) => Some(g),
-                    (None, true, None) => Some("peer closed the channel".to_string()),
-                    _ => None,
-                };
-                if let Some(reason) = reason {
-                    drop(reader);
-                    self.detach(id);
-                    ep.close();
-                    let _ = st.router.close_channel(id);
-                    self.dispatch(&mut st, &mut out.actions);
-                    out.actions.push(Action::Closed {
-                        channel: Arc::from(id),
-                        reason,
-                    });
-                    return out;
+            match self.read_route(id, &ep, &mut reader, &mut out.actions) {
+                Pass::Closed => return out,
+                Pass::Got => {
+                    spin_start = None;
+                    if !out.actions.is_empty() {
+                        out.again = true; // Python has work: hand it over, then poll again
+                        break;
+                    }
+                    continue;
                 }
-                self.dispatch(&mut st, &mut out.actions);
+                Pass::Progressed => continue,
+                Pass::Empty => {}
             }
-            if got {
+            // Other shared-memory channels with bytes waiting (replies to what we forwarded).
+            let mut other_got = false;
+            for (i, (oid, oep)) in others.iter().enumerate() {
+                if !oep.has_data() {
+                    continue;
+                }
+                if let Some(mut r) = oep.try_reader() {
+                    if self.read_route(oid, oep, &mut r, &mut out.actions) == Pass::Got {
+                        other_got = true;
+                    }
+                    if !touched.contains(&i) {
+                        touched.push(i);
+                    }
+                }
+            }
+            if other_got {
                 spin_start = None;
                 if !out.actions.is_empty() {
-                    out.again = true; // Python has work: hand it over, then poll again
+                    out.again = true;
                     break;
                 }
                 continue;
             }
-            if pass.progressed {
-                continue;
-            }
-            // Nothing new: spin briefly on the ring before parking.
             if spin_us > 0 && ep.kind() == transport::Kind::Shm {
                 let now = transport::monotonic_micros();
                 let start = *spin_start.get_or_insert(now);
                 if now.saturating_sub(start) < spin_us {
-                    spin_wait(&ep);
+                    spin_wait(&ep, &others);
                     continue;
                 }
             }
             if ep.prepare_park() {
                 break;
+            }
+        }
+        drop(reader);
+        // Channels read here must be re-armed, or their next bytes would wake nobody.
+        for i in touched {
+            let (oid, oep) = &others[i];
+            if let Some(mut r) = oep.try_reader() {
+                while !oep.prepare_park() {
+                    if self.read_route(oid, oep, &mut r, &mut out.actions) == Pass::Closed {
+                        break;
+                    }
+                }
             }
         }
         if let Ok(more) = ep.flush() {
@@ -330,7 +419,9 @@ impl Node {
     }
 
     /// A blocking call from any thread but the loop's: when the command is reached through a
-    /// native channel, writes the request and waits for the reply on that channel itself.
+    /// native channel, writes the request and waits for the reply on that channel itself
+    /// (spinning `spin_us`, then parking on the ring's futex, or on the socket for the pipe
+    /// transport), reading and routing whatever else arrives meanwhile.
     pub fn call_sync(
         &self,
         command_id: &str,
@@ -339,7 +430,7 @@ impl Node {
     ) -> SyncOutcome {
         let waker = THREAD_WAKER.with(|w| w.as_raw_fd());
         transport::eventfd_drain(waker);
-        let (call, ep, deadline) = {
+        let (call, id, ep, deadline) = {
             let mut st = self.lock();
             let Some(target) = st.router.route_of(command_id) else {
                 return SyncOutcome::Fallback;
@@ -347,6 +438,9 @@ impl Node {
             let Some(ep) = self.endpoint(&target) else {
                 return SyncOutcome::Fallback;
             };
+            // From here until hand_back, this thread reads the channel: the reply must not
+            // ring the event loop's doorbell.
+            ep.claim();
             let now = transport::monotonic_micros();
             let ttl = ttl.unwrap_or(st.router.config().request_ttl);
             let call = st.router.execute(command_id, request, Some(ttl), now);
@@ -355,30 +449,49 @@ impl Node {
                 SyncSlot {
                     result: None,
                     waker,
+                    ep: ep.clone(),
                 },
             );
             let mut py = Vec::new();
             self.dispatch(&mut st, &mut py);
             self.hand_to_loop(&mut st, py);
-            (call, ep, now.saturating_add(ttl))
+            (call, target, ep, now.saturating_add(ttl))
         };
+        let result = self.wait_sync(call, &id, &ep, deadline, waker);
+        self.hand_back(&id, &ep);
+        SyncOutcome::Done(result)
+    }
+
+    fn wait_sync(
+        &self,
+        call: u64,
+        id: &str,
+        ep: &Arc<Endpoint>,
+        deadline: Micros,
+        waker: RawFd,
+    ) -> ExecResult {
+        let shm = ep.kind() == transport::Kind::Shm;
+        if !shm {
+            return self.wait_sync_stream(call, id, ep, deadline, waker);
+        }
         let mut spin_start: Option<Micros> = None;
         loop {
+            let now = transport::monotonic_micros();
             {
                 let mut st = self.lock();
-                if let Some(slot) = st.sync_calls.get_mut(&call) {
-                    if let Some(result) = slot.result.take() {
-                        st.sync_calls.remove(&call);
-                        return SyncOutcome::Done(result);
+                match st.sync_calls.get_mut(&call) {
+                    Some(slot) => {
+                        if let Some(result) = slot.result.take() {
+                            st.sync_calls.remove(&call);
+                            return result;
+                        }
                     }
-                } else {
-                    return SyncOutcome::Done(Err(ExecError::new(
-                        ErrorCode::InternalError,
-                        "call lost",
-                    )));
+                    None => {
+                        return Err(ExecError::new(ErrorCode::InternalError, "call lost"));
+                    }
                 }
-                let now = transport::monotonic_micros();
                 if now >= deadline {
+                    // The router's own timer for this call fires (CallDone lands in the slot).
                     st.router.tick(now);
                     let mut py = Vec::new();
                     self.dispatch(&mut st, &mut py);
@@ -386,77 +499,150 @@ impl Node {
                     continue;
                 }
             }
-            // Read the channel ourselves if nobody else is (a system call only when the
-            // ring is empty and we are about to park: see Endpoint::read).
-            let mut progressed = false;
-            let spun_out = spin_start
-                .is_some_and(|s| transport::monotonic_micros().saturating_sub(s) >= self.spin_us);
-            let reader = if ep.has_data() || spun_out || spin_start.is_none() {
-                ep.try_reader()
-            } else {
-                None
-            };
-            if let Some(mut reader) = reader {
-                let pass = ep.read(&mut reader);
-                progressed = pass.progressed || !pass.frames.is_empty();
-                if !pass.frames.is_empty() || pass.eof || pass.fatal.is_some() {
-                    let id = self.endpoint_id(&ep);
-                    let mut st = self.lock();
-                    let now = transport::monotonic_micros();
-                    let mut py = Vec::new();
-                    if let Some(id) = &id {
-                        let garbage = route_frames(&mut st.router, id, &pass.frames, now);
-                        let reason = match (&pass.fatal, pass.eof, garbage) {
-                            (Some(e), _, _) => Some(format!("[{}] {e}", e.code())),
-                            (None, _, Some(g)) => Some(g),
-                            (None, true, None) => Some("peer closed the channel".to_string()),
-                            _ => None,
-                        };
-                        if let Some(reason) = reason {
-                            drop(reader);
-                            self.detach(id);
-                            ep.close();
-                            let _ = st.router.close_channel(id);
-                            self.dispatch(&mut st, &mut py);
-                            py.push(Action::Closed {
-                                channel: Arc::from(id.as_str()),
-                                reason,
-                            });
+            // Read the channel ourselves unless another thread is (then just wait for it).
+            let spun_out = spin_start.is_some_and(|s| now.saturating_sub(s) >= self.spin_us);
+            let mut busy = false;
+            if !shm || ep.has_data() || spun_out || spin_start.is_none() {
+                match ep.try_reader() {
+                    Some(mut reader) => {
+                        let mut py = Vec::new();
+                        let pass = self.read_route(id, ep, &mut reader, &mut py);
+                        drop(reader);
+                        if !py.is_empty() {
+                            let mut st = self.lock();
+                            self.hand_to_loop(&mut st, py);
+                        }
+                        let _ = ep.flush();
+                        match pass {
+                            Pass::Closed => continue, // the slot holds channel_disconnected
+                            Pass::Got | Pass::Progressed => {
+                                spin_start = None;
+                                continue;
+                            }
+                            Pass::Empty => {}
                         }
                     }
-                    self.dispatch(&mut st, &mut py);
-                    self.hand_to_loop(&mut st, py);
+                    None => busy = true,
                 }
-                let _ = ep.flush();
             }
-            if progressed || ep.has_data() {
+            if shm && ep.has_data() {
                 spin_start = None;
                 continue;
             }
-            let now = transport::monotonic_micros();
             let start = *spin_start.get_or_insert(now);
-            if now.saturating_sub(start) < self.spin_us {
-                spin_wait(&ep);
+            if shm && (busy || now.saturating_sub(start) < self.spin_us) {
+                spin_wait(ep, &[]);
                 continue;
             }
-            // Park until a doorbell, our waker, or the deadline.
-            if ep.prepare_park() {
-                let left = deadline.saturating_sub(now);
-                let ms = (left / 1000 + 1).min(100) as i32;
-                let _ = transport::wait_readable(&[ep.fd(), waker], ms);
+            if busy {
+                // Pipe transport with the loop thread reading: it completes our slot and
+                // signals our waker.
+                let _ = transport::wait_readable(&[waker], 1);
                 transport::eventfd_drain(waker);
+                continue;
             }
+            // Park until bytes arrive, another thread completes us, or the deadline (at most
+            // 20 ms, so that a peer's death is noticed by the next read).
+            let left = deadline.saturating_sub(now);
+            let ms = (left / 1000 + 1).min(20) as i32;
+            ep.park_blocking(waker, ms);
+            transport::eventfd_drain(waker);
             spin_start = None;
         }
     }
 
-    fn endpoint_id(&self, ep: &Arc<Endpoint>) -> Option<String> {
-        self.endpoints
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .find(|(_, e)| Arc::ptr_eq(e, ep))
-            .map(|(k, _)| k.to_string())
+    /// Takes a finished sync call's result out of its slot, or fires its deadline.
+    fn sync_result(&self, call: u64, deadline: Micros) -> Option<ExecResult> {
+        let mut st = self.lock();
+        let Some(slot) = st.sync_calls.get_mut(&call) else {
+            return Some(Err(ExecError::new(ErrorCode::InternalError, "call lost")));
+        };
+        if let Some(result) = slot.result.take() {
+            st.sync_calls.remove(&call);
+            return Some(result);
+        }
+        let now = transport::monotonic_micros();
+        if now >= deadline {
+            // The router's own timer for this call fires (CallDone lands in the slot).
+            st.router.tick(now);
+            let mut py = Vec::new();
+            self.dispatch(&mut st, &mut py);
+            self.hand_to_loop(&mut st, py);
+            if let Some(result) = st.sync_calls.get_mut(&call).and_then(|s| s.result.take()) {
+                st.sync_calls.remove(&call);
+                return Some(result);
+            }
+        }
+        None
+    }
+
+    /// The pipe transport: the reply comes through the socket, so the caller keeps the
+    /// reading role while it waits in `poll()` on it; the event loop, finding the role
+    /// taken, steps aside instead of racing for the same bytes.
+    fn wait_sync_stream(
+        &self,
+        call: u64,
+        id: &str,
+        ep: &Arc<Endpoint>,
+        deadline: Micros,
+        waker: RawFd,
+    ) -> ExecResult {
+        loop {
+            if let Some(result) = self.sync_result(call, deadline) {
+                return result;
+            }
+            match ep.try_reader() {
+                Some(mut reader) => loop {
+                    let mut py = Vec::new();
+                    let pass = self.read_route(id, ep, &mut reader, &mut py);
+                    if !py.is_empty() {
+                        let mut st = self.lock();
+                        self.hand_to_loop(&mut st, py);
+                    }
+                    let _ = ep.flush();
+                    if let Some(result) = self.sync_result(call, deadline) {
+                        return result;
+                    }
+                    if pass == Pass::Empty {
+                        let left = deadline.saturating_sub(transport::monotonic_micros());
+                        let ms = (left / 1000 + 1).min(1000) as i32;
+                        let _ = transport::wait_readable(&[ep.fd(), waker], ms);
+                        transport::eventfd_drain(waker);
+                    }
+                },
+                None => {
+                    // The loop thread is reading: it completes our slot and signals us.
+                    let _ = transport::wait_readable(&[waker], 1);
+                    transport::eventfd_drain(waker);
+                }
+            }
+        }
+    }
+
+    /// After a blocking call: leaves the channel armed for the event loop (frames that came
+    /// meanwhile are routed, the doorbell is set). A loop that stepped aside resumes its
+    /// watch by itself (it re-checks on a short timer rather than being woken here, so that
+    /// back-to-back blocking calls do not wake the loop thread each time).
+    fn hand_back(&self, id: &str, ep: &Arc<Endpoint>) {
+        if let Some(mut reader) = ep.try_reader() {
+            let mut py = Vec::new();
+            while !ep.prepare_park() {
+                if self.read_route(id, ep, &mut reader, &mut py) == Pass::Closed {
+                    break;
+                }
+            }
+            drop(reader);
+            if !py.is_empty() {
+                let mut st = self.lock();
+                self.hand_to_loop(&mut st, py);
+            }
+        }
+    }
+
+    /// Whether a blocking caller holds the reading role of a native channel now.
+    pub fn endpoint_busy(&self, id: &str) -> bool {
+        self.endpoint(id)
+            .is_some_and(|ep| ep.try_reader().is_none())
     }
 
     /// Closes every native channel (for shutdown).
@@ -490,12 +676,12 @@ fn route_frames(router: &mut Router, id: &str, frames: &[Vec<u8>], now: Micros) 
     None
 }
 
-/// One short spin on an empty ring (about a microsecond of pause instructions, returning as
-/// soon as bytes arrive), then a yield, so that a peer sharing this CPU gets to run
-/// (spinning alone would only delay it).
-fn spin_wait(ep: &Endpoint) {
+/// One short spin on empty rings (about a microsecond of pause instructions, returning as
+/// soon as bytes arrive on `ep` or on one of `others`), then a yield, so that a peer sharing
+/// this CPU gets to run (spinning alone would only delay it).
+fn spin_wait(ep: &Endpoint, others: &[(Arc<str>, Arc<Endpoint>)]) {
     for _ in 0..256 {
-        if ep.has_data() {
+        if ep.has_data() || others.iter().any(|(_, o)| o.has_data()) {
             return;
         }
         std::hint::spin_loop();

@@ -21,8 +21,11 @@
 //! cannot deadlock.
 //!
 //! Parking: a reader that finds its ring empty sets `reader_parked`, re-checks the ring, and
-//! sleeps in `poll()` on its socket; a writer that publishes bytes and sees `reader_parked`
-//! clears it and writes one doorbell byte to the socket. An idle channel costs no CPU, and a
+//! sleeps: the event loop in `poll()`/epoll on its socket (`reader_parked` = 1), a blocking
+//! caller on a futex on the `reader_parked` word itself (= 2), so that a reply meant for a
+//! blocked caller never wakes the event loop thread. A writer that publishes bytes swaps the
+//! word to 0 and, if it was set, writes one doorbell byte to the socket (1) or wakes the
+//! futex (2). An idle channel costs no CPU, and a
 //! busy one issues no system call at all. Peer death closes the peer's socket: the reader
 //! sees end-of-file at once.
 
@@ -451,11 +454,67 @@ impl Endpoint {
     fn wake_reader(&self) {
         if let Some(shm) = &self.shm {
             // Pairs with the reader's SeqCst store of `reader_parked` then load of `head`:
-            // either it sees our bytes, or we see it parked and ring.
-            if shm.tx.reader_parked().load(Ordering::SeqCst) == 1
-                && shm.tx.reader_parked().swap(0, Ordering::SeqCst) == 1
-            {
-                self.doorbell();
+            // either it sees our bytes, or we see it parked and wake it.
+            let word = shm.tx.reader_parked();
+            if word.load(Ordering::SeqCst) != PARK_NONE {
+                match word.swap(PARK_NONE, Ordering::SeqCst) {
+                    PARK_SOCKET => self.doorbell(),
+                    PARK_FUTEX => futex_wake(word),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Wakes a blocking caller of this process parked on our own ring's futex (used when
+    /// another thread completed its call).
+    pub fn wake_local_waiter(&self) {
+        if let Some(shm) = &self.shm {
+            futex_wake(shm.rx.reader_parked());
+        }
+    }
+
+    /// A blocking caller takes over reading: disarms the event loop's doorbell (set by
+    /// [`Endpoint::prepare_park`]) so that the reply it waits for wakes nobody else; it
+    /// reads everything itself and re-arms the doorbell when done.
+    pub fn claim(&self) {
+        if let Some(shm) = &self.shm {
+            let _ = shm.rx.reader_parked().compare_exchange(
+                PARK_SOCKET,
+                PARK_NONE,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+        }
+    }
+
+    /// Whether this endpoint parks on a futex (shm) rather than on its socket.
+    pub fn parks_on_futex(&self) -> bool {
+        self.shm.is_some()
+    }
+
+    /// A blocking caller's park: announces itself on the futex word and sleeps until a
+    /// writer publishes bytes, another thread wakes it, or `timeout_ms` passes. Returns at
+    /// once if bytes arrived meanwhile. For the stream transport, waits on the socket and on
+    /// `extra` instead.
+    pub fn park_blocking(&self, extra: RawFd, timeout_ms: i32) {
+        match &self.shm {
+            Some(shm) => {
+                let word = shm.rx.reader_parked();
+                word.store(PARK_FUTEX, Ordering::SeqCst);
+                if !shm.rx.has_data() {
+                    futex_wait(word, PARK_FUTEX, timeout_ms);
+                }
+                // Leave no stale futex mark behind: the next writer would wake nobody.
+                let _ = word.compare_exchange(
+                    PARK_FUTEX,
+                    PARK_NONE,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+            }
+            None => {
+                let _ = wait_readable(&[self.fd(), extra], timeout_ms);
             }
         }
     }
@@ -603,7 +662,7 @@ impl Endpoint {
             break;
         }
         if let Some(shm) = &self.shm {
-            shm.rx.reader_parked().store(0, Ordering::Relaxed);
+            shm.rx.reader_parked().store(PARK_NONE, Ordering::Relaxed);
             r.scratch.clear();
             if shm.rx.read(&mut r.scratch) > 0 {
                 pass.progressed = true;
@@ -655,9 +714,9 @@ impl Endpoint {
             Some(shm) => {
                 // Dekker pairing with the writer's SeqCst `head` store then `reader_parked`
                 // load: one of us sees the other.
-                shm.rx.reader_parked().store(1, Ordering::SeqCst);
+                shm.rx.reader_parked().store(PARK_SOCKET, Ordering::SeqCst);
                 if shm.rx.has_data() {
-                    shm.rx.reader_parked().store(0, Ordering::SeqCst);
+                    shm.rx.reader_parked().store(PARK_NONE, Ordering::SeqCst);
                     return false;
                 }
                 true
@@ -674,6 +733,36 @@ impl Endpoint {
                 libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR);
             }
         }
+    }
+}
+
+const PARK_NONE: u32 = 0;
+const PARK_SOCKET: u32 = 1;
+const PARK_FUTEX: u32 = 2;
+
+/// FUTEX_WAIT on a word of the shared mapping (not PRIVATE: the waker is another process).
+fn futex_wait(word: &AtomicU32, expected: u32, timeout_ms: i32) {
+    let ts = libc::timespec {
+        tv_sec: (timeout_ms / 1000) as libc::time_t,
+        tv_nsec: ((timeout_ms % 1000) as libc::c_long) * 1_000_000,
+    };
+    // SAFETY: the word lives in a mapping that outlives this call; the kernel only reads it.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        );
+    }
+}
+
+/// FUTEX_WAKE of every waiter on a shared word.
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: as above.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
     }
 }
 

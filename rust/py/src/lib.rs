@@ -285,21 +285,26 @@ impl Node {
         self.inner.is_native(channel)
     }
 
-    /// Reads a native channel (GIL released); returns (actions, again, want_write).
+    /// Reads a native channel (GIL released); returns (actions, again, want_write, busy).
     #[pyo3(signature = (channel, spin_us=0))]
     fn poll_native<'py>(
         &self,
         py: Python<'py>,
         channel: &str,
         spin_us: u64,
-    ) -> PyResult<(Bound<'py, PyList>, bool, bool)> {
+    ) -> PyResult<(Bound<'py, PyList>, bool, bool, bool)> {
         let node = &self.inner;
         let poll = py.detach(|| node.poll_endpoint(channel, spin_us));
         Ok((
             actions_to_py(py, self, poll.actions)?,
             poll.again,
             poll.want_write,
+            poll.busy,
         ))
+    }
+
+    fn native_busy(&self, channel: &str) -> bool {
+        self.inner.endpoint_busy(channel)
     }
 
     fn flush_native(&self, py: Python<'_>, channel: &str) -> bool {
