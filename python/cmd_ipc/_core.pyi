@@ -76,9 +76,10 @@ class Node:
         """The socket descriptor to watch for a native channel."""
     def is_native(self, channel: str) -> bool:
         """Whether ``channel`` is a native channel."""
-    def poll_native(self, channel: str, spin_us: int = 0) -> tuple[list[_Action], bool, bool]:
+    def poll_native(self, channel: str, spin_us: int = 0) -> tuple[list[_Action], bool, bool, bool]:
         """Reads and routes a native channel (GIL released): ``(actions, again,
-        want_write)``; poll again after the actions when ``again``."""
+        want_write, busy)``; poll again after the actions when ``again``; when ``busy`` a
+        blocking caller reads it: stop watching it for a moment."""
     def native_busy(self, channel: str) -> bool:
         """Whether a blocking caller is reading the native channel now."""
     def flush_native(self, channel: str) -> bool:
