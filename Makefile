@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all venv build test test-rust test-python test-slow lint fmt bench bench-rust demo fuzz clean
+.PHONY: all venv build run test test-rust test-python test-slow lint fmt bench bench-rust demo fuzz clean
 
 all: test
 
@@ -42,7 +42,11 @@ fmt: venv
 	$(VENV)/bin/ruff check --fix python tests benches
 	cargo fmt --all
 
-# The main job (for now a demo of a three-level in-process tree).
+# The main job: the latency benchmark (cmd-ipc bench, pinned, under a minute).
+run: build
+	$(VENV)/bin/cmd-ipc bench --pin
+
+# A small printed demo of a three-level in-process tree.
 demo: build
 	$(PY) -m cmd_ipc demo
 
