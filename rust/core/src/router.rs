@@ -564,6 +564,13 @@ impl Router {
                 ..
             }) => {
                 let handler = *handler;
+                if self.in_flight() >= self.config.max_pending {
+                    self.actions.push(Action::CallDone {
+                        call,
+                        result: Err(self.too_busy()),
+                    });
+                    return call;
+                }
                 let job = self.token();
                 self.jobs.insert(job, Reply::Local(call));
                 self.local_jobs += 1;

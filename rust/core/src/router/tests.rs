@@ -814,3 +814,27 @@ fn values_json_cannot_carry_fail_the_decision_not_the_send() {
         }
     )));
 }
+
+#[test]
+fn local_handler_runs_count_toward_the_cap() {
+    // Found by the router_ops fuzzer: local calls to a local handler were not capped.
+    let mut c = Config::new("main");
+    c.max_pending = 3;
+    let mut r = Router::new(c);
+    r.register_local(CommandDef::new("slow"), 1, 0);
+    r.take_actions();
+    let calls: Vec<u64> = (0..5).map(|_| r.execute("slow", None, None, 0)).collect();
+    let acts = r.take_actions();
+    let runs = acts
+        .iter()
+        .filter(|a| matches!(a, Action::RunHandler { .. }))
+        .count();
+    assert_eq!(runs, 3);
+    for c in &calls[3..] {
+        assert_eq!(
+            call_done(&acts, *c).unwrap_err().code,
+            ErrorCode::InternalError
+        );
+    }
+    assert_eq!(r.stats().jobs, 3);
+}
