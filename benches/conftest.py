@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-MODULES = ("test_bench_inprocess", "test_bench_processes")
+MODULES = ("test_bench_inprocess", "test_bench_processes", "test_bench_validation")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -14,11 +14,16 @@ drive the tree from inside any process:
 * ``<ns>.echo(value)`` -> ``value`` (bytes and large payloads);
 * ``<ns>.fail(message)`` -> raises ``ValueError(message)`` (``internal_error`` at the caller);
 * ``<ns>.slow()`` -> emits ``<ns>.slow.started`` then never answers (until killed).
+
+These commands are registered with ``validate=False``: the tests of the tree and of workers
+check routing, with the handlers called exactly as written. :func:`typed` is the target with
+typed (validated) commands, for tests/test_schemas.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 from typing import Any
 
@@ -32,42 +37,42 @@ def _common(registry: CommandRegistry, ns: str) -> None:
     seen: list[Any] = []
     registry.add_event_listener(PING, seen.append)
 
-    @registry.command(f"{ns}.whoami")
+    @registry.command(f"{ns}.whoami", validate=False)
     def whoami() -> dict[str, Any]:
         return {"id": registry.id, "pid": os.getpid()}
 
-    @registry.command(f"{ns}.call")
+    @registry.command(f"{ns}.call", validate=False)
     async def call(command_id: str, request: Any = None) -> Any:
         try:
             return await registry.execute_command(command_id, request)
         except CommandError as e:
             return {"error": type(e).__name__, "code": e.code, "message": e.message}
 
-    @registry.command(f"{ns}.stats")
+    @registry.command(f"{ns}.stats", validate=False)
     def stats() -> dict[str, Any]:
         return registry.stats()
 
-    @registry.command(f"{ns}.route_of")
+    @registry.command(f"{ns}.route_of", validate=False)
     def route_of(command_id: str) -> Any:
         return registry.route_of(command_id)
 
-    @registry.command(f"{ns}.emit")
+    @registry.command(f"{ns}.emit", validate=False)
     def emit(event_id: str, payload: Any = None) -> None:
         registry.emit_event(event_id, payload)
 
-    @registry.command(f"{ns}.seen")
+    @registry.command(f"{ns}.seen", validate=False)
     def seen_events() -> list[Any]:
         return list(seen)
 
-    @registry.command(f"{ns}.echo")
+    @registry.command(f"{ns}.echo", validate=False)
     def echo(value: Any) -> Any:
         return value
 
-    @registry.command(f"{ns}.fail")
+    @registry.command(f"{ns}.fail", validate=False)
     def fail(message: str) -> None:
         raise ValueError(message)
 
-    @registry.command(f"{ns}.slow")
+    @registry.command(f"{ns}.slow", validate=False)
     async def slow() -> str:
         registry.emit_event(f"{ns}.slow.started", {"pid": os.getpid()})
         await asyncio.Event().wait()  # never set: the test kills this process
@@ -78,7 +83,7 @@ def calc(registry: CommandRegistry) -> None:
     """``worker-1``: ``calc.*``."""
     _common(registry, "calc")
 
-    @registry.command("calc.add")
+    @registry.command("calc.add", validate=False)
     def add(a: float, b: float) -> float:
         return a + b
 
@@ -87,7 +92,7 @@ def data(registry: CommandRegistry) -> None:
     """``worker-3``: ``data.*``."""
     _common(registry, "data")
 
-    @registry.command("data.query")
+    @registry.command("data.query", validate=False)
     def query(q: str) -> dict[str, Any]:
         return {"q": q, "rows": [q.upper()], "by": registry.id}
 
@@ -96,7 +101,7 @@ def transform(registry: CommandRegistry) -> None:
     """The sub-worker ``transform`` of ``worker-2``: ``transform.*``."""
     _common(registry, "transform")
 
-    @registry.command("transform.upper")
+    @registry.command("transform.upper", validate=False)
     def upper(text: str) -> str:
         return text.upper()
 
@@ -105,7 +110,7 @@ async def image(registry: CommandRegistry) -> None:
     """``worker-2``: ``image.*``, and spawns its own sub-worker ``transform``."""
     _common(registry, "image")
 
-    @registry.command("image.resize")
+    @registry.command("image.resize", validate=False)
     def resize(w: int, h: int) -> dict[str, int]:
         return {"w": w // 2, "h": h // 2}
 
@@ -120,6 +125,31 @@ async def broken(registry: CommandRegistry) -> None:
 def idle(registry: CommandRegistry) -> None:
     """A worker with one command, ``<worker id>.ping``, that otherwise does nothing."""
 
-    @registry.command(f"{registry.id}.ping")
+    @registry.command(f"{registry.id}.ping", validate=False)
     def ping() -> str:
         return "pong"
+
+
+def typed(registry: CommandRegistry) -> None:
+    """``typed.make_item(name, qty=1)``: validated, returns an ``Item`` model (a datetime and
+    bytes in it); ``typed.calls()``: how many times ``make_item`` ran. (pydantic is imported
+    here, not at module level: the other targets' workers never load it.)"""
+    from pydantic import BaseModel
+
+    class Item(BaseModel):
+        name: str
+        qty: int
+        made: datetime.datetime
+        blob: bytes
+
+    calls: list[str] = []
+
+    @registry.command("typed.make_item", description="Makes an item")
+    def make_item(name: str, qty: int = 1) -> Item:
+        calls.append(name)
+        made = datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.timezone.utc)
+        return Item(name=name, qty=qty, made=made, blob=name.encode())
+
+    @registry.command("typed.calls")
+    def count() -> int:
+        return len(calls)

@@ -22,6 +22,7 @@ Example:
 from cmd_ipc._core import __version__
 from cmd_ipc.channels import Channel, InMemoryChannel
 from cmd_ipc.channels.native import NativeChannel
+from cmd_ipc.commands import command
 from cmd_ipc.errors import (
     ChannelDisconnectedError,
     CommandError,
@@ -52,4 +53,5 @@ __all__ = [
     "Worker",
     "WorkerError",
     "__version__",
+    "command",
 ]

@@ -34,6 +34,10 @@ import msgpack
 
 from cmd_ipc.registry import CommandRegistry
 
+# Every command here is registered with `validate=False`: `cmd-ipc bench` measures the transport,
+# so its handlers take the untyped path (no pydantic per call, nor pydantic imported in the
+# workers). The cost of validation is measured in benches/test_bench_validation.py.
+
 _LEN = struct.Struct("<I")
 
 
@@ -49,7 +53,7 @@ def _pin(cpu: int | None) -> None:
 def add_worker(registry: CommandRegistry) -> None:
     """``calc.add``: the handler every latency row calls."""
 
-    @registry.command("calc.add")
+    @registry.command("calc.add", validate=False)
     def add(a: int, b: int) -> int:
         return a + b
 
@@ -57,7 +61,7 @@ def add_worker(registry: CommandRegistry) -> None:
 def pipe_worker(registry: CommandRegistry) -> None:
     """``pipe.add``: the same handler, for the worker spawned over the pipe transport."""
 
-    @registry.command("pipe.add")
+    @registry.command("pipe.add", validate=False)
     def add(a: int, b: int) -> int:
         return a + b
 
@@ -65,7 +69,7 @@ def pipe_worker(registry: CommandRegistry) -> None:
 def hop_leaf(registry: CommandRegistry) -> None:
     """``hop.add``: the same handler, one level further down the tree."""
 
-    @registry.command("hop.add")
+    @registry.command("hop.add", validate=False)
     def add(a: int, b: int) -> int:
         return a + b
 
@@ -76,7 +80,7 @@ async def hop_worker(registry: CommandRegistry) -> None:
     # The sub-worker inherits this process's CPU affinity.
     leaf = await registry.spawn_worker(f"{registry.id}-leaf", "cmd_ipc._bench_targets:hop_leaf")
 
-    @registry.command("bench.hop_pids")
+    @registry.command("bench.hop_pids", validate=False)
     def hop_pids() -> dict[str, int | None]:
         return {registry.id: os.getpid(), leaf.id: leaf.pid}
 
@@ -98,7 +102,7 @@ def caller_worker(registry: CommandRegistry) -> None:
             out[i] = clock() - t0
         return {"ns": out, "elapsed_ns": clock() - t_start}
 
-    @registry.command("bench.call_many")
+    @registry.command("bench.call_many", validate=False)
     async def call_many_cmd(
         command: str, n: int, warmup: int = 0, timeout: float | None = None
     ) -> dict[str, Any]:
@@ -106,7 +110,7 @@ def caller_worker(registry: CommandRegistry) -> None:
         # as a user without asyncio would.
         return await asyncio.to_thread(call_many, command, n, warmup, timeout)
 
-    @registry.command("bench.route_of")
+    @registry.command("bench.route_of", validate=False)
     def route_of(command_id: str) -> str | None:
         return registry.route_of(command_id)
 

@@ -24,9 +24,19 @@ import msgpack
 from cmd_ipc import _core
 from cmd_ipc.channels.base import Channel
 from cmd_ipc.channels.native import DEFAULT_RING_SIZE, NativeChannel, Transport
+from cmd_ipc.commands import (
+    Boundary,
+    Prepared,
+    caller_locals,
+    listener_converter,
+    prepare,
+    service_commands,
+    to_wire,
+)
 from cmd_ipc.errors import (
     ChannelDisconnectedError,
     CommandError,
+    DuplicateCommandError,
     InternalError,
     error_from_code,
 )
@@ -63,6 +73,11 @@ def _after_fork_in_child() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
+#: What to do about a rejected registration (ids are unique in a tree).
+_DUPLICATE_HINT = (
+    "command ids are unique in a tree: choose another id, or unregister the other command first"
+)
+
 #: The error codes an execute response may carry (spec-v1).
 _EXECUTE_CODES = frozenset(
     {"not_found", "invalid_request", "internal_error", "timeout", "channel_disconnected"}
@@ -78,7 +93,8 @@ def _decode(data: bytes | None, encoding: str | None) -> Any:
 
 
 def _encode(value: Any) -> bytes:
-    return cast(bytes, msgpack.packb(value, use_bin_type=True))
+    # `to_wire` only sees what msgpack cannot carry (models, datetimes, enums...).
+    return cast(bytes, msgpack.packb(value, use_bin_type=True, default=to_wire))
 
 
 @dataclass
@@ -88,6 +104,10 @@ class _HandlerEntry:
     is_async: bool
     whole_request: bool
     signature: inspect.Signature | None
+    #: Validates the request into the handler's arguments (typed commands only).
+    check: Callable[[Any], Any] | None = None
+    #: Serialises the result through the return annotation (typed commands only).
+    dump: Callable[[Any], Any] | None = None
 
     def invoke(self, request: Any) -> Any:
         if self.whole_request:
@@ -107,7 +127,7 @@ class _HandlerEntry:
         return None
 
 
-def _make_entry(command_id: str, fn: Handler) -> _HandlerEntry:
+def _make_entry(command_id: str, fn: Handler, boundary: Boundary | None) -> _HandlerEntry:
     if not callable(fn):
         raise TypeError(f"handler for {command_id!r} must be callable, got {fn!r}")
     try:
@@ -124,6 +144,8 @@ def _make_entry(command_id: str, fn: Handler) -> _HandlerEntry:
         is_async=inspect.iscoroutinefunction(fn),
         whole_request=whole,
         signature=sig,
+        check=boundary.check if boundary is not None else None,
+        dump=boundary.dump if boundary is not None else None,
     )
 
 
@@ -135,6 +157,9 @@ class CommandRegistry:
     accept, or a missing required one, is answered ``invalid_request`` without running it.
     A handler that wants the whole request declares a single positional-only parameter,
     ``def handle(request, /)``, and gets the dict (``{}`` when the call had no request).
+    Handlers registered with the :meth:`command` decorator (or :meth:`register_service`) are
+    typed: their hints give the advertised schemas and every request is validated and
+    converted before they run (see :mod:`cmd_ipc.commands`).
     ``def`` handlers run inline on the registry's event loop (keep them short or make them
     ``async def``); ``async def`` handlers run as tasks.
 
@@ -204,9 +229,12 @@ class CommandRegistry:
         self._channels: dict[str, Channel | NativeChannel] = {}
         self._handlers: dict[int, _HandlerEntry] = {}
         self._handler_of: dict[str, int] = {}
+        #: Services by id(): the object (kept alive) and the handlers registered for it.
+        self._services: dict[int, tuple[object, list[tuple[str, Handler]]]] = {}
         self._next_handler = 1
         self._outcomes: dict[int, _Outcome] = {}
-        self._listeners: dict[str, list[Listener]] = {}
+        #: Listeners by event id, each with the converter of its typed payload (or None).
+        self._listeners: dict[str, list[tuple[Listener, Callable[[Any], Any] | None]]] = {}
         self._deferred: dict[str, tuple[int, str | None, Mapping[str, Any] | None]] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -331,6 +359,12 @@ class CommandRegistry:
         except Exception as e:
             self._finish_err(job, "invalid_request", f"undecodable request: {e}")
             return
+        if entry.check is not None:
+            try:
+                request = entry.check(request)  # the handler never runs on a bad request
+            except Exception as e:
+                self._handler_failed(job, entry, request, e)
+                return
         if entry.is_async:
             self._spawn(self._run_async(job, entry, request))
             return
@@ -389,11 +423,13 @@ class CommandRegistry:
         self._finish_err(job, "internal_error", f"{type(e).__name__}: {e}")
 
     def _finish_ok(self, job: int, entry: _HandlerEntry, result: Any) -> None:
-        if result is None:
+        if result is None and entry.dump is None:
             data = None
         else:
             try:
-                data = _encode(result)
+                if entry.dump is not None:
+                    result = entry.dump(result)
+                data = None if result is None else _encode(result)
             except Exception as e:
                 self._finish_err(
                     job,
@@ -420,8 +456,8 @@ class CommandRegistry:
 
     # ------------------------------------------------------------------ registration
 
-    def _add_handler(self, command_id: str, fn: Handler) -> int:
-        entry = _make_entry(command_id, fn)
+    def _add_handler(self, command_id: str, fn: Handler, boundary: Boundary | None = None) -> int:
+        entry = _make_entry(command_id, fn, boundary)
         hid = self._next_handler
         self._next_handler += 1
         self._handlers[hid] = entry
@@ -455,6 +491,8 @@ class CommandRegistry:
                 self._handler_of[command_id] = hid
             else:
                 self._handlers.pop(hid, None)
+                if isinstance(err, DuplicateCommandError):
+                    err = DuplicateCommandError(f"{err.message}; {_DUPLICATE_HINT}")
             outcome(value, err)
 
         call, actions = self._node.register_local(
@@ -472,8 +510,14 @@ class CommandRegistry:
         *,
         description: str | None = None,
         schema: Mapping[str, Any] | None = None,
+        validate: bool = True,
     ) -> Callable[[F], F]:
         """Decorator registering a function as the handler of ``command_id``.
+
+        The handler's type hints give the JSON Schemas advertised for its request and response,
+        and every request is validated before it runs (a mismatch is answered
+        ``invalid_request`` with the field errors); the result is serialised through the
+        return annotation (see :mod:`cmd_ipc.commands`).
 
         Without a router channel the command is registered at once (a duplicate raises
         :class:`DuplicateCommandError` here). With a router channel that is not attached yet,
@@ -484,16 +528,45 @@ class CommandRegistry:
         Args:
             command_id: Command id, e.g. ``"calc.add"``; a leading ``_`` makes it private.
             description: Human description, advertised to peers.
-            schema: ``{"request": <JSON Schema>, "response": <JSON Schema>}``, advertised.
+            schema: ``{"request": <JSON Schema>, "response": <JSON Schema>}``, advertised;
+                each key given replaces the derived one.
+            validate: ``False`` registers the handler untyped: nothing derived, no check and
+                no conversion per call (the fastest path).
 
         Returns:
             The decorator, which returns the function unchanged.
+
+        Raises:
+            TypeError: The type hints cannot be resolved or described (at decoration).
+
+        Example:
+            >>> from pydantic import BaseModel
+            >>> class User(BaseModel):
+            ...     id: int
+            ...     name: str
+            >>> async def main():
+            ...     async with CommandRegistry("main") as registry:
+            ...         @registry.command("users.get")
+            ...         def get(user_id: int, verbose: bool = False) -> User:
+            ...             return User(id=user_id, name="ada")
+            ...         return await registry.execute_command("users.get", {"user_id": "7"})
+            >>> asyncio.run(main())
+            {'id': 7, 'name': 'ada'}
         """
+        localns = caller_locals() if validate else None
 
         def decorator(fn: F) -> F:
-            hid = self._add_handler(command_id, fn)
+            typed = prepare(
+                command_id,
+                fn,
+                description=description,
+                schema=schema,
+                validate=validate,
+                localns=localns,
+            )
+            hid = self._add_handler(command_id, fn, typed.boundary)
             if self._router_missing() and not command_id.startswith("_"):
-                self._deferred[command_id] = (hid, description, schema)
+                self._deferred[command_id] = (hid, typed.description, typed.schema)
                 return fn
             result: list[BaseException | None] = []
             later: list[asyncio.Future[None]] = []
@@ -510,7 +583,7 @@ class CommandRegistry:
                     else:
                         later[0].set_exception(err)
 
-            self._start_registration(command_id, hid, description, schema, done)
+            self._start_registration(command_id, hid, typed.description, typed.schema, done)
             if result and result[0] is not None:
                 raise result[0]
             if not result:
@@ -549,24 +622,46 @@ class CommandRegistry:
         handler: Handler,
         description: str | None = None,
         schema: Mapping[str, Any] | None = None,
+        *,
+        validate: bool | None = None,
     ) -> None:
         """Registers ``handler`` for ``command_id`` and waits until the tree accepted it.
+
+        Unlike the :meth:`command` decorator, this registers a plain handler untyped (no
+        derived schema, no validation) unless ``validate=True`` is passed or the handler
+        carries the :func:`cmd_ipc.command` mark (whose arguments then serve as defaults).
 
         Args:
             command_id: Command id; a leading ``_`` makes it private (never escalated).
             handler: ``def`` or ``async def`` (see the class docstring for how it is called).
             description: Human description, advertised to peers.
-            schema: ``{"request": ..., "response": ...}`` JSON Schemas, advertised.
+            schema: ``{"request": ..., "response": ...}`` JSON Schemas, advertised (as given:
+                they are not used to validate).
+            validate: ``True`` derives schemas from the type hints and validates as
+                :meth:`command` does; ``False`` never; ``None`` follows the handler's mark.
 
         Raises:
             DuplicateCommandError: Another owner holds the id somewhere in the tree.
             ChannelDisconnectedError: The router channel is not attached or went away.
             CommandTimeoutError: The router did not acknowledge within ``request_ttl``.
+            TypeError: ``handler`` is not callable, or its type hints cannot be described.
         """
+        self._bind_loop()
+        typed = prepare(
+            command_id,
+            handler,
+            description=description,
+            schema=schema,
+            validate=validate,
+            localns=caller_locals(),
+        )
+        await self._register(command_id, handler, typed)
+
+    async def _register(self, command_id: str, handler: Handler, typed: Prepared) -> None:
         loop = self._bind_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        hid = self._add_handler(command_id, handler)
-        self._start_registration(command_id, hid, description, schema, _settle(fut))
+        hid = self._add_handler(command_id, handler, typed.boundary)
+        self._start_registration(command_id, hid, typed.description, typed.schema, _settle(fut))
         await fut
 
     def unregister_command(self, command_id: str) -> bool:
@@ -580,6 +675,80 @@ class CommandRegistry:
         if hid is not None:
             self._handlers.pop(hid, None)
         return self._node.unregister_local(command_id)
+
+    async def register_service(self, service: object) -> list[str]:
+        """Registers every method of ``service`` marked with :func:`cmd_ipc.command`, bound
+        to it, and waits until the tree accepted them all.
+
+        Schemas are derived and requests validated as for :meth:`command` (``self`` is not a
+        request field), unless a mark says ``validate=False``. If one registration fails,
+        those that succeeded are unregistered again and the failure is raised.
+
+        Returns:
+            The command ids (methods of subclasses first, then in definition order).
+
+        Raises:
+            ValueError: ``service`` has no marked method, or is registered already.
+            DuplicateCommandError: One of the ids has another owner in the tree.
+            TypeError: A method's type hints cannot be described.
+
+        Example:
+            >>> from cmd_ipc import command
+            >>> class Maths:
+            ...     @command("math.add", description="Adds two numbers")
+            ...     def add(self, a: int, b: int) -> int:
+            ...         return a + b
+            >>> async def main():
+            ...     async with CommandRegistry("main") as registry:
+            ...         print(await registry.register_service(Maths()))
+            ...         return await registry.execute_command("math.add", {"a": 1, "b": 2})
+            >>> asyncio.run(main())
+            ['math.add']
+            3
+        """
+        return await self._register_service(service, caller_locals())
+
+    async def _register_service(self, service: object, localns: Mapping[str, Any]) -> list[str]:
+        self._bind_loop()
+        if id(service) in self._services:
+            raise ValueError(f"{service!r} is already registered in registry {self.id!r}")
+        methods = service_commands(service)
+        if not methods:
+            raise ValueError(
+                f"{type(service).__qualname__} has no method marked with @cmd_ipc.command(...)"
+            )
+        # Derive every schema first: a method pydantic cannot describe registers nothing.
+        typed = [
+            (m.command_id, fn, prepare(m.command_id, fn, localns=localns)) for m, fn in methods
+        ]
+        results = await asyncio.gather(
+            *(self._register(cid, fn, t) for cid, fn, t in typed), return_exceptions=True
+        )
+        ids = [cid for cid, _, _ in typed]
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            for cid, r in zip(ids, results):
+                if not isinstance(r, BaseException):
+                    self.unregister_command(cid)
+            raise failures[0]
+        self._services[id(service)] = (service, [(cid, fn) for cid, fn, _ in typed])
+        return ids
+
+    def unregister_service(self, service: object) -> list[str]:
+        """Unregisters the commands :meth:`register_service` registered for ``service``
+        (those another handler has replaced since are left alone).
+
+        Returns:
+            The ids removed; empty if ``service`` was not registered here.
+        """
+        _, handlers = self._services.pop(id(service), (None, []))
+        removed = []
+        for cid, fn in handlers:
+            entry = self._handlers.get(self._handler_of.get(cid, -1))
+            if entry is not None and entry.fn is fn:
+                self.unregister_command(cid)
+                removed.append(cid)
+        return removed
 
     # ------------------------------------------------------------------ calls
 
@@ -673,7 +842,9 @@ class CommandRegistry:
         """Emits an event: delivered to local listeners once, and to every registry of the
         tree once (unless ``event_id`` starts with ``_``, which keeps it local).
 
-        Sync listeners run before this returns; async ones are scheduled.
+        Sync listeners run before this returns; async ones are scheduled. The payload may be
+        (or contain) pydantic models, dataclasses, enums, datetimes...: they travel as
+        JSON-compatible data (:func:`cmd_ipc.commands.to_wire`).
         """
         if self._closed:
             raise RuntimeError(f"registry {self.id!r} is closed")
@@ -684,26 +855,63 @@ class CommandRegistry:
         _, actions = self._node.emit_event(event_id, data, "msgpack", self._now())
         self._apply(actions)
 
-    def add_event_listener(self, event_id: str, fn: Listener) -> Callable[[], None]:
-        """Calls ``fn(payload)`` for every ``event_id`` event; returns an unsubscribe callable."""
+    def add_event_listener(
+        self, event_id: str, fn: Listener, *, validate: bool = False
+    ) -> Callable[[], None]:
+        """Calls ``fn(payload)`` for every ``event_id`` event; returns an unsubscribe callable.
+
+        Args:
+            event_id: The event to listen to.
+            fn: ``def`` or ``async def`` taking the payload.
+            validate: Validate and convert the payload to the annotation of ``fn``'s first
+                parameter (a model, dataclass, TypedDict...), as :meth:`on` does by default; a
+                payload that does not fit is logged as a warning and ``fn`` is not called.
+
+        Raises:
+            TypeError: ``fn`` is not callable, or its annotation cannot be resolved or
+                described.
+        """
         if not callable(fn):
             raise TypeError("listener must be callable")
-        self._listeners.setdefault(event_id, []).append(fn)
+        convert = listener_converter(event_id, fn, caller_locals()) if validate else None
+        self._listeners.setdefault(event_id, []).append((fn, convert))
         return functools.partial(self.remove_event_listener, event_id, fn)
 
     def remove_event_listener(self, event_id: str, fn: Listener) -> None:
         """Removes a listener added with :meth:`add_event_listener` (no error if absent)."""
-        fns = self._listeners.get(event_id)
-        if fns and fn in fns:
-            fns.remove(fn)
-            if not fns:
-                del self._listeners[event_id]
+        entries = self._listeners.get(event_id)
+        if not entries:
+            return
+        for i, (listener, _) in enumerate(entries):
+            if listener == fn:
+                del entries[i]
+                break
+        if not entries:
+            del self._listeners[event_id]
 
-    def on(self, event_id: str) -> Callable[[F], F]:
-        """Decorator form of :meth:`add_event_listener`."""
+    def on(self, event_id: str, *, validate: bool = True) -> Callable[[F], F]:
+        """Decorator form of :meth:`add_event_listener`, validating typed payloads by default.
+
+        Example:
+            >>> from pydantic import BaseModel
+            >>> class UserUpdated(BaseModel):
+            ...     id: int
+            >>> async def main():
+            ...     async with CommandRegistry("main") as registry:
+            ...         @registry.on("user.updated")
+            ...         def updated(event: UserUpdated) -> None:
+            ...             print(repr(event))
+            ...         registry.emit_event("user.updated", {"id": "7"})
+            >>> asyncio.run(main())
+            UserUpdated(id=7)
+        """
+        localns = caller_locals() if validate else None
 
         def decorator(fn: F) -> F:
-            self.add_event_listener(event_id, fn)
+            if not callable(fn):
+                raise TypeError("listener must be callable")
+            convert = listener_converter(event_id, fn, localns) if validate else None
+            self._listeners.setdefault(event_id, []).append((fn, convert))
             return fn
 
         return decorator
@@ -717,9 +925,23 @@ class CommandRegistry:
         except Exception as e:
             logger.warning("undecodable payload for event %r: %s", event_id, e)
             return
-        for fn in list(fns):
+        for fn, convert in list(fns):
+            arg = payload
+            if convert is not None:
+                try:
+                    arg = convert(payload)
+                except Exception as e:  # a ValueError with the field errors, usually
+                    name = getattr(fn, "__qualname__", repr(fn))
+                    logger.warning(
+                        "listener %s of event %r not called: the payload does not match its "
+                        "type: %s",
+                        name,
+                        event_id,
+                        e,
+                    )
+                    continue
             try:
-                result = fn(payload)
+                result = fn(arg)
                 if inspect.isawaitable(result):
                     self._spawn(_log_failure(result, event_id))
             except Exception:
@@ -1081,9 +1303,24 @@ class CommandRegistry:
         handler: Handler,
         description: str | None = None,
         schema: Mapping[str, Any] | None = None,
+        *,
+        validate: bool | None = None,
     ) -> None:
         """Blocking :meth:`register_command`."""
-        self._blocking(lambda: self.register_command(command_id, handler, description, schema))
+        typed = prepare(
+            command_id,
+            handler,
+            description=description,
+            schema=schema,
+            validate=validate,
+            localns=caller_locals(),
+        )
+        self._blocking(lambda: self._register(command_id, handler, typed))
+
+    def register_service_sync(self, service: object) -> list[str]:
+        """Blocking :meth:`register_service`."""
+        localns = caller_locals()
+        return cast("list[str]", self._blocking(lambda: self._register_service(service, localns)))
 
     def register_channel_sync(self, channel: Channel | NativeChannel) -> None:
         """Blocking :meth:`register_channel`."""
