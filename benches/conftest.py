@@ -7,8 +7,21 @@ printed: the cost of an extra router hop).
 
 from __future__ import annotations
 
+import asyncio
 import sys
+from collections.abc import Iterator
 from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """A private event loop per bench module."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
 
 MODULES = ("test_bench_inprocess", "test_bench_processes", "test_bench_validation")
 

@@ -16,10 +16,10 @@ The ratios of the registry rows to these baselines are printed at the end of the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from typing import Any, Callable
 
-import pytest
+from bench_support import per_call_us
 from cmd_ipc import CommandRegistry, InMemoryChannel
 
 BATCH = 2000
@@ -28,27 +28,13 @@ RESULTS: dict[str, float] = {}
 RATIOS = (("local", "baseline_direct"), ("one_hop", "baseline_future_hop"))
 
 
-@pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
 def _bench(
     benchmark: Any,
     loop: asyncio.AbstractEventLoop,
     name: str,
     one_call: Callable[[], Awaitable[Any]],
 ) -> None:
-    async def batch() -> None:
-        for _ in range(BATCH):
-            await one_call()
-
-    benchmark.pedantic(lambda: loop.run_until_complete(batch()), rounds=15, warmup_rounds=2)
-    per_call_us = benchmark.stats.stats.median / BATCH * 1e6
-    benchmark.extra_info["per_call_us"] = per_call_us
-    RESULTS[name] = per_call_us
+    RESULTS[name] = per_call_us(benchmark, loop, one_call, BATCH)
 
 
 def _add(a: int, b: int) -> int:

@@ -19,10 +19,10 @@ end of the run (``benches/conftest.py``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from typing import Any, Callable
 
-import pytest
+from bench_support import per_call_us
 from cmd_ipc import CommandRegistry
 from pydantic import BaseModel
 
@@ -42,27 +42,13 @@ class Moved(BaseModel):
     label: str
 
 
-@pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
 def _bench(
     benchmark: Any,
     loop: asyncio.AbstractEventLoop,
     name: str,
     one_call: Callable[[], Awaitable[Any]],
 ) -> None:
-    async def batch() -> None:
-        for _ in range(BATCH):
-            await one_call()
-
-    benchmark.pedantic(lambda: loop.run_until_complete(batch()), rounds=15, warmup_rounds=2)
-    per_call_us = benchmark.stats.stats.median / BATCH * 1e6
-    benchmark.extra_info["per_call_us"] = per_call_us
-    RESULTS[name] = per_call_us
+    RESULTS[name] = per_call_us(benchmark, loop, one_call, BATCH)
 
 
 def _add(a: int, b: int) -> int:
