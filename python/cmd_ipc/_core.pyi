@@ -76,10 +76,18 @@ class Node:
         """The socket descriptor to watch for a native channel."""
     def is_native(self, channel: str) -> bool:
         """Whether ``channel`` is a native channel."""
-    def poll_native(self, channel: str, spin_us: int = 0) -> tuple[list[_Action], bool, bool, bool]:
+    def poll_native(
+        self, channel: str, spin_us: int = 0, budget: int = 64
+    ) -> tuple[list[_Action], bool, bool, bool]:
         """Reads and routes a native channel (GIL released): ``(actions, again,
         want_write, busy)``; poll again after the actions when ``again``; when ``busy`` a
         blocking caller reads it: stop watching it for a moment."""
+    def set_fast_handler(self, handler: int, fn_: Any | None) -> None:
+        """Lets the read loop call ``fn_(**request)`` directly for a plain sync handler;
+        ``None`` removes it. Failures come back as ``("fast_failed" | "fast_await" |
+        "fast_unencodable", job, handler, request, value)`` actions."""
+    def set_fast_codec(self, unpack: Any, pack: Any) -> None:
+        """The msgpack ``unpack(bytes)`` and ``pack(obj)`` callables for direct dispatch."""
     def native_busy(self, channel: str) -> bool:
         """Whether a blocking caller is reading the native channel now."""
     def flush_native(self, channel: str) -> bool:

@@ -211,6 +211,10 @@ class CommandRegistry:
             spin_us=spin_us,
         )
         self.spin_us = spin_us
+        self._node.set_fast_codec(
+            functools.partial(msgpack.unpackb, raw=False, strict_map_key=False),
+            functools.partial(msgpack.packb, use_bin_type=True, default=to_wire),
+        )
         self._fork_generation = _FORK_GENERATION[0]
         self._loop_thread: int | None = None
         self._background: threading.Thread | None = None
@@ -299,6 +303,8 @@ class CommandRegistry:
                     outcome(None, err)
             elif kind == "event":
                 self._deliver_event(act[1], act[2], act[3])
+            elif kind == "fast_failed" or kind == "fast_await" or kind == "fast_unencodable":
+                self._finish_fast(kind, act[1], act[2], act[3], act[4])
             elif kind == "closed":
                 self._native_closed(act[1], act[2])
             elif kind == "want_write":
@@ -339,6 +345,23 @@ class CommandRegistry:
             return
         # call_at may fire up to one clock tick early: never tick before the deadline.
         self._apply(self._node.tick(max(self._loop.time(), at)))
+
+    def _finish_fast(self, kind: str, job: int, hid: int, request: Any, value: Any) -> None:
+        """A handler the read loop called directly needs Python to finish: it raised, it
+        returned an awaitable, or its result could not be serialised."""
+        entry = self._handlers.get(hid)
+        if entry is None:
+            self._finish_err(job, "internal_error", "handler removed while running")
+        elif kind == "fast_failed":
+            self._handler_failed(job, entry, request, value)
+        elif kind == "fast_await":
+            self._spawn(self._await_result(job, entry, request, value))
+        else:
+            self._finish_err(
+                job,
+                "internal_error",
+                f"result of {entry.command_id!r} cannot be serialised: {value}",
+            )
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -461,7 +484,14 @@ class CommandRegistry:
         hid = self._next_handler
         self._next_handler += 1
         self._handlers[hid] = entry
+        if not (entry.is_async or entry.whole_request or entry.check or entry.dump):
+            # A plain sync handler: a native channel's read loop may call it directly.
+            self._node.set_fast_handler(hid, fn)
         return hid
+
+    def _drop_handler(self, hid: int) -> None:
+        self._handlers.pop(hid, None)
+        self._node.set_fast_handler(hid, None)
 
     def _start_registration(
         self,
@@ -487,10 +517,10 @@ class CommandRegistry:
             if err is None:
                 old = self._handler_of.get(command_id)
                 if old is not None and old != hid:
-                    self._handlers.pop(old, None)
+                    self._drop_handler(old)
                 self._handler_of[command_id] = hid
             else:
-                self._handlers.pop(hid, None)
+                self._drop_handler(hid)
                 if isinstance(err, DuplicateCommandError):
                     err = DuplicateCommandError(f"{err.message}; {_DUPLICATE_HINT}")
             outcome(value, err)
@@ -673,7 +703,7 @@ class CommandRegistry:
         self._deferred.pop(command_id, None)
         hid = self._handler_of.pop(command_id, None)
         if hid is not None:
-            self._handlers.pop(hid, None)
+            self._drop_handler(hid)
         return self._node.unregister_local(command_id)
 
     async def register_service(self, service: object) -> list[str]:

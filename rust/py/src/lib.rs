@@ -162,6 +162,20 @@ type PyActions<'py> = PyResult<Bound<'py, PyList>>;
 #[pyclass(module = "cmd_ipc._core", frozen)]
 struct Node {
     inner: CoreNode,
+    /// Plain sync handlers the read loop may call directly (the binding's table, never the
+    /// router's), by handler id, and the msgpack (unpack, pack) callables to use with them.
+    fast: std::sync::Mutex<std::collections::HashMap<u64, Py<PyAny>>>,
+    fast_codec: std::sync::OnceLock<(Py<PyAny>, Py<PyAny>)>,
+}
+
+/// What a directly dispatched handler run came to.
+enum Fast<'py> {
+    /// Finished: complete the job with this result.
+    Done(Option<Payload>),
+    /// Python must finish it: ("fast_failed" | "fast_await" | "fast_unencodable", ...).
+    Python(Bound<'py, PyTuple>),
+    /// Not handled here: give the action to Python as usual.
+    NotFast(Action),
 }
 
 impl std::ops::Deref for Node {
@@ -172,6 +186,81 @@ impl std::ops::Deref for Node {
 }
 
 impl Node {
+    fn fast_table(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Py<PyAny>>> {
+        self.fast.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a handler action in place if its handler is a registered plain sync handler and
+    /// its request is msgpack; anything unusual goes back to Python.
+    fn run_fast<'py>(&self, py: Python<'py>, action: Action) -> PyResult<Fast<'py>> {
+        let Action::RunHandler {
+            job,
+            handler,
+            request,
+            ..
+        } = &action
+        else {
+            return Ok(Fast::NotFast(action));
+        };
+        let (job, handler) = (*job, *handler);
+        let (Some(fn_), Some((unpack, pack))) = (
+            self.fast_table().get(&handler).map(|f| f.clone_ref(py)),
+            self.fast_codec.get(),
+        ) else {
+            return Ok(Fast::NotFast(action));
+        };
+        let request_obj = match request {
+            None => None,
+            Some(p) if p.encoding == Encoding::Msgpack => {
+                match unpack.bind(py).call1((PyBytes::new(py, &p.data),)) {
+                    Ok(obj) => Some(obj),
+                    Err(_) => return Ok(Fast::NotFast(action)),
+                }
+            }
+            Some(_) => return Ok(Fast::NotFast(action)),
+        };
+        let called = match &request_obj {
+            None => fn_.bind(py).call0(),
+            Some(obj) => match obj.cast::<PyDict>() {
+                Ok(kwargs) => fn_.bind(py).call((), Some(kwargs)),
+                Err(_) => return Ok(Fast::NotFast(action)),
+            },
+        };
+        let req = request_obj.unwrap_or_else(|| py.None().into_bound(py));
+        let result = match called {
+            Ok(r) => r,
+            Err(e) => {
+                let exc = e.into_value(py).into_bound(py).into_any();
+                return Ok(Fast::Python(
+                    ("fast_failed", job, handler, req, exc).into_pyobject(py)?,
+                ));
+            }
+        };
+        if result.is_none() {
+            return Ok(Fast::Done(None));
+        }
+        if result.hasattr("__await__")? {
+            return Ok(Fast::Python(
+                ("fast_await", job, handler, req, result).into_pyobject(py)?,
+            ));
+        }
+        match pack.bind(py).call1((result,)) {
+            Ok(b) => match b.cast::<PyBytes>() {
+                Ok(bytes) => Ok(Fast::Done(Some(Payload::new(
+                    Encoding::Msgpack,
+                    bytes.as_bytes().to_vec(),
+                )))),
+                Err(_) => Ok(Fast::NotFast(action)),
+            },
+            Err(e) => {
+                let exc = e.into_value(py).into_bound(py).into_any();
+                Ok(Fast::Python(
+                    ("fast_unencodable", job, handler, req, exc).into_pyobject(py)?,
+                ))
+            }
+        }
+    }
+
     fn run<'py, R>(
         &self,
         py: Python<'py>,
@@ -234,7 +323,11 @@ impl Node {
         };
         let mut inner = CoreNode::new(config).map_err(PyErr::from)?;
         inner.spin_us = spin_us;
-        Ok(Node { inner })
+        Ok(Node {
+            inner,
+            fast: std::sync::Mutex::new(std::collections::HashMap::new()),
+            fast_codec: std::sync::OnceLock::new(),
+        })
     }
 
     #[getter]
@@ -286,21 +379,81 @@ impl Node {
     }
 
     /// Reads a native channel (GIL released); returns (actions, again, want_write, busy).
-    #[pyo3(signature = (channel, spin_us=0))]
+    /// Requests for plain sync handlers (see `set_fast_handler`) are served right here, up
+    /// to `budget` read passes, without returning to Python in between.
+    #[pyo3(signature = (channel, spin_us=0, budget=64))]
     fn poll_native<'py>(
         &self,
         py: Python<'py>,
         channel: &str,
         spin_us: u64,
+        budget: u32,
     ) -> PyResult<(Bound<'py, PyList>, bool, bool, bool)> {
         let node = &self.inner;
-        let poll = py.detach(|| node.poll_endpoint(channel, spin_us));
-        Ok((
-            actions_to_py(py, self, poll.actions)?,
-            poll.again,
-            poll.want_write,
-            poll.busy,
-        ))
+        let mut for_python: Vec<Action> = Vec::new();
+        let mut extra: Vec<Bound<'py, PyTuple>> = Vec::new();
+        let (mut again, mut want_write, mut busy) = (false, false, false);
+        let has_fast = !self.fast_table().is_empty();
+        for _ in 0..budget.max(1) {
+            let poll = py.detach(|| node.poll_endpoint(channel, spin_us));
+            again = poll.again;
+            want_write |= poll.want_write;
+            busy = poll.busy;
+            if !has_fast {
+                for_python.extend(poll.actions);
+                break;
+            }
+            let mut done: Vec<(u64, Option<Payload>)> = Vec::new();
+            for a in poll.actions {
+                let job = match &a {
+                    Action::RunHandler { job, .. } => *job,
+                    _ => {
+                        for_python.push(a);
+                        continue;
+                    }
+                };
+                match self.run_fast(py, a)? {
+                    Fast::Done(result) => done.push((job, result)),
+                    Fast::Python(t) => extra.push(t),
+                    Fast::NotFast(a) => for_python.push(a),
+                }
+            }
+            if !done.is_empty() {
+                let (_, acts) = node.with_router(|r| {
+                    for (job, result) in done {
+                        let _ = r.complete_job(job, Ok(result));
+                    }
+                });
+                for_python.extend(acts);
+            }
+            if !again || busy || !for_python.is_empty() || !extra.is_empty() {
+                break;
+            }
+        }
+        let list = actions_to_py(py, self, for_python)?;
+        for t in extra {
+            list.append(t)?;
+        }
+        Ok((list, again, want_write, busy))
+    }
+
+    /// Lets the read loop call `fn(**request)` directly for handler `handler` (a plain,
+    /// untyped, synchronous handler taking keyword arguments); `None` removes it.
+    fn set_fast_handler(&self, handler: u64, fn_: Option<Py<PyAny>>) {
+        let mut t = self.fast_table();
+        match fn_ {
+            Some(f) => {
+                t.insert(handler, f);
+            }
+            None => {
+                t.remove(&handler);
+            }
+        }
+    }
+
+    /// The msgpack `unpack(bytes)` and `pack(obj)` callables used for direct dispatch.
+    fn set_fast_codec(&self, unpack: Py<PyAny>, pack: Py<PyAny>) {
+        let _ = self.fast_codec.set((unpack, pack));
     }
 
     fn native_busy(&self, channel: &str) -> bool {
