@@ -175,7 +175,7 @@ enum Fast<'py> {
     /// Python must finish it: ("fast_failed" | "fast_await" | "fast_unencodable", ...).
     Python(Bound<'py, PyTuple>),
     /// Not handled here: give the action to Python as usual.
-    NotFast(Action),
+    Decline(Action),
 }
 
 impl std::ops::Deref for Node {
@@ -200,30 +200,30 @@ impl Node {
             ..
         } = &action
         else {
-            return Ok(Fast::NotFast(action));
+            return Ok(Fast::Decline(action));
         };
         let (job, handler) = (*job, *handler);
         let (Some(fn_), Some((unpack, pack))) = (
             self.fast_table().get(&handler).map(|f| f.clone_ref(py)),
             self.fast_codec.get(),
         ) else {
-            return Ok(Fast::NotFast(action));
+            return Ok(Fast::Decline(action));
         };
         let request_obj = match request {
             None => None,
             Some(p) if p.encoding == Encoding::Msgpack => {
                 match unpack.bind(py).call1((PyBytes::new(py, &p.data),)) {
                     Ok(obj) => Some(obj),
-                    Err(_) => return Ok(Fast::NotFast(action)),
+                    Err(_) => return Ok(Fast::Decline(action)),
                 }
             }
-            Some(_) => return Ok(Fast::NotFast(action)),
+            Some(_) => return Ok(Fast::Decline(action)),
         };
         let called = match &request_obj {
             None => fn_.bind(py).call0(),
             Some(obj) => match obj.cast::<PyDict>() {
                 Ok(kwargs) => fn_.bind(py).call((), Some(kwargs)),
-                Err(_) => return Ok(Fast::NotFast(action)),
+                Err(_) => return Ok(Fast::Decline(action)),
             },
         };
         let req = request_obj.unwrap_or_else(|| py.None().into_bound(py));
@@ -250,7 +250,7 @@ impl Node {
                     Encoding::Msgpack,
                     bytes.as_bytes().to_vec(),
                 )))),
-                Err(_) => Ok(Fast::NotFast(action)),
+                Err(_) => Ok(Fast::Decline(action)),
             },
             Err(e) => {
                 let exc = e.into_value(py).into_bound(py).into_any();
@@ -415,7 +415,7 @@ impl Node {
                 match self.run_fast(py, a)? {
                     Fast::Done(result) => done.push((job, result)),
                     Fast::Python(t) => extra.push(t),
-                    Fast::NotFast(a) => for_python.push(a),
+                    Fast::Decline(a) => for_python.push(a),
                 }
             }
             if !done.is_empty() {
