@@ -476,29 +476,10 @@ impl Node {
         }
         let mut spin_start: Option<Micros> = None;
         loop {
-            let now = transport::monotonic_micros();
-            {
-                let mut st = self.lock();
-                match st.sync_calls.get_mut(&call) {
-                    Some(slot) => {
-                        if let Some(result) = slot.result.take() {
-                            st.sync_calls.remove(&call);
-                            return result;
-                        }
-                    }
-                    None => {
-                        return Err(ExecError::new(ErrorCode::InternalError, "call lost"));
-                    }
-                }
-                if now >= deadline {
-                    // The router's own timer for this call fires (CallDone lands in the slot).
-                    st.router.tick(now);
-                    let mut py = Vec::new();
-                    self.dispatch(&mut st, &mut py);
-                    self.hand_to_loop(&mut st, py);
-                    continue;
-                }
+            if let Some(result) = self.sync_result(call, deadline) {
+                return result;
             }
+            let now = transport::monotonic_micros();
             // Read the channel ourselves unless another thread is (then just wait for it).
             let spun_out = spin_start.is_some_and(|s| now.saturating_sub(s) >= self.spin_us);
             let mut busy = false;
