@@ -648,7 +648,7 @@ impl Node {
 /// but invalid, too large or too deep are only dropped (and answered when possible).
 fn route_frames(router: &mut Router, id: &str, frames: &[Vec<u8>], now: Micros) -> Option<String> {
     for f in frames {
-        if let Err(crate::router::FrameError::Codec(e @ crate::CodecError::Malformed { .. })) =
+        if let Err(crate::router::InboundError::Codec(e @ crate::CodecError::Malformed { .. })) =
             router.handle_frame(id, f, now)
         {
             return Some(format!("[{}] {e}", e.code()));

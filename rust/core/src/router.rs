@@ -946,9 +946,9 @@ impl Router {
         channel: &str,
         frame: &[u8],
         now: Micros,
-    ) -> Result<(), FrameError> {
+    ) -> Result<(), InboundError> {
         let Some(id) = self.channel_arc(channel) else {
-            return Err(FrameError::Usage(UsageError::UnknownChannel(
+            return Err(InboundError::Usage(UsageError::UnknownChannel(
                 channel.to_string(),
             )));
         };
@@ -980,7 +980,7 @@ impl Router {
                     DropKind::Invalid,
                     format!("[{}] {err}", err.code()),
                 );
-                Err(FrameError::Codec(err))
+                Err(InboundError::Codec(err))
             }
         }
     }
@@ -1537,7 +1537,7 @@ impl Router {
 
 /// Error of [`Router::handle_frame`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FrameError {
+pub enum InboundError {
     /// The frame could not be decoded (it was dropped and counted).
     #[error(transparent)]
     Codec(#[from] CodecError),

@@ -497,12 +497,12 @@ impl Node {
         frame: &[u8],
         now: f64,
     ) -> PyActions<'py> {
-        use cmd_ipc_core::router::FrameError;
+        use cmd_ipc_core::router::InboundError;
         let (r, list) = self.run(py, |r| r.handle_frame(channel, frame, to_micros(now)))?;
         match r {
             // A codec error is already reported as a "dropped" action.
-            Ok(()) | Err(FrameError::Codec(_)) => Ok(list),
-            Err(FrameError::Usage(e)) => Err(usage_err(e)),
+            Ok(()) | Err(InboundError::Codec(_)) => Ok(list),
+            Err(InboundError::Usage(e)) => Err(usage_err(e)),
         }
     }
 
