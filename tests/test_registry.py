@@ -675,3 +675,26 @@ async def test_unencodable_request_over_json_channel_fails_promptly(registries: 
         await asyncio.wait_for(root.execute_command("echo", {"m": {b"k": 1}}), 2)
     assert not isinstance(info.value, CommandTimeoutError)
     assert root.stats()["pending"] == 0
+
+
+def test_decorator_and_emit_from_another_thread_run_on_the_loop_thread() -> None:
+    """With the blocking API the loop runs on its own thread: registering and emitting from
+    the caller's thread is carried out on the loop's thread (listeners run there too)."""
+    import threading
+
+    from cmd_ipc import CommandRegistry
+
+    seen: list[tuple[object, int]] = []
+    with CommandRegistry("main") as registry:
+
+        @registry.command("calc.add", validate=False)
+        def add(a: int, b: int) -> int:
+            return a + b
+
+        registry.add_event_listener("ping", lambda p: seen.append((p, threading.get_ident())))
+        assert registry.execute_command_sync("calc.add", {"a": 1, "b": 2}) == 3
+        registry.emit_event("ping", 1)
+        loop_thread = registry._loop_thread
+        assert registry.unregister_command("calc.add")
+    assert seen == [(1, loop_thread)]
+    assert loop_thread != threading.get_ident()

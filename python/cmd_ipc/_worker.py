@@ -59,7 +59,10 @@ async def serve(boot: dict[str, Any]) -> int:
             desc = dict(msg["channel"])
             desc["sock_fd"] = fds[0]
             desc["shm_fd"] = fds[1] if len(fds) > 1 else None
-            await registry.register_channel(NativeChannel.from_description(desc))
+            channel = NativeChannel.from_description(desc)
+            await registry.register_channel(channel)
+            # Answer once the peer's commands are known here: calls go direct from then on.
+            await registry.wait_listed(channel.id)
             return {"ok": True}
         for fd in fds:
             os.close(fd)

@@ -8,6 +8,7 @@ and carries out the router's actions on an asyncio event loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import inspect
 import json
@@ -173,6 +174,9 @@ class CommandRegistry:
         max_dedup: Maximum event ids remembered.
         max_message_size: Maximum encoded size of a message, in bytes.
         max_depth: Maximum nesting depth of a message.
+        spin_us: Microseconds a reader of a shared-memory channel spins on an empty ring
+            before parking (0 disables spinning; on a single CPU spinning only delays the
+            peer).
 
     Example:
         >>> import asyncio
@@ -223,6 +227,9 @@ class CommandRegistry:
         self._close_listeners: list[Callable[[str, str], None]] = []
         self._pending_registrations: set[asyncio.Future[None]] = set()
         self._spin_scheduled = False
+        #: Channels whose peer answered our command list request, and who waits for that.
+        self._listed: set[str] = set()
+        self._listed_waiters: dict[str, asyncio.Event] = {}
         #: Set in a worker process told to stop, so losing the parent is not a warning.
         self._stopping_worker = False
         self._workers: dict[str, Worker] = {}
@@ -249,6 +256,29 @@ class CommandRegistry:
         return f"<CommandRegistry id={self.id!r} channels={sorted(self._channels)}>"
 
     # ------------------------------------------------------------------ loop and actions
+
+    def _off_loop_thread(self) -> bool:
+        loop = self._loop
+        return (
+            loop is not None
+            and self._loop_thread is not None
+            and threading.get_ident() != self._loop_thread
+            and loop.is_running()
+        )
+
+    def _call_on_loop(self, fn: Callable[[], Any]) -> Any:
+        """Runs ``fn`` on the loop's thread and returns its result (or raises its error)."""
+        assert self._loop is not None
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(fn())
+            except BaseException as e:
+                done.set_exception(e)
+
+        self._loop.call_soon_threadsafe(run)
+        return done.result()
 
     def _check_process(self) -> None:
         if self._fork_generation != _FORK_GENERATION[0]:
@@ -307,6 +337,11 @@ class CommandRegistry:
                 self._finish_fast(kind, act[1], act[2], act[3], act[4])
             elif kind == "closed":
                 self._native_closed(act[1], act[2])
+            elif kind == "listed":
+                self._listed.add(act[1])
+                waiter = self._listed_waiters.pop(act[1], None)
+                if waiter is not None:
+                    waiter.set()
             elif kind == "want_write":
                 fd = self._native_fds.get(act[1])
                 if fd is not None and self._loop is not None:
@@ -586,6 +621,10 @@ class CommandRegistry:
         localns = caller_locals() if validate else None
 
         def decorator(fn: F) -> F:
+            self._check_process()
+            if self._off_loop_thread():
+                # Registration touches the loop's state: do it on the loop's thread.
+                return cast(F, self._call_on_loop(lambda: decorator(fn)))
             typed = prepare(
                 command_id,
                 fn,
@@ -700,6 +739,9 @@ class CommandRegistry:
         The spec has no unregister message: registries that learned the command keep routing
         to this one, which then answers ``not_found``.
         """
+        self._check_process()
+        if self._off_loop_thread():
+            return cast(bool, self._call_on_loop(lambda: self.unregister_command(command_id)))
         self._deferred.pop(command_id, None)
         hid = self._handler_of.pop(command_id, None)
         if hid is not None:
@@ -876,8 +918,14 @@ class CommandRegistry:
         (or contain) pydantic models, dataclasses, enums, datetimes...: they travel as
         JSON-compatible data (:func:`cmd_ipc.commands.to_wire`).
         """
+        self._check_process()
         if self._closed:
             raise RuntimeError(f"registry {self.id!r} is closed")
+        if self._off_loop_thread():
+            # Called from another thread while the loop runs (the blocking API): emit on
+            # the loop's thread, where listeners and channels live.
+            self._call_on_loop(lambda: self.emit_event(event_id, payload))
+            return
         try:
             data = None if payload is None else _encode(payload)
         except Exception as e:
@@ -1042,6 +1090,7 @@ class CommandRegistry:
         if self._channels.get(channel_id) is not channel:
             return
         del self._channels[channel_id]
+        self._listed.discard(channel_id)
         if reason:
             logger.info("channel %r of registry %r closed: %s", channel_id, self.id, reason)
         self._apply(self._node.close_channel(channel_id))
@@ -1119,6 +1168,7 @@ class CommandRegistry:
         if channel is None:
             return
         self._channels.pop(channel_id, None)
+        self._listed.discard(channel_id)
         fd = self._native_fds.pop(channel_id, None)
         if fd is not None and self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(fd)
@@ -1143,6 +1193,20 @@ class CommandRegistry:
         unsubscribe callable. (Worker supervision uses it.)"""
         self._close_listeners.append(fn)
         return functools.partial(self._close_listeners.remove, fn)
+
+    async def wait_listed(self, channel_id: str, timeout: float = 5.0) -> bool:
+        """Waits until the peer behind ``channel_id`` answered the command list request sent
+        when the channel was registered, so that its commands are routed directly; returns
+        False if that did not happen within ``timeout`` seconds (the peer may not answer)."""
+        self._bind_loop()
+        if channel_id in self._listed:
+            return True
+        waiter = self._listed_waiters.setdefault(channel_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(waiter.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def close_channel(self, channel_id: str) -> None:
         """Closes one channel by id; calls waiting on it fail with ``channel_disconnected``.
@@ -1230,7 +1294,7 @@ class CommandRegistry:
 
     @property
     def workers(self) -> dict[str, Worker]:
-        """Workers spawned by this registry, by id (a copy)."""
+        """Workers spawned by this registry and not stopped, by id (a copy)."""
         return dict(self._workers)
 
     # ------------------------------------------------------------------ blocking API

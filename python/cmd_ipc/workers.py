@@ -366,6 +366,8 @@ class Worker:
             await self._exited.wait()
         if self.id in self._registry.channels:
             await self._registry.close_channel(self.id)
+        if self._registry._workers.get(self.id) is self:
+            del self._registry._workers[self.id]
         return self.returncode
 
 

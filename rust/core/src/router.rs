@@ -151,6 +151,11 @@ pub enum Action {
         /// Payload, still encoded.
         payload: Option<Payload>,
     },
+    /// A channel's peer answered with its command list (its commands are routable now).
+    Listed {
+        /// The channel.
+        channel: ChannelId,
+    },
     /// A native channel closed and was detached (produced by [`crate::node::Node`], never by
     /// the router itself).
     Closed {
@@ -1331,6 +1336,13 @@ impl Router {
     }
 
     fn on_list_response(&mut self, from: &ChannelId, commands: Vec<CommandDef>) {
+        self.import_list(from, commands);
+        self.actions.push(Action::Listed {
+            channel: from.clone(),
+        });
+    }
+
+    fn import_list(&mut self, from: &ChannelId, commands: Vec<CommandDef>) {
         let learned = if self.router_channel.as_ref() == Some(from) {
             Learned::ViaRouter
         } else {

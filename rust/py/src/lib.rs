@@ -141,6 +141,7 @@ fn actions_to_py<'py>(
                 ("event", event_id, data, enc).into_pyobject(py)?
             }
             Action::WantWrite { channel } => ("want_write", &*channel).into_pyobject(py)?,
+            Action::Listed { channel } => ("listed", &*channel).into_pyobject(py)?,
             Action::Closed { channel, reason } => {
                 ("closed", &*channel, reason).into_pyobject(py)?
             }
