@@ -372,37 +372,20 @@ class Worker:
 
 
 async def spawn_worker(
-    registry: CommandRegistry,
-    worker_id: str,
-    target: str,
-    *,
-    transport: Transport = "shm",
-    ring_size: int = DEFAULT_RING_SIZE,
-    restart: RestartPolicy | None = None,
-    env: dict[str, str] | None = None,
-    ready_timeout: float = 30.0,
-    cpu: int | None = None,
+    registry: CommandRegistry, worker_id: str, target: str, **options: Any
 ) -> Worker:
-    """Implementation of :meth:`CommandRegistry.spawn_worker`."""
+    """Implementation of :meth:`CommandRegistry.spawn_worker` (``options`` are its keyword
+    arguments, passed on to :class:`Worker`)."""
     if not isinstance(worker_id, str) or not worker_id:
         raise ValueError("worker_id must be a non-empty string")
     if ":" not in target:
         raise ValueError(f"target must look like 'package.module:function', got {target!r}")
+    transport = options.get("transport")
     if transport not in ("shm", "pipe"):
         raise ValueError(f"unknown transport {transport!r}: expected 'shm' or 'pipe'")
     if worker_id in registry.channels:
         raise ValueError(f"registry {registry.id!r} already has a channel {worker_id!r}")
-    worker = Worker(
-        registry,
-        worker_id,
-        target,
-        transport=transport,
-        ring_size=ring_size,
-        restart=restart,
-        env=env,
-        ready_timeout=ready_timeout,
-        cpu=cpu,
-    )
+    worker = Worker(registry, worker_id, target, **options)
     await worker._start()
     return worker
 
