@@ -148,6 +148,9 @@ class Node:
         self, event_id: str, payload: bytes | None, encoding: str, now: float
     ) -> tuple[str, list[_Action]]:
         """Emits an event; returns the message id used."""
+    def reannounce(self, now: float) -> tuple[int, list[_Action]]:
+        """Registers this subtree's public commands again with a router channel that came
+        back; returns how many were sent."""
     def tick(self, now: float) -> list[_Action]:
         """Fires every deadline at or before ``now``."""
     def next_deadline(self) -> float | None:

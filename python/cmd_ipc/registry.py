@@ -233,6 +233,8 @@ class CommandRegistry:
         #: Set in a worker process told to stop, so losing the parent is not a warning.
         self._stopping_worker = False
         self._workers: dict[str, Worker] = {}
+        #: Whether the router channel was attached once (a second attach re-announces).
+        self._router_seen = False
         self.id = id
         self.router_channel = router_channel
         self.request_ttl = request_ttl
@@ -1043,6 +1045,7 @@ class CommandRegistry:
             raise ValueError(f"registry {self.id!r} already has a channel {channel.id!r}")
         if isinstance(channel, NativeChannel):
             self._attach_native(loop, channel)
+            self._router_back(channel.id)
             if channel.id == self.router_channel and self._deferred:
                 await self._flush_deferred()
             return
@@ -1059,8 +1062,33 @@ class CommandRegistry:
                 self._apply(self._node.close_channel(channel.id))
             raise
         self._apply(actions)
+        self._router_back(channel.id)
         if channel.id == self.router_channel and self._deferred:
             await self._flush_deferred()
+        if channel.wait_for_commands and not await self.wait_listed(
+            channel.id, timeout=self.request_ttl
+        ):
+            if channel.id not in self._channels:
+                raise ChannelDisconnectedError(
+                    f"channel {channel.id!r} closed before its peer listed its commands"
+                )
+            logger.warning(
+                "peer of channel %r did not list its commands within %ss",
+                channel.id,
+                self.request_ttl,
+            )
+
+    def _router_back(self, channel_id: str) -> None:
+        """A router channel attached again after a disconnect forgot what this subtree had
+        registered through it: announce it again (rejections are logged)."""
+        if channel_id != self.router_channel:
+            return
+        if self._router_seen:
+            n, actions = self._node.reannounce(self._now())
+            if n:
+                logger.info("registry %r re-registered %d commands with %r", self.id, n, channel_id)
+            self._apply(actions)
+        self._router_seen = True
 
     async def _flush_deferred(self) -> None:
         loop = self._bind_loop()
@@ -1094,6 +1122,7 @@ class CommandRegistry:
         if reason:
             logger.info("channel %r of registry %r closed: %s", channel_id, self.id, reason)
         self._apply(self._node.close_channel(channel_id))
+        self._notify_closed(channel_id, reason or "closed")
 
     def _attach_native(self, loop: asyncio.AbstractEventLoop, channel: NativeChannel) -> None:
         actions = self._node.add_native_channel(
@@ -1182,6 +1211,9 @@ class CommandRegistry:
         )
         level = logging.INFO if expected else logging.WARNING
         logger.log(level, "channel %r of registry %r closed: %s", channel_id, self.id, reason)
+        self._notify_closed(channel_id, reason)
+
+    def _notify_closed(self, channel_id: str, reason: str) -> None:
         for fn in list(self._close_listeners):
             try:
                 fn(channel_id, reason)
@@ -1189,8 +1221,9 @@ class CommandRegistry:
                 logger.exception("channel close listener failed")
 
     def add_close_listener(self, fn: Callable[[str, str], None]) -> Callable[[], None]:
-        """Calls ``fn(channel_id, reason)`` when a native channel closes; returns an
-        unsubscribe callable. (Worker supervision uses it.)"""
+        """Calls ``fn(channel_id, reason)`` when a channel closes (for whatever reason);
+        returns an unsubscribe callable. (Worker supervision and reconnecting channels use
+        it.)"""
         self._close_listeners.append(fn)
         return functools.partial(self._close_listeners.remove, fn)
 

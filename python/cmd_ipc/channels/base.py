@@ -57,6 +57,10 @@ class Channel(abc.ABC):
 
     id: str
     encoding: Encoding
+    #: When true, :meth:`CommandRegistry.register_channel` returns only once the peer has
+    #: answered the command list request, so its commands are callable at once (channels to
+    #: remote services set it).
+    wait_for_commands: bool = False
 
     def __init__(self, id: str, encoding: Encoding = "json") -> None:
         if not isinstance(id, str) or not id:

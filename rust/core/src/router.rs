@@ -93,6 +93,8 @@ pub enum DropKind {
     Undeliverable,
     /// A value the target channel's encoding cannot carry (bytes over JSON...).
     Unencodable,
+    /// A re-announced command the router rejected or did not acknowledge.
+    Rejected,
 }
 
 impl DropKind {
@@ -105,6 +107,7 @@ impl DropKind {
             DropKind::DuplicateEvent => "duplicate_event",
             DropKind::Undeliverable => "undeliverable",
             DropKind::Unencodable => "unencodable",
+            DropKind::Rejected => "rejected",
         }
     }
 }
@@ -264,6 +267,8 @@ enum RegFor {
         channel: ChannelId,
         request_id: String,
     },
+    /// A route this registry already holds, announced again to a router that came back.
+    Again,
 }
 
 struct PendingReg {
@@ -827,6 +832,39 @@ impl Router {
         call
     }
 
+    /// Registers again, with the router channel, every public command of this registry's
+    /// subtree (its local commands and those its children registered). A driver calls this
+    /// when the router channel comes back after a disconnect (a reconnecting WebSocket, say):
+    /// the router forgot them when the old channel closed. Returns how many were sent. A
+    /// rejection (another registry took the id meanwhile) or a timeout is reported as
+    /// [`Action::Dropped`] with [`DropKind::Rejected`]; the local route is kept.
+    pub fn reannounce(&mut self, now: Micros) -> usize {
+        let Some(router) = self.router_channel.clone() else {
+            return 0;
+        };
+        if !self.channels.contains_key(&router) {
+            return 0;
+        }
+        let mut defs: Vec<CommandDef> = self
+            .routes
+            .values()
+            .filter(|r| !is_private(&r.def.id))
+            .filter(|r| match &r.owner {
+                Owner::Local { .. } => true,
+                Owner::Channel { channel, learned } => {
+                    *learned == Learned::Registered && channel != &router
+                }
+            })
+            .map(|r| r.def.clone())
+            .collect();
+        defs.sort_by(|a, b| a.id.cmp(&b.id));
+        let n = defs.len();
+        for def in defs {
+            self.escalate(def, RegFor::Again, router.clone(), now);
+        }
+        n
+    }
+
     fn escalate(&mut self, def: CommandDef, for_: RegFor, router: ChannelId, now: Micros) {
         let id = new_id();
         let deadline = now.saturating_add(self.config.request_ttl);
@@ -1258,7 +1296,7 @@ impl Router {
         };
         let child = match &reg.for_ {
             RegFor::Child { channel, .. } => Some(channel.clone()),
-            RegFor::Local { .. } => None,
+            RegFor::Local { .. } | RegFor::Again => None,
         };
         // Re-check: another owner may have appeared here while the ack was on its way.
         let conflict = match response {
@@ -1284,6 +1322,12 @@ impl Router {
                     }
                 };
                 self.actions.push(Action::RegisterDone { call, result });
+            }
+            RegFor::Again => {
+                if let Some(msg) = conflict {
+                    let reason = format!("re-announcing '{}' failed: {msg}", reg.def.id);
+                    self.drop_msg(Some(from), DropKind::Rejected, reason);
+                }
             }
             RegFor::Child {
                 channel,
@@ -1487,17 +1531,20 @@ impl Router {
                 }
                 TimerKind::Registration => {
                     if let Some(r) = self.registrations.remove(&key) {
-                        if let RegFor::Local { call, .. } = r.for_ {
-                            self.actions.push(Action::RegisterDone {
+                        let msg = format!(
+                            "router '{}' did not acknowledge '{}' within {secs}s",
+                            r.target, r.def.id
+                        );
+                        match r.for_ {
+                            RegFor::Local { call, .. } => self.actions.push(Action::RegisterDone {
                                 call,
-                                result: Err(ExecError::new(
-                                    ErrorCode::Timeout,
-                                    format!(
-                                        "router '{}' did not acknowledge '{}' within {secs}s",
-                                        r.target, r.def.id
-                                    ),
-                                )),
-                            });
+                                result: Err(ExecError::new(ErrorCode::Timeout, msg)),
+                            }),
+                            RegFor::Again => {
+                                let target = r.target.clone();
+                                self.drop_msg(Some(&target), DropKind::Rejected, msg);
+                            }
+                            RegFor::Child { .. } => {}
                         }
                     }
                 }

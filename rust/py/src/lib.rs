@@ -636,6 +636,11 @@ impl Node {
         self.run(py, |r| r.emit_event(event_id, payload, to_micros(now)))
     }
 
+    /// Registers this subtree's public commands again with a router channel that came back.
+    fn reannounce<'py>(&self, py: Python<'py>, now: f64) -> PyResult<(usize, Bound<'py, PyList>)> {
+        self.run(py, |r| r.reannounce(to_micros(now)))
+    }
+
     fn tick<'py>(&self, py: Python<'py>, now: f64) -> PyActions<'py> {
         Ok(self.run(py, |r| r.tick(to_micros(now)))?.1)
     }

@@ -838,3 +838,91 @@ fn local_handler_runs_count_toward_the_cap() {
     }
     assert_eq!(r.stats().jobs, 3);
 }
+
+#[test]
+fn reannounce_registers_the_subtree_again_with_a_router_that_came_back() {
+    let mut r = with_channels("w", Some("root"), &["root", "child"]);
+    // A local command and a child's, both acknowledged by the router.
+    let call = r.register_local(CommandDef::new("w.local"), 1, 0);
+    for (to, m) in sends(&r.take_actions()) {
+        let Message::RegisterRequest { id, .. } = m else {
+            panic!()
+        };
+        assert_eq!(to, "root");
+        let resp = Message::RegisterResponse {
+            id: new_id(),
+            thid: id,
+            response: Ok(()),
+        };
+        r.handle_message("root", resp, 0).unwrap();
+    }
+    assert_eq!(reg_done(&r.take_actions(), call), Ok(()));
+    let acts = register(&mut r, "child", "c.cmd");
+    let (_, Message::RegisterRequest { id, .. }) = only_send(&acts) else {
+        panic!()
+    };
+    let resp = Message::RegisterResponse {
+        id: new_id(),
+        thid: id,
+        response: Ok(()),
+    };
+    r.handle_message("root", resp, 0).unwrap();
+    r.take_actions();
+    r.register_local(CommandDef::new("_private"), 2, 0);
+    r.take_actions();
+
+    // Without a router channel nothing is sent.
+    r.close_channel("root").unwrap();
+    r.take_actions();
+    assert_eq!(r.reannounce(0), 0);
+    r.add_channel("root", Encoding::Json).unwrap();
+    r.take_actions();
+
+    assert_eq!(r.reannounce(0), 2);
+    let sent = sends(&r.take_actions());
+    let ids: Vec<&str> = sent
+        .iter()
+        .map(|(to, m)| {
+            assert_eq!(to, "root");
+            match m {
+                Message::RegisterRequest { command, .. } => command.id.as_str(),
+                other => panic!("unexpected {other:?}"),
+            }
+        })
+        .collect();
+    assert_eq!(ids, ["c.cmd", "w.local"], "public subtree, sorted, no private id");
+
+    // A rejection is reported and the local route kept; an ack is silent.
+    let thids: Vec<String> = sent
+        .iter()
+        .map(|(_, m)| match m {
+            Message::RegisterRequest { id, .. } => id.clone(),
+            _ => unreachable!(),
+        })
+        .collect();
+    let reject = Message::RegisterResponse {
+        id: new_id(),
+        thid: thids[1].clone(),
+        response: Err(RegisterError::DuplicateCommand),
+    };
+    r.handle_message("root", reject, 0).unwrap();
+    let acts = r.take_actions();
+    assert!(
+        acts.iter().any(|a| matches!(
+            a,
+            Action::Dropped { kind: DropKind::Rejected, reason, .. } if reason.contains("w.local")
+        )),
+        "{acts:#?}"
+    );
+    assert_eq!(r.route_of("w.local").as_deref(), Some("local"));
+    // The other one is never acknowledged: its timeout is reported too.
+    r.tick(3600 * SEC);
+    let acts = r.take_actions();
+    assert!(
+        acts.iter().any(|a| matches!(
+            a,
+            Action::Dropped { kind: DropKind::Rejected, reason, .. } if reason.contains("c.cmd")
+        )),
+        "{acts:#?}"
+    );
+}
