@@ -19,6 +19,8 @@ Example:
     5
 """
 
+from typing import TYPE_CHECKING, Any
+
 from cmd_ipc._core import __version__
 from cmd_ipc.channels import Channel, InMemoryChannel
 from cmd_ipc.channels.native import NativeChannel
@@ -36,6 +38,28 @@ from cmd_ipc.errors import (
 from cmd_ipc.registry import CommandRegistry
 from cmd_ipc.workers import RestartPolicy, Worker, WorkerError
 
+if TYPE_CHECKING:
+    from cmd_ipc.channels.stdio import StdioChannel
+    from cmd_ipc.http import HTTPChannel
+    from cmd_ipc.websocket import WebSocketChannel
+
+#: Names imported on first use: their optional dependencies (aiohttp, websockets) load only
+#: when a program uses them.
+_LAZY = {
+    "HTTPChannel": "cmd_ipc.http",
+    "WebSocketChannel": "cmd_ipc.websocket",
+    "StdioChannel": "cmd_ipc.channels.stdio",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cmd_ipc' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 __all__ = [
     "Channel",
     "ChannelDisconnectedError",
@@ -43,6 +67,7 @@ __all__ = [
     "CommandRegistry",
     "CommandTimeoutError",
     "DuplicateCommandError",
+    "HTTPChannel",
     "InMemoryChannel",
     "InternalError",
     "InvalidRequestError",
@@ -50,6 +75,8 @@ __all__ = [
     "NotFoundError",
     "ProtocolError",
     "RestartPolicy",
+    "StdioChannel",
+    "WebSocketChannel",
     "Worker",
     "WorkerError",
     "__version__",
