@@ -1123,6 +1123,20 @@ class CommandRegistry:
             logger.info("channel %r of registry %r closed: %s", channel_id, self.id, reason)
         self._apply(self._node.close_channel(channel_id))
         self._notify_closed(channel_id, reason or "closed")
+        if reason is not None and not self._closed and channel.reconnects:
+            self._spawn(self._reattach(channel))
+
+    async def _reattach(self, channel: Channel) -> None:
+        """Waits for a reconnecting channel to connect again, then attaches it again (which
+        re-registers this subtree's commands if it is the router channel)."""
+        try:
+            if not await channel.reconnect() or self._closed or channel.id in self._channels:
+                return
+            await self.register_channel(channel)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.warning("registry %r could not re-attach channel %r: %s", self.id, channel.id, e)
 
     def _attach_native(self, loop: asyncio.AbstractEventLoop, channel: NativeChannel) -> None:
         actions = self._node.add_native_channel(

@@ -24,6 +24,9 @@ Contract:
 * **close** -- :meth:`Channel.close` is idempotent. After it returns no more ``on_frame``
   calls are made and ``on_close`` has been called. The peer's channel reports ``on_close``
   too, promptly.
+* **reconnecting** -- a channel with ``reconnects`` set still reports every lost connection
+  with ``on_close`` (so waiting calls fail at once); its registry then awaits
+  :meth:`Channel.reconnect` and, when it returns True, starts the same object again.
 * **in-flight messages** -- frames queued but not yet delivered when the channel closes may be
   lost. Nothing waits on them forever: each registry fails every call that waited on the
   closed channel with ``channel_disconnected`` as soon as ``on_close`` runs.
@@ -61,6 +64,11 @@ class Channel(abc.ABC):
     #: answered the command list request, so its commands are callable at once (channels to
     #: remote services set it).
     wait_for_commands: bool = False
+    #: When true, a channel that ended for a reason other than a local close is given back
+    #: to its registry after :meth:`reconnect` succeeds: the registry calls :meth:`start`
+    #: again (and, for its router channel, registers its subtree's commands again). Calls
+    #: that waited on the lost connection still fail with ``channel_disconnected`` at once.
+    reconnects: bool = False
 
     def __init__(self, id: str, encoding: Encoding = "json") -> None:
         if not isinstance(id, str) or not id:
@@ -86,6 +94,12 @@ class Channel(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Closes the channel (idempotent); ``on_close`` has run when this returns."""
+
+    async def reconnect(self) -> bool:
+        """Only for channels with :attr:`reconnects` set: after the connection was lost, tries
+        to connect again (with the channel's own bounded backoff) and returns True once
+        :meth:`start` may be called again, False when it gave up or was closed locally."""
+        return False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} id={self.id!r} encoding={self.encoding!r}>"
