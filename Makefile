@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all venv build run test test-rust test-python test-slow lint fmt bench bench-rust demo fuzz clean
+.PHONY: all venv build interop run test test-rust test-python test-slow lint fmt bench bench-rust demo fuzz clean
 
 all: test
 
@@ -23,7 +23,11 @@ build: venv
 test-rust:
 	cargo test --workspace
 
-test-python: build
+# The Rust peer of the interop tests (tests/interop: the crates.io Rust implementation).
+interop:
+	cargo build --quiet --manifest-path tests/interop/Cargo.toml
+
+test-python: build interop
 	$(PY) -m pytest
 
 # The whole suite: Rust tests, then the extension build and pytest.
@@ -35,12 +39,14 @@ lint: build
 	$(VENV)/bin/mypy
 	$(PY) -m mypy.stubtest cmd_ipc._core
 	cargo fmt --all --check
+	cargo fmt --manifest-path tests/interop/Cargo.toml --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
 fmt: venv
 	$(VENV)/bin/ruff format python tests benches
 	$(VENV)/bin/ruff check --fix python tests benches
 	cargo fmt --all
+	cargo fmt --manifest-path tests/interop/Cargo.toml
 
 # The main job: the latency benchmark (cmd-ipc bench, pinned, under a minute).
 run: build

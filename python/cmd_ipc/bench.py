@@ -987,34 +987,16 @@ def render(results: Results, out: TextIO | None = None) -> None:
         f"{'' if cfg.spin_us is None else f', readers spin {cfg.spin_us} µs'}"
     )
     targets = results.targets()
-    try:
-        from rich.console import Console  # type: ignore[import-not-found,unused-ignore]
-        from rich.table import Table  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        Console = Table = None
-    if Console is not None and Table is not None:
-        console = Console(file=out, width=None if out.isatty() else 130)
-        table = Table(title=title)
-        for i, h in enumerate(header):
-            table.add_column(h, justify="left" if i in (0, 5, 6) else "right")
-        for r in rows:
-            table.add_row(*r)
-        console.print(table)
-    else:
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    from rich.console import Console
+    from rich.table import Table
 
-        def line(cells: list[str]) -> str:
-            parts = [
-                c.ljust(widths[i]) if i in (0, 5, 6) else c.rjust(widths[i])
-                for i, c in enumerate(cells)
-            ]
-            return "  ".join(parts).rstrip()
-
-        print(title, file=out)
-        print(line(header), file=out)
-        print("  ".join("-" * w for w in widths), file=out)
-        for r in rows:
-            print(line(r), file=out)
+    console = Console(file=out, width=None if out.isatty() else 130)
+    table = Table(title=title)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i in (0, 5, 6) else "right")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
     print("", file=out)
     print("targets (issue 3):", file=out)
     for t in targets:
