@@ -23,7 +23,12 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-MODULES = ("test_bench_inprocess", "test_bench_processes", "test_bench_validation")
+MODULES = (
+    "test_bench_inprocess",
+    "test_bench_processes",
+    "test_bench_remote",
+    "test_bench_validation",
+)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

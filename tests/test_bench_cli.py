@@ -8,10 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cmd_ipc.bench import IDLE_ROWS, LABELS, LATENCY_ROWS
+from cmd_ipc.bench import (
+    BASE_AIOHTTP,
+    HTTP_CHANNEL,
+    IDLE_ROWS,
+    LABELS,
+    LATENCY_ROWS,
+    WS_CHANNEL,
+)
+
+REMOTE_ROWS = (HTTP_CHANNEL, WS_CHANNEL, BASE_AIOHTTP)
 
 CALLS = 300
 PIPELINED = 2000
+REMOTE = 100
 
 
 def test_bench_quick_writes_every_row(tmp_path: Path) -> None:
@@ -19,7 +29,8 @@ def test_bench_quick_writes_every_row(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONIOENCODING="utf-8")
     proc = subprocess.run(
         [sys.executable, "-m", "cmd_ipc", "bench", "--quick", "--calls", str(CALLS),
-         "--pipelined-calls", str(PIPELINED), "--idle-seconds", "0.5", "--json", str(out)],
+         "--pipelined-calls", str(PIPELINED), "--idle-seconds", "0.5", "--remote-calls",
+         str(REMOTE), "--json", str(out)],
         capture_output=True,
         text=True,
         encoding="utf-8",
@@ -32,7 +43,9 @@ def test_bench_quick_writes_every_row(tmp_path: Path) -> None:
     assert set(data["rows"]) == set(LATENCY_ROWS), data.get("errors")
     assert not data["errors"]
     for key, row in data["rows"].items():
-        expected = PIPELINED if key == "pipelined_shm" else CALLS
+        expected = {"pipelined_shm": PIPELINED, **dict.fromkeys(REMOTE_ROWS, REMOTE)}.get(
+            key, CALLS
+        )
         assert row["n"] == expected, key
         for figure in ("p50_us", "p99_us", "mean_us", "calls_per_s"):
             assert row[figure] > 0, (key, figure, row)

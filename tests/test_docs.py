@@ -37,6 +37,7 @@ PAGES = {
     "errors.md": 1,
     "schemas.md": 3,
     "performance.md": 1,
+    "remote.md": 3,
     "limits.md": 0,
 }
 

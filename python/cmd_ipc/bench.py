@@ -13,13 +13,16 @@ children, and times the round trip of ``add({"a": 1, "b": 2})`` (baseline in bra
   the next row;
 * direct worker→worker: the same calls after ``connect_workers`` [Pipe];
 * pipelined shm: ``await`` with ``--window`` calls in flight [Pipe];
+* remote, against one server child on loopback (:mod:`cmd_ipc._bench_remote`):
+  ``HTTPChannel`` [a bare keep-alive aiohttp POST to the same server; its ratio is of
+  calls/s] and ``WebSocketChannel`` [the HTTPChannel row];
 * baselines: ``multiprocessing.Pipe`` send/recv with a child process (Pipe), and
   length-prefixed msgpack over an asyncio Unix socket to a child process (streams);
 
 then the idle cost: CPU used by the idle workers and the idle bench process over
 ``--idle-seconds``. Each latency row reports p50/p99/mean (µs) and calls/s; its ratio is
 ``p50 / baseline p50`` (for the pipelined row, time per call ``1 / calls/s`` over the
-baseline's), lower is better. The targets of issue 3 are printed as met or NOT met.
+baseline's), lower is better. The targets of issues 3 and 4 are printed as met or NOT met.
 
 Workers are started just before the rows that use them. A call that takes longer than
 ``CALL_TIMEOUT`` fails its row (shown in the table) instead of hanging the run. ``--pin``
@@ -68,6 +71,9 @@ DIRECT_SIBLING = "direct_worker_worker"
 PIPELINED = "pipelined_shm"
 BASE_PIPE = "baseline_mp_pipe"
 BASE_STREAMS = "baseline_asyncio_streams"
+HTTP_CHANNEL = "http_channel"
+WS_CHANNEL = "ws_channel"
+BASE_AIOHTTP = "baseline_aiohttp_post"
 IDLE_WORKER = "idle_worker"
 IDLE_PARENT = "idle_parent"
 
@@ -81,6 +87,9 @@ LABELS = {
     PIPELINED: "pipelined, shm",
     BASE_PIPE: "multiprocessing.Pipe (baseline)",
     BASE_STREAMS: "asyncio streams (baseline)",
+    HTTP_CHANNEL: "HTTPChannel, loopback",
+    WS_CHANNEL: "WebSocketChannel, loopback",
+    BASE_AIOHTTP: "aiohttp POST (baseline)",
     IDLE_WORKER: "idle worker (busiest)",
     IDLE_PARENT: "idle bench process",
 }
@@ -92,8 +101,11 @@ BASELINE_OF = {
     HOP_SIBLING: BASE_PIPE,
     DIRECT_SIBLING: BASE_PIPE,
     PIPELINED: BASE_PIPE,
+    HTTP_CHANNEL: BASE_AIOHTTP,
+    WS_CHANNEL: HTTP_CHANNEL,
 }
-SHORT = {BASE_PIPE: "Pipe", BASE_STREAMS: "streams"}
+SHORT = {BASE_PIPE: "Pipe", BASE_STREAMS: "streams", BASE_AIOHTTP: "aiohttp", HTTP_CHANNEL: "HTTP"}
+BASELINES = (BASE_PIPE, BASE_STREAMS, BASE_AIOHTTP)
 LATENCY_ROWS = (
     BLOCKING_SHM,
     AWAIT_SHM,
@@ -104,6 +116,9 @@ LATENCY_ROWS = (
     PIPELINED,
     BASE_PIPE,
     BASE_STREAMS,
+    HTTP_CHANNEL,
+    WS_CHANNEL,
+    BASE_AIOHTTP,
 )
 IDLE_ROWS = (IDLE_WORKER, IDLE_PARENT)
 
@@ -126,6 +141,14 @@ class BenchConfig:
     progress: bool = True
     #: Spin of native readers before parking, in µs (None: the registry's default).
     spin_us: int | None = None
+    #: Timed calls of each remote row (HTTP, WebSocket, aiohttp); 0 leaves them out.
+    remote_calls: int | None = None
+
+    @property
+    def n_remote(self) -> int:
+        if self.remote_calls is not None:
+            return self.remote_calls
+        return max(200, self.calls // 10)
 
     @property
     def warmup(self) -> int:
@@ -199,7 +222,7 @@ class Results:
         row, base = self.rows.get(key), self.rows.get(base_key or "")
         if row is None or base is None:
             return None
-        if key == PIPELINED:
+        if key in (PIPELINED, HTTP_CHANNEL):
             return base.calls_per_s / row.calls_per_s
         return row.percentile_us(0.5) / base.percentile_us(0.5)
 
@@ -276,6 +299,27 @@ class Results:
                 "µs",
                 "" if extra is None else f"{a:.2f} - {b:.2f} µs",
             )
+        http, bare = self.rows.get(HTTP_CHANNEL), self.rows.get(BASE_AIOHTTP)
+        add(
+            (HTTP_CHANNEL,),
+            "HTTPChannel sequential calls/s >= 0.8x a bare aiohttp POST",
+            None if http is None or bare is None else http.calls_per_s / bare.calls_per_s,
+            0.8,
+            "x",
+            ""
+            if http is None or bare is None
+            else f"{http.calls_per_s:,.0f} / {bare.calls_per_s:,.0f} calls/s",
+            higher_is_better=True,
+        )
+        ws = self.rows.get(WS_CHANNEL)
+        add(
+            (WS_CHANNEL,),
+            "WebSocketChannel p50 <= 0.5x HTTPChannel p50",
+            self.ratio(WS_CHANNEL),
+            0.5,
+            "x",
+            _detail(ws, http),
+        )
         for key in IDLE_ROWS:
             idle = self.idle.get(key)
             add(
@@ -308,6 +352,7 @@ class Results:
                 "idle_seconds": self.config.idle_seconds,
                 "pin": self.config.pin,
                 "spin_us": self.config.spin_us,
+                "remote_calls": self.config.n_remote,
                 "payload": REQ,
             },
             "rows": rows,
@@ -814,6 +859,8 @@ class _Bench:
                 self.blocking(HOP_SUB, "hop.add", 1.0)
 
             self.step(HOP_SUB, 0.0, hop_row)
+            if cfg.n_remote > 0:
+                self.step(HTTP_CHANNEL, 1.0, self.remote)
             self.progress.set(f"idle cost ({cfg.idle_seconds:g} s)")
             self.step(IDLE_WORKER, 1.0, self.idle)
             self.progress.set("stopping workers")
@@ -822,6 +869,23 @@ class _Bench:
                 with contextlib.suppress(Exception):
                     self.stop(wid)
         self.registry = None
+
+    def remote(self) -> None:
+        """HTTPChannel, WebSocketChannel and a bare aiohttp POST against one server child."""
+        from cmd_ipc import _bench_remote
+
+        n, warmup = self.cfg.n_remote, max(50, self.cfg.n_remote // 10)
+        self.progress.set(f"remote rows ({n} calls each)")
+        proc, urls = _bench_remote.start_server(self.child_cpu)
+        try:
+            timed = self.on_loop(lambda: _bench_remote.measure(urls, n, warmup), timeout=600)
+        finally:
+            _bench_remote.stop_server(proc)
+        for key, name in ((BASE_AIOHTTP, "bare"), (HTTP_CHANNEL, "http"), (WS_CHANNEL, "ws")):
+            samples, elapsed = timed[name]
+            samples.sort()
+            note = "sequential, one server process on loopback"
+            self.res.rows[key] = Row(key, samples, elapsed, note)
 
     def skip(self, key: str, weight: float) -> None:
         self.res.errors.setdefault(key, f"{W_ADD} did not start")
@@ -922,7 +986,7 @@ def table_rows(results: Results) -> tuple[list[str], list[list[str]]]:
         ratio = results.ratio(key)
         base = BASELINE_OF.get(key)
         vs = "" if ratio is None or base is None else f"{ratio:.2f}x {SHORT[base]}"
-        if key in (BASE_PIPE, BASE_STREAMS):
+        if key in BASELINES:
             vs = "(baseline)"
         f = row.figures()
         rows.append(
@@ -998,7 +1062,7 @@ def render(results: Results, out: TextIO | None = None) -> None:
         table.add_row(*r)
     console.print(table)
     print("", file=out)
-    print("targets (issue 3):", file=out)
+    print("targets (issues 3 and 4):", file=out)
     for t in targets:
         value = t["value"]
         if value is None:
@@ -1083,6 +1147,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long native readers spin before parking, in µs, in this process and the "
         "workers (default: the registry's, 50)",
     )
+    parser.add_argument(
+        "--remote-calls",
+        type=int,
+        default=None,
+        metavar="N",
+        help="timed calls of each remote row: HTTPChannel, WebSocketChannel, bare aiohttp "
+        "(default --calls / 10, at least 200; 0 leaves them out)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -1098,6 +1170,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise SystemExit("--idle-seconds must be positive")
     if args.window < 1:
         raise SystemExit("--window must be at least 1")
+    if args.remote_calls is not None and args.remote_calls < 0:
+        raise SystemExit("--remote-calls must not be negative")
     if args.spin_us is not None and args.spin_us < 0:
         raise SystemExit("--spin-us must not be negative")
     return BenchConfig(
@@ -1108,6 +1182,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         pin=args.pin,
         progress=not args.no_progress,
         spin_us=args.spin_us,
+        remote_calls=args.remote_calls,
     )
 
 

@@ -11,8 +11,9 @@ never looks inside.
 
 Contract:
 
-* **start** -- :meth:`Channel.start` is awaited exactly once, by
-  :meth:`CommandRegistry.register_channel`, with two callbacks. From then on the channel calls
+* **start** -- :meth:`Channel.start` is awaited once, by
+  :meth:`CommandRegistry.register_channel`, with two callbacks (again after each successful
+  :meth:`Channel.reconnect` for a reconnecting channel). From then on the channel calls
   ``on_frame(frame)`` for every frame from the peer and ``on_close(reason)`` exactly once when
   the connection ends for any reason (local close, peer close, transport failure). Both
   callbacks are called on the registry's event loop thread, never concurrently.
