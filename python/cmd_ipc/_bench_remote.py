@@ -49,9 +49,7 @@ async def _serve() -> None:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        server = site._server
-        assert server is not None and server.sockets
-        port = server.sockets[0].getsockname()[1]
+        port = runner.addresses[0][1]
         ws = await serve_websocket(registry, "127.0.0.1", 0)
         print(json.dumps({"http": f"http://127.0.0.1:{port}", "ws": ws.url}), flush=True)
         loop = asyncio.get_running_loop()

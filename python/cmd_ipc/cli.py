@@ -71,7 +71,7 @@ def load_setup(spec: str) -> Callable[[Any], Any]:
             raise UsageError(f"{module_name!r} has no attribute {attr!r}")
     if not callable(fn):
         raise UsageError(f"{spec!r} is not callable")
-    return fn  # type: ignore[return-value]
+    return fn
 
 
 async def run_setup(registry: Any, spec: str) -> None:

@@ -1228,6 +1228,9 @@ class CommandRegistry:
         self._notify_closed(channel_id, reason)
 
     def _notify_closed(self, channel_id: str, reason: str) -> None:
+        waiter = self._listed_waiters.pop(channel_id, None)
+        if waiter is not None:
+            waiter.set()
         for fn in list(self._close_listeners):
             try:
                 fn(channel_id, reason)
@@ -1244,16 +1247,20 @@ class CommandRegistry:
     async def wait_listed(self, channel_id: str, timeout: float = 5.0) -> bool:
         """Waits until the peer behind ``channel_id`` answered the command list request sent
         when the channel was registered, so that its commands are routed directly; returns
-        False if that did not happen within ``timeout`` seconds (the peer may not answer)."""
+        False if that did not happen within ``timeout`` seconds (the peer may not answer) or
+        the channel closed first."""
         self._bind_loop()
         if channel_id in self._listed:
             return True
+        if channel_id not in self._channels:
+            return False
         waiter = self._listed_waiters.setdefault(channel_id, asyncio.Event())
         try:
             await asyncio.wait_for(waiter.wait(), timeout)
         except asyncio.TimeoutError:
             return False
-        return True
+        # Woken by the list response, or by the channel's close.
+        return channel_id in self._listed
 
     async def close_channel(self, channel_id: str) -> None:
         """Closes one channel by id; calls waiting on it fail with ``channel_disconnected``.
