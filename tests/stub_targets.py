@@ -79,7 +79,6 @@ def setup(registry: CommandRegistry) -> None:
     def ping() -> None:
         return None
 
-
     @registry.command("_hidden.secret")
     def secret() -> str:
         return "private"

@@ -1130,7 +1130,11 @@ class CommandRegistry:
         """Waits for a reconnecting channel to connect again, then attaches it again (which
         re-registers this subtree's commands if it is the router channel)."""
         try:
-            if not await channel.reconnect() or self._closed or channel.id in self._channels:
+            if not await channel.reconnect():
+                return
+            if self._closed or channel.id in self._channels:
+                # Nobody to give the new connection to (or the id was taken meanwhile).
+                await channel.close()
                 return
             await self.register_channel(channel)
         except asyncio.CancelledError:

@@ -1298,6 +1298,7 @@ impl Router {
             RegFor::Child { channel, .. } => Some(channel.clone()),
             RegFor::Local { .. } | RegFor::Again => None,
         };
+        let rejected = response.is_err();
         // Re-check: another owner may have appeared here while the ack was on its way.
         let conflict = match response {
             Err(RegisterError::DuplicateCommand) => Some(format!(
@@ -1324,7 +1325,9 @@ impl Router {
                 self.actions.push(Action::RegisterDone { call, result });
             }
             RegFor::Again => {
-                if let Some(msg) = conflict {
+                // The route is this registry's own (or its child's): only the router's
+                // answer matters.
+                if let (true, Some(msg)) = (rejected, conflict) {
                     let reason = format!("re-announcing '{}' failed: {msg}", reg.def.id);
                     self.drop_msg(Some(from), DropKind::Rejected, reason);
                 }

@@ -915,6 +915,22 @@ fn reannounce_registers_the_subtree_again_with_a_router_that_came_back() {
         "{acts:#?}"
     );
     assert_eq!(r.route_of("w.local").as_deref(), Some("local"));
+    // An acknowledgement is silent, for a local route and for a child's.
+    assert_eq!(r.reannounce(0), 2);
+    for (_, m) in sends(&r.take_actions()) {
+        let Message::RegisterRequest { id, .. } = m else {
+            panic!()
+        };
+        let ack = Message::RegisterResponse {
+            id: new_id(),
+            thid: id,
+            response: Ok(()),
+        };
+        r.handle_message("root", ack, 0).unwrap();
+    }
+    let acts = r.take_actions();
+    assert!(acts.is_empty(), "{acts:#?}");
+    assert_eq!(r.route_of("c.cmd").as_deref(), Some("child"));
     // The other one is never acknowledged: its timeout is reported too.
     r.tick(3600 * SEC);
     let acts = r.take_actions();
