@@ -205,7 +205,10 @@ def served() -> Iterator[dict[str, Any]]:
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+        code = proc.wait(timeout=15)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        assert code == 0
 
 
 @pytest.mark.parametrize("kind", ["http", "ws"])
