@@ -120,6 +120,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def in_flight(registry: CommandRegistry) -> tuple[set[str], int]:
+    """The registry's channels other than HTTP endpoints', and the requests its endpoints
+    still wait on (both should be back to normal once the HTTP traffic is over)."""
+    endpoints = [c for c in registry.channels.values() if c.id.startswith("http:")]
+    others = set(registry.channels) - {c.id for c in endpoints}
+    return others, sum(len(c.pending) for c in endpoints)  # type: ignore[attr-defined]
+
+
 async def api_with_commands(make: Make, **kw: Any) -> tuple[CommandRegistry, dict[str, int]]:
     """A server registry ``api`` with ``calc.add``, a typed ``typed.add``, a private
     ``_secret`` and a ``stuck`` command; returns it and the count of handler runs."""
@@ -207,10 +215,10 @@ async def test_call_server_command_and_child_command(registries: Make, servers: 
         *(client.execute_command("calc.add", {"a": i, "b": 1}) for i in range(20))
     )
     assert results == [i + 1 for i in range(20)]
-    # The server's short-lived channels are all gone.
-    assert set(api.channels) == {"child"}
+    # Nothing is left waiting at the server.
+    assert in_flight(api) == ({"child"}, 0)
     stats = api.stats()
-    assert not [c for c in stats["channels"] if c.startswith("http:")]
+    assert [c for c in stats["channels"] if c.startswith("http:")] == ["http:/cmd"]
     assert stats["dropped"] == 0 and stats["pending_forwards"] == 0
 
 
@@ -514,7 +522,7 @@ async def test_slow_sender_is_dropped_while_others_are_served(
     response = await asyncio.wait_for(slow, 10)
     assert status_of(response) == 408  # then answered and its connection dropped
     assert runs["calc.add"] == 5
-    assert not api.channels
+    assert in_flight(api) == (set(), 0)
 
 
 async def test_half_sent_headers_are_dropped(registries: Make, servers: Serve) -> None:
@@ -683,7 +691,8 @@ async def test_call_in_flight_when_the_server_dies(registries: Make, servers: Se
     with pytest.raises(ChannelDisconnectedError):
         await asyncio.wait_for(call, 10)
     assert loop.time() - started < 10.0
-    assert not api.channels  # the server's request channel was closed with it
+    # The endpoint's channel was detached with the server.
+    assert not api.channels
 
 
 async def test_closing_the_channel_fails_calls_in_flight(registries: Make, servers: Serve) -> None:
@@ -697,8 +706,8 @@ async def test_closing_the_channel_fails_calls_in_flight(registries: Make, serve
     with pytest.raises(ChannelDisconnectedError):
         await asyncio.wait_for(call, 5)
     assert client.route_of("calc.add") is None
-    # The server notices the client went away and drops its request channel.
-    await eventually(lambda: not api.channels, timeout=5)
+    # The server notices the client went away and stops waiting for its answer.
+    await eventually(lambda: in_flight(api) == (set(), 0), timeout=5)
 
 
 async def test_answer_timeout(registries: Make, servers: Serve) -> None:
@@ -708,7 +717,7 @@ async def test_answer_timeout(registries: Make, servers: Serve) -> None:
     await client.register_channel(HTTPChannel("api", server.url))
     with pytest.raises(CommandTimeoutError):
         await asyncio.wait_for(client.execute_command("stuck"), 10)
-    assert not api.channels
+    assert in_flight(api) == (set(), 0)
 
 
 @pytest.mark.parametrize("handler_cancellation", [True, False])
@@ -732,8 +741,7 @@ async def test_client_gone_before_the_answer_leaks_nothing(
         ) as r:
             await r.read()
     assert runs["stuck"] == 1
-    await eventually(lambda: not api.channels, timeout=5)
-    assert not [c for c in api.stats()["channels"] if c.startswith("http:")]
+    await eventually(lambda: in_flight(api) == (set(), 0), timeout=5)
 
 
 # ------------------------------------------------------------------------------ hooks
@@ -902,7 +910,7 @@ async def test_cmds_json(registries: Make, servers: Serve, session: aiohttp.Clie
     assert by_id["typed.add"]["description"] == "Adds two integers"
     assert by_id["typed.add"]["schema"]["request"]["required"] == ["a", "b"]
     assert by_id["typed.add"]["schema"]["response"]["type"] == "integer"
-    assert set(api.channels) == {"child"}
+    assert in_flight(api) == ({"child"}, 0)
 
 
 async def test_mounting(registries: Make, apps: StartApp, session: aiohttp.ClientSession) -> None:
@@ -967,3 +975,55 @@ def test_channel_arguments_are_checked() -> None:
     assert channel.url == "http://example.com/base/cmd"
     with pytest.raises(ValueError):
         create_app(CommandRegistry("x"), max_body=0)
+
+
+async def test_same_id_twice_in_flight_is_refused_and_answers_never_cross(
+    registries: Make, servers: Serve, session: aiohttp.ClientSession
+) -> None:
+    api, runs = await api_with_commands(registries)
+    server = await servers(api, answer_timeout=5.0)
+    first = asyncio.ensure_future(
+        session.post(server.url + "/cmd", json=execute("stuck", id="same"), headers=JSON_HEADERS)
+    )
+    await eventually(lambda: runs["stuck"] == 1, timeout=5)
+    async with session.post(
+        server.url + "/cmd", json=execute("calc.add", {"a": 1, "b": 2}, id="same"),
+        headers=JSON_HEADERS,
+    ) as resp:  # fmt: skip
+        assert resp.status == 409
+        assert "already in flight" in (await resp.json())["error"]
+    assert runs["calc.add"] == 0
+    first.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    await eventually(lambda: in_flight(api) == (set(), 0), timeout=5)
+
+
+@pytest.mark.parametrize("message_id", ['q"uote', "back\\slash", "ünï\u2028code", "x" * 300])
+async def test_any_string_id_gets_its_own_answer(
+    registries: Make, servers: Serve, session: aiohttp.ClientSession, message_id: str
+) -> None:
+    api, _ = await api_with_commands(registries)
+    server = await servers(api)
+    body = execute("calc.add", {"a": 40, "b": 2}, id=message_id)
+    async with session.post(server.url + "/cmd", json=body, headers=JSON_HEADERS) as resp:
+        assert resp.status == 200
+        answer = json.loads((await resp.read()).split(b"\n")[0])
+    assert answer["thid"] == message_id
+    assert answer["response"] == {"ok": True, "result": 42}
+
+
+async def test_events_do_not_reach_http_clients_and_do_not_disturb_answers(
+    registries: Make, servers: Serve
+) -> None:
+    api, _ = await api_with_commands(registries)
+    server = await servers(api)
+    client = registries("client")
+    await client.register_channel(HTTPChannel("api", server.url))
+    heard: list[Any] = []
+    client.add_event_listener("news", heard.append)
+    for i in range(3):
+        # An event whose payload imitates an answer is still just an event.
+        api.emit_event("news", {"type": "execute.command.response", "thid": "x", "i": i})
+        assert await client.execute_command("calc.add", {"a": i, "b": 0}) == i
+    assert heard == []

@@ -58,17 +58,18 @@ ALL_TYPES = {
 
 @pytest.fixture(autouse=True)
 def wire(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
-    """Validates every text message sent on any WebSocket connection; yields them."""
+    """Validates every text message received on any WebSocket connection (so everything
+    that crossed, whichever way it was written); yields them."""
     seen: list[dict[str, Any]] = []
-    original = Connection.send
+    original = Connection.recv
 
-    async def send(self: Connection, message: Any, text: bool | None = None) -> None:
-        if isinstance(message, str) or text:
-            raw = message.encode() if isinstance(message, str) else bytes(message)
-            seen.append(spec_support.validate_frame(raw, "json"))
-        await original(self, message, text=text)
+    async def recv(self: Connection, decode: bool | None = None) -> Any:
+        message = await original(self, decode)
+        if isinstance(message, str):
+            seen.append(spec_support.validate_frame(message.encode(), "json"))
+        return message
 
-    monkeypatch.setattr(Connection, "send", send)
+    monkeypatch.setattr(Connection, "recv", recv)
     yield seen
 
 
@@ -563,3 +564,49 @@ async def test_channel_options_and_lifecycle(registries: Make, start: Start) -> 
     assert not await channel.reconnect()
     with pytest.raises(ChannelDisconnectedError):
         await edge.register_channel(channel)
+
+
+async def test_bursts_keep_their_order_across_direct_and_queued_writes(
+    registries: Make, start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frame is written at once while nothing waits to be written, else queued for the
+    writer task (a full socket). Order holds across both: here the first 100 frames are
+    forced through the queue, and those sent right after must wait behind them."""
+    import cmd_ipc.websocket as ws_module
+
+    hub, _, server = await hub_tree(registries, start)
+    edge, _ = await join(registries, server.url)
+    got: list[int] = []
+    done = asyncio.Event()
+
+    def heard(payload: Any) -> None:
+        got.append(payload["n"])
+        if payload["n"] == 399:
+            done.set()
+
+    hub.add_event_listener("burst", heard)
+    queued = 0
+    put = asyncio.Queue.put_nowait
+
+    def counting_put(self: asyncio.Queue[Any], item: Any) -> None:
+        nonlocal queued
+        queued += item is not None
+        put(self, item)
+
+    monkeypatch.setattr(asyncio.Queue, "put_nowait", counting_put)
+    monkeypatch.setattr(ws_module, "_DIRECT_WRITE_LIMIT", 0)  # as if the socket were full
+    for n in range(100):
+        edge.emit_event("burst", {"n": n, "blob": "x" * 1024})
+    monkeypatch.setattr(ws_module, "_DIRECT_WRITE_LIMIT", 64 * 1024)
+    for n in range(100, 400):
+        edge.emit_event("burst", {"n": n, "blob": "x" * 1024})
+    # The queue was not empty: the later frames queued behind the first ones.
+    assert queued == 400
+    calls = [edge.execute_command("hub.add", {"a": n, "b": 1}) for n in range(50)]
+    assert await asyncio.gather(*calls) == [n + 1 for n in range(50)]
+    await asyncio.wait_for(done.wait(), 20)
+    assert got == list(range(400))
+    # Once the writer has drained the queue, frames are written at once again.
+    before = queued
+    assert await edge.execute_command("hub.add", {"a": 1, "b": 1}) == 2
+    assert queued == before

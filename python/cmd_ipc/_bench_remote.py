@@ -9,9 +9,11 @@ The server (``python -m cmd_ipc._bench_remote``) is one aiohttp application with
 and a WebSocket server (:func:`cmd_ipc.websocket.serve_websocket`) on the same registry. It
 prints ``{"http": URL, "ws": URL}`` on one line and serves until its stdin closes.
 
-The client side times sequential calls (one in flight), each row on its own fresh client:
-a keep-alive ``aiohttp.ClientSession`` POST for the baseline, ``execute_command`` through a
+The client side times sequential calls (one in flight), each row on its own client: a
+keep-alive ``aiohttp.ClientSession`` POST for the baseline, ``execute_command`` through a
 registry holding an :class:`~cmd_ipc.HTTPChannel` or a :class:`~cmd_ipc.WebSocketChannel`.
+The three rows are interleaved in blocks of calls, so that machine noise weighs on them
+alike.
 """
 
 from __future__ import annotations
@@ -91,62 +93,64 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
         proc.wait()
 
 
-async def _timed(
-    call: Callable[[], Awaitable[Any]], n: int, warmup: int
-) -> tuple[list[int], float]:
-    for _ in range(warmup):
-        assert await call() == 3
+BLOCK = 50
+
+
+async def _timed_block(call: Callable[[], Awaitable[Any]], n: int, out: list[int]) -> float:
+    """Times ``n`` sequential calls, appending each to ``out``; returns the elapsed seconds."""
     clock = time.perf_counter_ns
-    out = [0] * n
     t_start = clock()
-    for i in range(n):
+    for _ in range(n):
         t0 = clock()
         await call()
-        out[i] = clock() - t0
-    return out, (clock() - t_start) / 1e9
-
-
-async def measure_bare(url: str, n: int, warmup: int) -> tuple[list[int], float]:
-    """A keep-alive aiohttp POST of the payload to ``/bare``, JSON answer read."""
-    import aiohttp
-
-    async with aiohttp.ClientSession() as session:
-
-        async def call() -> Any:
-            async with session.post(url + "/bare", json=REQ) as resp:
-                resp.raise_for_status()
-                return await resp.json()
-
-        return await _timed(call, n, warmup)
-
-
-async def measure_http(url: str, n: int, warmup: int) -> tuple[list[int], float]:
-    """``execute_command("remote.add")`` through an :class:`HTTPChannel`."""
-    from cmd_ipc.http import HTTPChannel
-    from cmd_ipc.registry import CommandRegistry
-
-    async with CommandRegistry("bench-http") as client:
-        await client.register_channel(HTTPChannel("server", url))
-        return await _timed(lambda: client.execute_command("remote.add", REQ), n, warmup)
-
-
-async def measure_ws(url: str, n: int, warmup: int) -> tuple[list[int], float]:
-    """``execute_command("remote.add")`` through a :class:`WebSocketChannel`."""
-    from cmd_ipc.registry import CommandRegistry
-    from cmd_ipc.websocket import WebSocketChannel
-
-    async with CommandRegistry("bench-ws") as client:
-        await client.register_channel(WebSocketChannel("server", url, reconnect=False))
-        return await _timed(lambda: client.execute_command("remote.add", REQ), n, warmup)
+        out.append(clock() - t0)
+    return (clock() - t_start) / 1e9
 
 
 async def measure(urls: dict[str, str], n: int, warmup: int) -> dict[str, tuple[list[int], float]]:
-    """All three rows, baseline first: ``{"bare": ..., "http": ..., "ws": ...}``."""
-    return {
-        "bare": await measure_bare(urls["http"], n, warmup),
-        "http": await measure_http(urls["http"], n, warmup),
-        "ws": await measure_ws(urls["ws"], n, warmup),
-    }
+    """All three rows: ``{"bare": (samples_ns, elapsed_s), "http": ..., "ws": ...}``.
+
+    The rows are interleaved in blocks of :data:`BLOCK` calls (bare, HTTP, WebSocket, bare,
+    ...), so that a slower or faster moment of the machine weighs on all three alike.
+    """
+    import aiohttp
+
+    from cmd_ipc.http import HTTPChannel
+    from cmd_ipc.registry import CommandRegistry
+    from cmd_ipc.websocket import WebSocketChannel
+
+    base = urls["http"]
+    async with (
+        aiohttp.ClientSession() as session,
+        CommandRegistry("bench-http") as http_client,
+        CommandRegistry("bench-ws") as ws_client,
+    ):
+        await http_client.register_channel(HTTPChannel("server", base))
+        await ws_client.register_channel(WebSocketChannel("server", urls["ws"], reconnect=False))
+
+        async def bare() -> Any:
+            async with session.post(base + "/bare", json=REQ) as resp:
+                resp.raise_for_status()
+                return await resp.json()
+
+        calls: dict[str, Callable[[], Awaitable[Any]]] = {
+            "bare": bare,
+            "http": lambda: http_client.execute_command("remote.add", REQ),
+            "ws": lambda: ws_client.execute_command("remote.add", REQ),
+        }
+        for call in calls.values():
+            for _ in range(warmup):
+                if await call() != 3:
+                    raise RuntimeError("the bench server answered a wrong sum")
+        samples: dict[str, list[int]] = {k: [] for k in calls}
+        elapsed = dict.fromkeys(calls, 0.0)
+        done = 0
+        while done < n:
+            k = min(BLOCK, n - done)
+            for name, call in calls.items():
+                elapsed[name] += await _timed_block(call, k, samples[name])
+            done += k
+        return {name: (samples[name], elapsed[name]) for name in calls}
 
 
 if __name__ == "__main__":

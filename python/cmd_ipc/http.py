@@ -39,7 +39,7 @@ import hmac
 import inspect
 import json
 import logging
-import uuid
+import re
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Union
@@ -457,46 +457,59 @@ async def _snippet(resp: aiohttp.ClientResponse, limit: int = 200) -> str:
 # ---------------------------------------------------------------------------------- server
 
 
-class _Exchange(Channel):
-    """A short-lived channel for one POSTed message: it hands the message to the registry as
-    if a peer had sent it and keeps the answer to it."""
+_THID = re.compile(rb',"thid":"((?:[^"\\]|\\.)*)"')
 
-    def __init__(self, message_id: str) -> None:
-        super().__init__(f"http:{uuid.uuid4()}", "json")
-        self._message_id = message_id
-        self._needle = _dumps(message_id)
-        self.answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+class _EndpointChannel(Channel):
+    """The channel through which an HTTP endpoint hands POSTed messages to its registry.
+
+    One per endpoint, attached on the first request. Each POSTed message is delivered as if
+    a peer had sent it; the router's answer (whose ``thid`` is the message's id) settles the
+    waiting request. Two messages with the same id cannot be in flight at once (the second
+    is refused with 409), so answers never cross. Everything else the router sends here
+    (the list request every new channel gets, events) does not cross HTTP and is dropped.
+    """
+
+    def __init__(self, id: str) -> None:
+        super().__init__(id, "json")
+        self.pending: dict[str, asyncio.Future[bytes]] = {}
         self._on_frame: OnFrame | None = None
         self._on_close: OnClose | None = None
-        self._closed = False
+        self.closed = False
 
     async def start(self, on_frame: OnFrame, on_close: OnClose) -> None:
         self._on_frame, self._on_close = on_frame, on_close
 
     def deliver(self, frame: bytes) -> None:
-        if not self._closed and self._on_frame is not None:
+        if not self.closed and self._on_frame is not None:
             self._on_frame(frame)
 
     def send(self, frame: bytes) -> None:
-        # The router also sends this channel a list request (to every new channel) and
-        # events: only the answer to the posted message matters.
-        if self.answer.done() or self._needle not in frame:
-            return
-        try:
-            msg = json.loads(frame)
-        except ValueError:
-            return
-        if msg.get("thid") == self._message_id and msg.get("type") in (
-            _LIST_RESPONSE,
-            _EXECUTE_RESPONSE,
+        # The router's JSON encoder writes `{"id":...,"type":...,"thid":...` first, and the
+        # first `,"type":"` of a frame is its own (inside the id string every quote is
+        # escaped), so answers are recognised without parsing the whole frame.
+        at = frame.find(b',"type":"') + 9
+        if at < 9 or not (
+            frame.startswith(b'execute.command.response"', at)
+            or frame.startswith(b'list.commands.response"', at)
         ):
-            self.answer.set_result(frame)
+            return
+        m = _THID.match(frame, frame.find(b'"', at) + 1)
+        if m is None:
+            return
+        raw = m.group(1)
+        thid = raw.decode() if b"\\" not in raw else json.loads(b'"' + raw + b'"')
+        waiter = self.pending.pop(thid, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(frame)
 
     async def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            if not self.answer.done():
-                self.answer.cancel()
+        if not self.closed:
+            self.closed = True
+            for waiter in self.pending.values():
+                if not waiter.done():
+                    waiter.set_exception(ConnectionError("the registry closed the channel"))
+            self.pending.clear()
             if self._on_close is not None:
                 self._on_close(None)
 
@@ -528,6 +541,34 @@ class _Endpoint:
     def __init__(self, registry: CommandRegistry, options: _Options) -> None:
         self.registry = registry
         self.options = options
+        self.channel: _EndpointChannel | None = None
+        self._attaching: asyncio.Lock | None = None
+
+    async def _attached(self) -> _EndpointChannel:
+        """The endpoint's channel in the registry, attached on first use."""
+        channel = self.channel
+        if channel is not None and not channel.closed:
+            return channel
+        if self._attaching is None:
+            self._attaching = asyncio.Lock()
+        async with self._attaching:
+            channel = self.channel
+            if channel is None or channel.closed:
+                taken = set(self.registry.channels)
+                base = f"http:{self.options.path}"
+                name, n = base, 2
+                while name in taken:
+                    name, n = f"{base}#{n}", n + 1
+                channel = _EndpointChannel(name)
+                await self.registry.register_channel(channel)
+                self.channel = channel
+            return channel
+
+    async def aclose(self, _app: object = None) -> None:
+        """Detaches the endpoint's channel (on the application's cleanup)."""
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            await channel.close()
 
     # ----------------------------------------------------------------- checks
 
@@ -603,7 +644,13 @@ class _Endpoint:
             self._check_auth(request)
             self._check_length(request)
             try:
-                body = await asyncio.wait_for(self._read_body(request), self.options.read_timeout)
+                if request.content.is_eof():
+                    # The whole body came with the headers (the usual small request).
+                    body = await self._read_body(request)
+                else:
+                    body = await asyncio.wait_for(
+                        self._read_body(request), self.options.read_timeout
+                    )
             except asyncio.TimeoutError:
                 raise _Refused(
                     408, f"request body not received within {self.options.read_timeout}s"
@@ -632,6 +679,10 @@ class _Endpoint:
             return _unavailable(self.registry)
         try:
             answer = await self.route(body, message_id, request=request)
+        except _Refused as refused:
+            return web.json_response({"error": refused.error}, status=refused.status)
+        except _Unavailable:
+            return _unavailable(self.registry)
         except _ClientGone:
             logger.debug("HTTP client %s went away before its answer", request.remote)
             return web.Response(status=499)
@@ -655,13 +706,17 @@ class _Endpoint:
             asyncio.TimeoutError: No answer within the answer timeout.
             _ClientGone: ``request``'s client disconnected first.
         """
-        channel = _Exchange(message_id)
-        await self.registry.register_channel(channel)
+        channel = await self._attached()
+        if message_id in channel.pending:
+            raise _Refused(409, f"a message with id {message_id!r} is already in flight")
+        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        channel.pending[message_id] = answer
         try:
             channel.deliver(body)
-            return await self._wait(channel.answer, request)
+            return await self._wait(answer, request)
         finally:
-            await channel.close()
+            if channel.pending.get(message_id) is answer:
+                del channel.pending[message_id]
 
     async def _wait(self, answer: asyncio.Future[bytes], request: web.BaseRequest | None) -> bytes:
         loop = asyncio.get_running_loop()
@@ -678,7 +733,10 @@ class _Endpoint:
             transport = request.transport if request is not None else None
             if request is not None and (transport is None or transport.is_closing()):
                 raise _ClientGone
-        return answer.result()
+        try:
+            return answer.result()
+        except ConnectionError:
+            raise _Unavailable from None
 
     # ----------------------------------------------------------------- GET /cmds.json
 
@@ -698,6 +756,10 @@ class _Endpoint:
 
 def _unavailable(registry: CommandRegistry) -> web.Response:
     return web.json_response({"error": f"registry {registry.id!r} is closed"}, status=503)
+
+
+class _Unavailable(Exception):
+    """The registry closed the endpoint's channel while a request waited."""
 
 
 class _ClientGone(Exception):
@@ -760,10 +822,13 @@ def add_routes(
     close the connection without reading the rest of the body. ``Expect: 100-continue`` is
     honoured, so such clients never send a refused body.
 
-    Each message is routed through ``registry`` as if it came from a peer on a short-lived
-    channel: a client can call any command the registry can reach (its own, its children's,
-    its router's), never a private ``_`` one (answered ``not_found``). An execute that gets
-    no answer within ``answer_timeout`` is answered with a ``timeout`` error response.
+    Each message is routed through ``registry`` as if it came from a peer, on one channel
+    of the endpoint (``http:{path}``, attached on the first request and detached on the
+    application's cleanup): a client can call any command the registry can reach (its own,
+    its children's, its router's), never a private ``_`` one (answered ``not_found``). Two
+    messages with the same id may not be in flight at once: the second is answered ``409``.
+    An execute that gets no answer within ``answer_timeout`` is answered with a ``timeout``
+    error response.
 
     ``GET {schema_path}`` (unless ``None``) answers ``{"cmdschema": "1.0.0", "commands":
     [...]}``: the public commands a client can call, with their descriptions and schemas
@@ -794,6 +859,7 @@ def add_routes(
         schema_auth=schema_auth,
     )
     endpoint = _Endpoint(registry, opts)
+    app.on_cleanup.append(endpoint.aclose)
     app.router.add_post(opts.path, endpoint.handle_cmd, expect_handler=endpoint.expect)
     if opts.schema_path is not None:
         app.router.add_get(opts.schema_path, endpoint.handle_schema)

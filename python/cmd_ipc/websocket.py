@@ -136,6 +136,11 @@ def _single(headers: Headers, name: str) -> str | None:
     return values[0] if len(values) == 1 else ""
 
 
+#: Bytes already buffered in the socket's transport under which a frame is written at once
+#: rather than queued for the writer task (which waits for the buffer to drain).
+_DIRECT_WRITE_LIMIT = 64 * 1024
+
+
 class _Link:
     """One WebSocket connection carried by a channel: its reader and writer tasks."""
 
@@ -207,6 +212,25 @@ class _WebSocketBase(Channel):
                 f"more than {self.send_limit} bytes are queued for sending: the peer does not "
                 "read (send_limit)",
             )
+            return
+        ws = link.ws
+        if (
+            link.queue.empty()
+            and ws.send_in_progress is None
+            and ws.protocol.state is State.OPEN
+            and ws.transport.get_write_buffer_size() < _DIRECT_WRITE_LIMIT
+        ):
+            # Nothing is waiting to be written: write now, as websockets' own send() does,
+            # without a round through the writer task (which would only add a loop turn per
+            # message). The writer takes over whenever frames pile up or the socket is full,
+            # and then keeps their order: it writes everything it dequeues before this
+            # path can run again.
+            try:
+                ws.protocol.send_text(frame)
+                ws.send_data()
+            except Exception as e:
+                self._abort(link, f"sending failed: {_describe_error(e)}")
+            link.queued -= len(frame)
             return
         link.queue.put_nowait(frame)
 
