@@ -35,7 +35,6 @@ from cmd_ipc.websocket import (
 )
 from helpers import eventually, link, new_id, registries, settle
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -58,18 +57,18 @@ ALL_TYPES = {
 
 @pytest.fixture(autouse=True)
 def wire(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
-    """Validates every text message received on any WebSocket connection (so everything
-    that crossed, whichever way it was written); yields them."""
+    """Validates every text message a WebSocket channel receives (so everything that
+    crossed between two of ours, whichever way it was written or read); yields them."""
+    from cmd_ipc.websocket import _WebSocketBase
+
     seen: list[dict[str, Any]] = []
-    original = Connection.recv
+    original = _WebSocketBase._deliver
 
-    async def recv(self: Connection, decode: bool | None = None) -> Any:
-        message = await original(self, decode)
-        if isinstance(message, str):
-            seen.append(spec_support.validate_frame(message.encode(), "json"))
-        return message
+    def deliver(self: _WebSocketBase, frame: bytes) -> None:
+        seen.append(spec_support.validate_frame(frame, "json"))
+        original(self, frame)
 
-    monkeypatch.setattr(Connection, "recv", recv)
+    monkeypatch.setattr(_WebSocketBase, "_deliver", deliver)
     yield seen
 
 
@@ -610,3 +609,33 @@ async def test_bursts_keep_their_order_across_direct_and_queued_writes(
     before = queued
     assert await edge.execute_command("hub.add", {"a": 1, "b": 1}) == 2
     assert queued == before
+
+
+async def test_fragmented_and_early_messages_are_reassembled_in_order(
+    registries: Make, start: Start
+) -> None:
+    """A peer may fragment a message and may speak before the server attached its channel:
+    the server's channel reassembles fragments and takes early messages first, in order."""
+    _hub, _, server = await hub_tree(registries, start)
+    async with connect(server.url, additional_headers={ID_HEADER: "frag"}) as ws:
+        ids = [new_id() for _ in range(3)]
+        # Sent at once after the handshake: the server may not have attached its channel.
+        for i, call_id in enumerate(ids[:2]):
+            await ws.send(json.dumps(execute_msg(call_id, "hub.add", {"a": i, "b": 10})))
+        text = json.dumps(execute_msg(ids[2], "below.mul", {"a": 6, "b": 7}))
+        await ws.send([text[:10], text[10:25], text[25:]])  # three frames, one message
+        answers: dict[str, Any] = {}
+        while len(answers) < 3:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            if msg["type"] == "execute.command.response":
+                answers[msg["thid"]] = msg["response"]["result"]
+        assert [answers[i] for i in ids] == [10, 11, 42]
+
+
+def execute_msg(call_id: str, command_id: str, request: Any) -> dict[str, Any]:
+    return {
+        "id": call_id,
+        "type": "execute.command.request",
+        "commandId": command_id,
+        "request": request,
+    }

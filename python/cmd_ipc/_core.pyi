@@ -22,7 +22,15 @@ Actions are tuples, the first item naming the kind:
 
 from typing import Any, final
 
-__all__ = ["Node", "ProtocolError", "__version__", "create_segment", "new_id", "transcode"]
+__all__ = [
+    "Node",
+    "ProtocolError",
+    "__version__",
+    "create_segment",
+    "inspect_message",
+    "new_id",
+    "transcode",
+]
 
 __version__: str
 
@@ -164,6 +172,20 @@ class Node:
         """``"local"``, the channel a call would take, or ``None``."""
     def stats(self) -> dict[str, Any]:
         """Per-channel message counts and table sizes."""
+
+def inspect_message(
+    data: bytes | bytearray,
+    encoding: str,
+    *,
+    max_message_size: int = 67108864,
+    max_depth: int = 64,
+) -> tuple[str, str, str | None]:
+    """Checks that ``data`` is one valid message in ``encoding`` (with limits); returns its
+    ``(type, id, thid)`` (``thid`` is ``None`` for requests and events).
+
+    Raises:
+        ProtocolError: The input is malformed, not a spec-v1 message, too large or too deep.
+    """
 
 def transcode(
     data: bytes | bytearray,

@@ -91,6 +91,22 @@ _NDJSON = "application/x-ndjson"
 _DISCONNECT_POLL = 0.5
 
 
+def _peek(frame: bytes) -> tuple[str, str] | None:
+    """``(type, id)`` of a frame from the registry's JSON encoder, which writes
+    ``{"id":...,"type":...`` first, read without parsing the frame; ``None`` for any other
+    shape. (The first ``","type":"`` is the header's: inside the id string every quote is
+    escaped.)"""
+    if not frame.startswith(b'{"id":"'):
+        return None
+    at = frame.find(b'","type":"')
+    end = frame.find(b'"', at + 10)
+    if at < 0 or end < 0:
+        return None
+    raw_id = frame[7:at]
+    message_id = raw_id.decode() if b"\\" not in raw_id else json.loads(frame[6 : at + 1])
+    return frame[at + 10 : end].decode(), message_id
+
+
 def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -193,6 +209,7 @@ class HTTPChannel(Channel):
         self.url = self.base_url + "/" + path.lstrip("/")
         self.command_prefix = command_prefix.strip(".") if command_prefix else None
         self.timeout = float(timeout)
+        self._client_timeout = aiohttp.ClientTimeout(total=self.timeout)
         self.max_response_size = max_response_size
         self._token = token
         self._headers = headers
@@ -241,14 +258,22 @@ class HTTPChannel(Channel):
         """POSTs a command listing or execute request; drops every other message."""
         if self._closed or self._on_frame is None:
             return
+        head = _peek(frame)
+        raw: bytes | None = frame
         try:
-            msg = json.loads(frame)
-            kind = msg["type"]
+            if head is None or (self.command_prefix and head[0] == _EXECUTE_REQUEST):
+                # Parsed in full: not from our encoder, or its command id is rewritten.
+                msg = json.loads(frame)
+                kind = msg["type"]
+                raw = None
+            else:
+                kind, message_id = head
+                msg = {"id": message_id, "type": kind}
         except (ValueError, TypeError, KeyError):
             logger.debug("HTTPChannel %r dropped an undecodable frame", self.id)
             return
         if kind in _ANSWER_TYPE:
-            task = asyncio.get_running_loop().create_task(self._exchange(msg))
+            task = asyncio.get_running_loop().create_task(self._exchange(msg, raw))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         elif kind == "register.command.request":
@@ -256,7 +281,7 @@ class HTTPChannel(Channel):
                 "HTTPChannel %r cannot carry the registration of %r: an HTTPChannel cannot be "
                 "a registry's router_channel (HTTP only carries calls to the server)",
                 self.id,
-                (msg.get("command") or {}).get("id"),
+                (json.loads(frame).get("command") or {}).get("id"),
             )
         else:
             logger.debug("HTTPChannel %r does not carry %s messages: dropped", self.id, kind)
@@ -297,8 +322,9 @@ class HTTPChannel(Channel):
         if not self._closed and self._on_frame is not None:
             self._on_frame(frame)
 
-    async def _exchange(self, msg: dict[str, Any]) -> None:
-        """POSTs one request and hands its answer (or a failure) to the registry."""
+    async def _exchange(self, msg: dict[str, Any], raw: bytes | None = None) -> None:
+        """POSTs one request (``raw``: its JSON as the registry encoded it, when it goes
+        unchanged) and hands its answer (or a failure) to the registry."""
         kind = msg["type"]
         wire = msg
         prefix = self.command_prefix
@@ -307,7 +333,7 @@ class HTTPChannel(Channel):
             if command_id.startswith(prefix + "."):
                 wire = {**msg, "commandId": command_id[len(prefix) + 1 :]}
         try:
-            answer, line = await self._post(wire)
+            answer, line = await self._post(wire, raw)
         except _Failure as e:
             if kind == _EXECUTE_REQUEST:
                 logger.debug("HTTPChannel %r: call %s failed: %s", self.id, msg["id"], e.message)
@@ -320,6 +346,7 @@ class HTTPChannel(Channel):
                 await self._shutdown(reason)
             return
         if kind == _LIST_REQUEST and prefix:
+            answer = json.loads(line)
             answer["commands"] = [
                 {**c, "id": f"{prefix}.{c['id']}"} for c in answer.get("commands", [])
             ]
@@ -344,8 +371,11 @@ class HTTPChannel(Channel):
         headers["Accept"] = _NDJSON
         return headers
 
-    async def _post(self, msg: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-        """POSTs ``msg``; returns the answer message and its JSON line.
+    async def _post(
+        self, msg: dict[str, Any], raw: bytes | None = None
+    ) -> tuple[dict[str, Any], bytes]:
+        """POSTs ``msg`` (``raw`` if given: its encoding); returns the answer message and
+        its JSON line.
 
         Raises:
             _Failure: With the spec code the call should fail with.
@@ -353,7 +383,7 @@ class HTTPChannel(Channel):
         session = self._session
         if self._closed or session is None or session.closed:
             raise _Failure("channel_disconnected", f"HTTPChannel {self.id!r} is closed")
-        body = _dumps(msg)
+        body = raw if raw is not None else _dumps(msg)
         try:
             headers = await self._request_headers()
         except Exception as e:
@@ -363,7 +393,7 @@ class HTTPChannel(Channel):
                 self.url,
                 data=body,
                 headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                timeout=self._client_timeout,
                 middlewares=self._middlewares or None,
             ) as resp:
                 if not 200 <= resp.status < 300:
@@ -427,22 +457,23 @@ class HTTPChannel(Channel):
         return bytes(buf).strip()
 
     def _check_answer(self, msg: dict[str, Any], line: bytes, status: int) -> dict[str, Any]:
+        """Checks that ``line`` is a valid answer to ``msg``; returns its type and thid."""
         where = f"HTTP {status} from POST {self.url}"
         if not line:
             raise _Failure("internal_error", f"{where}: empty answer (expected an NDJSON line)")
         try:
-            _core.transcode(line, "json", "json", max_message_size=self.max_response_size)
-            answer = json.loads(line)
+            kind, _, thid = _core.inspect_message(
+                line, "json", max_message_size=self.max_response_size
+            )
         except (ProtocolError, ValueError) as e:
             raise _Failure("internal_error", f"{where}: invalid answer: {e}") from e
         want = _ANSWER_TYPE[msg["type"]]
-        if answer.get("type") != want or answer.get("thid") != msg["id"]:
+        if kind != want or thid != msg["id"]:
             raise _Failure(
                 "internal_error",
-                f"{where}: expected a {want} to {msg['id']!r}, got a {answer.get('type')} "
-                f"to {answer.get('thid')!r}",
+                f"{where}: expected a {want} to {msg['id']!r}, got a {kind} to {thid!r}",
             )
-        return answer  # type: ignore[no-any-return]
+        return {"type": kind, "thid": thid}
 
 
 async def _snippet(resp: aiohttp.ClientResponse, limit: int = 200) -> str:
@@ -658,19 +689,19 @@ class _Endpoint:
         except _Refused as refused:
             return await self._refuse(request, refused)
         try:
-            _core.transcode(body, "json", "json", max_message_size=self.options.max_body)
-            message = json.loads(body)
+            kind, message_id, _ = _core.inspect_message(
+                body, "json", max_message_size=self.options.max_body
+            )
         except (ProtocolError, ValueError) as e:
             issue = e.args[1] if isinstance(e, ProtocolError) and len(e.args) > 1 else str(e)
             logger.debug("HTTP POST from %s: invalid message: %s", request.remote, issue)
             return web.json_response(
                 {"error": "Invalid message format", "issues": [str(issue)]}, status=400
             )
-        kind = message["type"]
         if kind not in _ANSWER_TYPE:
             logger.info("HTTP POST from %s refused: a %s may not cross HTTP", request.remote, kind)
             return web.json_response({"error": f"Message type {kind} is not allowed"}, status=403)
-        return await self._answer(request, body, message["id"], kind)
+        return await self._answer(request, body, message_id, kind)
 
     async def _answer(
         self, request: web.Request, body: bytes, message_id: str, kind: str

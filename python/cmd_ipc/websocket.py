@@ -63,7 +63,7 @@ from websockets.asyncio.connection import Connection  # noqa: E402
 from websockets.asyncio.server import Server, ServerConnection, serve  # noqa: E402
 from websockets.datastructures import Headers  # noqa: E402
 from websockets.exceptions import ConnectionClosed, InvalidURI  # noqa: E402
-from websockets.frames import CloseCode  # noqa: E402
+from websockets.frames import CloseCode, Frame, Opcode  # noqa: E402
 from websockets.http11 import Request, Response  # noqa: E402
 from websockets.protocol import State  # noqa: E402
 from websockets.uri import parse_uri  # noqa: E402
@@ -141,10 +141,96 @@ def _single(headers: Headers, name: str) -> str | None:
 _DIRECT_WRITE_LIMIT = 64 * 1024
 
 
+class _Sink:
+    """Takes the data frames of a connection as the protocol parses them, in the event
+    loop's data callback, instead of letting websockets queue them for ``recv()``: a text
+    message reaches the registry without waking a reader task. Frames that arrive before a
+    channel takes the connection are kept, in order, and handed over when it does.
+
+    Binary messages (not spec-v1) are reported as an error; ``recv()`` is then only used to
+    learn that the connection closed.
+    """
+
+    __slots__ = ("backlog", "deliver", "error", "fragments")
+
+    def __init__(self) -> None:
+        self.backlog: list[bytes] = []
+        self.deliver: OnFrame | None = None
+        self.error: str | None = None
+        self.fragments: list[bytes] | None = None
+
+    def take(self, event: Frame) -> bool:
+        """Handles a data frame; False for anything else (left to websockets)."""
+        op = event.opcode
+        if op is Opcode.TEXT:
+            if event.fin:
+                self._message(bytes(event.data))
+            else:
+                self.fragments = [bytes(event.data)]
+            return True
+        if op is Opcode.CONT:
+            if self.fragments is None:  # the continuation of a binary message
+                return True
+            self.fragments.append(bytes(event.data))
+            if event.fin:
+                data, self.fragments = b"".join(self.fragments), None
+                self._message(data)
+            return True
+        if op is Opcode.BINARY:
+            if self.error is None:
+                self.error = "the peer sent a binary message: spec-v1 JSON travels in text messages"
+                if self.deliver is not None:
+                    self.deliver(b"")  # the channel sees the error at once
+            return True
+        return False
+
+    def _message(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        if self.deliver is None:
+            self.backlog.append(data)
+        else:
+            self.deliver(data)
+
+
+class _SinkClientConnection(ClientConnection):
+    """A client connection whose data frames go to a :class:`_Sink`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sink = _Sink()
+
+    def process_event(self, event: Any) -> None:
+        if self.response is None or not isinstance(event, Frame) or not self.sink.take(event):
+            super().process_event(event)
+
+
+class _SinkServerConnection(ServerConnection):
+    """A server connection whose data frames go to a :class:`_Sink`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sink = _Sink()
+
+    def process_event(self, event: Any) -> None:
+        if self.request is None or not isinstance(event, Frame) or not self.sink.take(event):
+            super().process_event(event)
+
+
 class _Link:
     """One WebSocket connection carried by a channel: its reader and writer tasks."""
 
-    __slots__ = ("ended", "opened_at", "queue", "queued", "reader", "reported", "writer", "ws")
+    __slots__ = (
+        "closer",
+        "ended",
+        "opened_at",
+        "queue",
+        "queued",
+        "reader",
+        "reported",
+        "writer",
+        "ws",
+    )
 
     def __init__(self, ws: Connection) -> None:
         self.ws = ws
@@ -152,6 +238,7 @@ class _Link:
         self.queued = 0
         self.reader: asyncio.Task[None] | None = None
         self.writer: asyncio.Task[None] | None = None
+        self.closer: asyncio.Future[None] | None = None
         self.reported = False
         self.ended = asyncio.Event()
         self.opened_at = asyncio.get_running_loop().time()
@@ -200,6 +287,29 @@ class _WebSocketBase(Channel):
         self._link = link
         link.reader = asyncio.ensure_future(self._read(link))
         link.writer = asyncio.ensure_future(self._write(link))
+        sink: _Sink | None = getattr(ws, "sink", None)
+        if sink is not None:
+            # Frames that came before this channel took the connection first, in order.
+            backlog, sink.backlog = sink.backlog, []
+            sink.deliver = lambda frame: self._sunk(link, sink, frame)
+            for frame in backlog:
+                self._sunk(link, sink, frame)
+            if sink.error is not None:
+                self._sunk(link, sink, b"")
+
+    def _sunk(self, link: _Link, sink: _Sink, frame: bytes) -> None:
+        """A text message from the connection's sink (or its error, with ``b""``)."""
+        if self._closed or link.reported:
+            return
+        if sink.error is None:
+            self._deliver(frame)
+            return
+        # The close handshake starts first: once the loss is reported, the server's
+        # connection handler returns, which would close with 1000.
+        link.closer = asyncio.ensure_future(
+            link.ws.close(CloseCode.UNSUPPORTED_DATA, "binary messages are not supported")
+        )
+        self._lost(link, sink.error)
 
     def send(self, frame: bytes) -> None:
         link = self._link
@@ -390,7 +500,8 @@ class WebSocketChannel(_WebSocketBase):
             connection is dropped.
         ssl: TLS context for ``wss://`` URLs (default: the system's trust store).
         connect_options: Further keyword arguments for ``websockets.asyncio.client.connect``
-            (``proxy``, ``compression``, ``origin``...).
+            (``proxy``, ``origin``, ``compression="deflate"`` to offer permessage-deflate,
+            which is off by default: small messages cost more to compress than they save).
 
     Raises:
         ValueError: An invalid URL, id or option.
@@ -452,7 +563,7 @@ class WebSocketChannel(_WebSocketBase):
         if token is not None:
             hdrs["Authorization"] = f"Bearer {token}"
         self._headers = hdrs
-        self._options: dict[str, Any] = dict(connect_options or {})
+        self._options: dict[str, Any] = {"compression": None, **(connect_options or {})}
         if ssl is not None:
             self._options["ssl"] = ssl
         #: A connection made by :meth:`reconnect`, taken by the next :meth:`start`.
@@ -490,6 +601,7 @@ class WebSocketChannel(_WebSocketBase):
         try:
             return await connect(
                 self.url,
+                create_connection=_SinkClientConnection,
                 additional_headers=self._headers,
                 max_size=self.max_size,
                 ping_interval=self.ping_interval,
@@ -872,7 +984,8 @@ async def serve_websocket(
         close_timeout: Seconds allowed for flushing and the closing handshake.
         send_limit: Maximum bytes queued for a client that does not read.
         ssl: TLS context: serve ``wss://``.
-        serve_options: Further keyword arguments for ``websockets.asyncio.server.serve``.
+        serve_options: Further keyword arguments for ``websockets.asyncio.server.serve``
+            (``compression="deflate"`` turns on permessage-deflate, off by default).
 
     Returns:
         The running :class:`WebSocketServer`; close it with ``await server.close()`` or use
@@ -887,13 +1000,16 @@ async def serve_websocket(
     handler = WebSocketHandler(
         registry, token=token, path=path, close_timeout=close_timeout, send_limit=send_limit
     )
-    options: dict[str, Any] = dict(serve_options or {})
+    # No permessage-deflate unless asked: spec-v1 messages are small and compressing each one
+    # costs more CPU than the bytes it saves on a LAN (pass compression="deflate" to use it).
+    options: dict[str, Any] = {"compression": None, **(serve_options or {})}
     if ssl is not None:
         options["ssl"] = ssl
     server = await serve(
         handler,
         host,
         port,
+        create_connection=_SinkServerConnection,
         process_request=handler.process_request,
         max_size=max_size,
         ping_interval=_check_positive(ping_interval, "ping_interval"),

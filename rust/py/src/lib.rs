@@ -9,7 +9,8 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use cmd_ipc_core::codec::{self, Limits};
 use cmd_ipc_core::error::{CodecError, UsageError};
 use cmd_ipc_core::message::{
-    new_id as core_new_id, CommandDef, CommandSchema, Encoding, ErrorCode, ExecError, Payload,
+    new_id as core_new_id, CommandDef, CommandSchema, Encoding, ErrorCode, ExecError, Message,
+    Payload,
 };
 use cmd_ipc_core::node::{Node as CoreNode, SyncOutcome};
 use cmd_ipc_core::router::{Action, Config, Micros, Router as CoreRouter};
@@ -732,6 +733,30 @@ fn transcode<'py>(
     Ok(PyBytes::new(py, &out))
 }
 
+/// Checks that `data` is one valid message in `encoding` (enforcing the limits) and returns
+/// its `(type, id, thid)` (`thid` is `None` for a request or an event).
+#[pyfunction]
+#[pyo3(signature = (data, encoding, *, max_message_size=67_108_864, max_depth=64))]
+fn inspect_message(
+    data: &[u8],
+    encoding: &str,
+    max_message_size: usize,
+    max_depth: usize,
+) -> PyResult<(&'static str, String, Option<String>)> {
+    let limits = Limits {
+        max_message_size,
+        max_depth,
+    };
+    let msg = codec::decode(data, self::encoding(encoding)?, &limits).map_err(codec_err)?;
+    let thid = match &msg {
+        Message::RegisterResponse { thid, .. }
+        | Message::ListResponse { thid, .. }
+        | Message::ExecuteResponse { thid, .. } => Some(thid.clone()),
+        _ => None,
+    };
+    Ok((msg.type_name(), msg.id().to_string(), thid))
+}
+
 /// A fresh UUIDv4 string.
 #[pyfunction]
 fn new_id() -> String {
@@ -743,6 +768,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Node>()?;
     m.add_function(wrap_pyfunction!(create_segment, m)?)?;
     m.add_function(wrap_pyfunction!(transcode, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect_message, m)?)?;
     m.add_function(wrap_pyfunction!(new_id, m)?)?;
     m.add("ProtocolError", m.py().get_type::<ProtocolError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -890,7 +890,11 @@ fn reannounce_registers_the_subtree_again_with_a_router_that_came_back() {
             }
         })
         .collect();
-    assert_eq!(ids, ["c.cmd", "w.local"], "public subtree, sorted, no private id");
+    assert_eq!(
+        ids,
+        ["c.cmd", "w.local"],
+        "public subtree, sorted, no private id"
+    );
 
     // A rejection is reported and the local route kept; an ack is silent.
     let thids: Vec<String> = sent
