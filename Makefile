@@ -41,6 +41,7 @@ lint: build
 	cargo fmt --all --check
 	cargo fmt --manifest-path tests/interop/Cargo.toml --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --manifest-path tests/interop/Cargo.toml -- -D warnings
 
 fmt: venv
 	$(VENV)/bin/ruff format python tests benches
