@@ -26,6 +26,16 @@ def test_quick_start_runs_as_written() -> None:
     assert "'worker'" in lines[4]
 
 
+def test_remote_example_runs_as_written() -> None:
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "HTTPChannel(" in b]
+    assert len(blocks) == 1
+    out = subprocess.run(
+        [sys.executable, "-c", blocks[0]], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["3"]
+
+
 def test_ci_runs_the_readme_test_command() -> None:
     assert "make test   #" in README
     ci = (ROOT / ".ci" / "run").read_text()
