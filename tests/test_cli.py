@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import json
 import os
 import signal
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cmd_ipc import CommandRegistry
+from cmd_ipc import CommandRegistry, HTTPChannel, WebSocketChannel
 from cmd_ipc.cli import EXIT_CODES, main
 
 TESTS = Path(__file__).resolve().parent
@@ -91,7 +93,7 @@ USAGE = """
 from __future__ import annotations
 
 
-from cmd_ipc import CommandRegistry
+from cmd_ipc import CommandRegistry, HTTPChannel, WebSocketChannel
 
 import client
 
@@ -233,6 +235,31 @@ def test_serve_then_list_call_and_stubs_remotely(
     source = (tmp_path / "c.py").read_text()
     assert "async def users_get(" in source and "def users_get_sync(" in source
     assert url in source
+    # Calls through the generated module reach the served registry.
+    spec = importlib.util.spec_from_file_location(f"served_client_{kind}", tmp_path / "c.py")
+    assert spec is not None and spec.loader is not None
+    stubs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stubs)
+    assert asyncio.run(_call_served(stubs, kind, url)) == (42, "Ada", "green", 2.0)
+    with CommandRegistry("blocking-client") as registry:
+        registry.register_channel_sync(_remote_channel(kind, url))
+        assert stubs.math_add_sync(registry, a=1, b=2) == 3
+
+
+def _remote_channel(kind: str, url: str) -> Any:
+    if kind == "http":
+        return HTTPChannel("svc", url, token="s3cret")
+    return WebSocketChannel("svc", url, token="s3cret", reconnect=False)
+
+
+async def _call_served(stubs: Any, kind: str, url: str) -> tuple[Any, ...]:
+    async with CommandRegistry("stub-client") as registry:
+        await registry.register_channel(_remote_channel(kind, url))
+        total = await stubs.math_add(registry, a=40, b=2)
+        user = await stubs.users_get(registry, user_id=1, verbose=True)
+        color = await stubs.paint_pick(registry, color="green")
+        mid = await stubs.geo_mid(registry, a={"x": 0.0, "y": 0.0}, b={"x": 4.0, "y": 4.0})
+        return total, user["name"], color, mid["x"]
 
 
 def test_stubs_to_stdout_are_deterministic(capsys: pytest.CaptureFixture[str]) -> None:
