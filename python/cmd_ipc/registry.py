@@ -232,6 +232,9 @@ class CommandRegistry:
         self._listed_waiters: dict[str, asyncio.Event] = {}
         #: Set in a worker process told to stop, so losing the parent is not a warning.
         self._stopping_worker = False
+        #: In a worker: channels to sibling workers (connect_workers). A sibling that goes
+        #: away is reported by the parent (stopped, or a WARNING for a death), not here.
+        self._sibling_links: set[str] = set()
         self._workers: dict[str, Worker] = {}
         #: Whether the router channel was attached once (a second attach re-announces).
         self._router_seen = False
@@ -1226,7 +1229,9 @@ class CommandRegistry:
             or self._closed
             or (worker is not None and worker._stopping)
             or (channel_id == self.router_channel and self._stopping_worker)
+            or (channel_id in self._sibling_links and reason == "peer closed the channel")
         )
+        self._sibling_links.discard(channel_id)
         level = logging.INFO if expected else logging.WARNING
         logger.log(level, "channel %r of registry %r closed: %s", channel_id, self.id, reason)
         self._notify_closed(channel_id, reason)
