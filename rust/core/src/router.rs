@@ -845,19 +845,7 @@ impl Router {
         if !self.channels.contains_key(&router) {
             return 0;
         }
-        let mut defs: Vec<CommandDef> = self
-            .routes
-            .values()
-            .filter(|r| !is_private(&r.def.id))
-            .filter(|r| match &r.owner {
-                Owner::Local { .. } => true,
-                Owner::Channel { channel, learned } => {
-                    *learned == Learned::Registered && channel != &router
-                }
-            })
-            .map(|r| r.def.clone())
-            .collect();
-        defs.sort_by(|a, b| a.id.cmp(&b.id));
+        let defs = self.subtree_except(&router);
         let n = defs.len();
         for def in defs {
             self.escalate(def, RegFor::Again, router.clone(), now);
@@ -1358,20 +1346,27 @@ impl Router {
         }
     }
 
-    fn on_list_request(&mut self, from: &ChannelId, id: String) {
-        let mut commands: Vec<CommandDef> = self
+    /// This registry's public subtree, sorted by id: its local commands and those its
+    /// children registered, except those that came from `except`.
+    fn subtree_except(&self, except: &ChannelId) -> Vec<CommandDef> {
+        let mut defs: Vec<CommandDef> = self
             .routes
             .values()
             .filter(|r| !is_private(&r.def.id))
             .filter(|r| match &r.owner {
                 Owner::Local { .. } => true,
                 Owner::Channel { channel, learned } => {
-                    *learned == Learned::Registered && channel != from
+                    *learned == Learned::Registered && channel != except
                 }
             })
             .map(|r| r.def.clone())
             .collect();
-        commands.sort_by(|a, b| a.id.cmp(&b.id));
+        defs.sort_by(|a, b| a.id.cmp(&b.id));
+        defs
+    }
+
+    fn on_list_request(&mut self, from: &ChannelId, id: String) {
+        let commands = self.subtree_except(from);
         self.send(
             from,
             Message::ListResponse {
