@@ -860,7 +860,15 @@ class _Bench:
 
             self.step(HOP_SUB, 0.0, hop_row)
             if cfg.n_remote > 0:
-                self.step(HTTP_CHANNEL, 1.0, self.remote)
+                missing = _missing_remote_dependencies()
+                if missing:
+                    print(
+                        f"cmd-ipc bench: remote rows left out: {', '.join(missing)} not "
+                        "installed (pip install 'cmd-ipc[remote]')",
+                        file=sys.stderr,
+                    )
+                else:
+                    self.step(HTTP_CHANNEL, 1.0, self.remote)
             self.progress.set(f"idle cost ({cfg.idle_seconds:g} s)")
             self.step(IDLE_WORKER, 1.0, self.idle)
             self.progress.set("stopping workers")
@@ -890,6 +898,13 @@ class _Bench:
     def skip(self, key: str, weight: float) -> None:
         self.res.errors.setdefault(key, f"{W_ADD} did not start")
         self.progress.advance(weight)
+
+
+def _missing_remote_dependencies() -> list[str]:
+    """The optional packages the remote rows need that are not installed."""
+    import importlib.util
+
+    return [m for m in ("aiohttp", "websockets") if importlib.util.find_spec(m) is None]
 
 
 def _cpu_ns(pid: int) -> int | None:
