@@ -379,8 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Spawns workers and baseline children and measures, in one run, the round trip "
             "of add(a, b): blocking and await calls over shared memory, a blocking call over "
             "a pipe, one extra router hop, pipelined throughput, multiprocessing.Pipe and "
-            "asyncio-streams baselines, and the idle cost; prints a table with each row's "
-            "ratio to its baseline and the project's targets."
+            "asyncio-streams baselines, HTTPChannel and WebSocketChannel round trips next to "
+            "a bare aiohttp POST, and the idle cost; prints a table with each row's ratio to "
+            "its baseline and the project's targets."
         ),
     )
     bench.add_arguments(bench_parser)
