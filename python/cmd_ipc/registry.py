@@ -85,17 +85,34 @@ _EXECUTE_CODES = frozenset(
 )
 
 
+def _unpack(data: bytes) -> Any:
+    """msgpack decoding of a value (maps may have non-string keys)."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
 def _decode(data: bytes | None, encoding: str | None) -> Any:
     if data is None:
         return None
     if encoding == "json":
         return json.loads(data)
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    return _unpack(data)
+
+
+_packers = threading.local()
 
 
 def _encode(value: Any) -> bytes:
-    # `to_wire` only sees what msgpack cannot carry (models, datetimes, enums...).
-    return cast(bytes, msgpack.packb(value, use_bin_type=True, default=to_wire))
+    """msgpack encoding of a value, with one reusable packer per thread (``packb`` builds a
+    new packer per call, which costs more than the packing of a small request)."""
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        # `to_wire` only sees what msgpack cannot carry (models, datetimes, enums...). A
+        # failed pack leaves the packer empty (autoreset), ready for the next value.
+        packer = _packers.packer = msgpack.Packer(
+            use_bin_type=True, default=to_wire, autoreset=True
+        )
+    return cast(bytes, packer.pack(value))
 
 
 @dataclass
@@ -216,8 +233,8 @@ class CommandRegistry:
         )
         self.spin_us = spin_us
         self._node.set_fast_codec(
-            functools.partial(msgpack.unpackb, raw=False, strict_map_key=False),
-            functools.partial(msgpack.packb, use_bin_type=True, default=to_wire),
+            _unpack,
+            _encode,
         )
         self._fork_generation = _FORK_GENERATION[0]
         self._loop_thread: int | None = None

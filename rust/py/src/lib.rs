@@ -4,7 +4,7 @@
 use pyo3::create_exception;
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use cmd_ipc_core::codec::{self, Limits};
 use cmd_ipc_core::error::{CodecError, UsageError};
@@ -241,7 +241,14 @@ impl Node {
         if result.is_none() {
             return Ok(Fast::Done(None));
         }
-        if result.hasattr("__await__")? {
+        // Plain values first: `hasattr` on them would raise and catch an AttributeError.
+        let plain = result.is_instance_of::<PyInt>()
+            || result.is_instance_of::<PyFloat>()
+            || result.is_instance_of::<PyString>()
+            || result.is_instance_of::<PyDict>()
+            || result.is_instance_of::<PyList>()
+            || result.is_instance_of::<PyBytes>();
+        if !plain && result.hasattr("__await__")? {
             return Ok(Fast::Python(
                 ("fast_await", job, handler, req, result).into_pyobject(py)?,
             ));
