@@ -647,3 +647,26 @@ async def test_idle_worker_and_parent_cost_no_cpu(registries: Make) -> None:
     assert shm.alive and pipe.alive
     assert await main.execute_command("idle-shm.ping") == "pong"
     assert await main.execute_command("idle-pipe.ping") == "pong"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_blocking_calls_from_many_threads_and_the_loop_at_once(transport: Transport) -> None:
+    """Several threads call over one channel while the loop awaits calls on it too: whoever
+    holds the reading role reads the others' replies and wakes them (and only them)."""
+    import concurrent.futures
+
+    with CommandRegistry("main") as r:
+        r.spawn_worker_sync("worker-1", "worker_targets:calc", transport=transport)
+
+        def caller(t: int) -> list[int]:
+            return [r.execute_command_sync("calc.add", {"a": t, "b": i}) for i in range(300)]
+
+        async def awaited() -> list[int]:
+            return [await r.execute_command("calc.add", {"a": -1, "b": i}) for i in range(300)]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            threads = [pool.submit(caller, t) for t in range(4)]
+            on_loop = r._blocking(awaited, timeout=60)
+            results = [f.result(timeout=60) for f in threads]
+        assert results == [[t + i for i in range(300)] for t in range(4)]
+        assert on_loop == [i - 1 for i in range(300)]

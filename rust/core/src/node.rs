@@ -39,6 +39,8 @@ struct SyncSlot {
     result: Option<ExecResult>,
     waker: RawFd,
     ep: Arc<Endpoint>,
+    /// The waiting thread: it needs a wake-up only when another thread completes the slot.
+    thread: std::thread::ThreadId,
 }
 
 /// Outcome of [`Node::call_sync`].
@@ -176,8 +178,11 @@ impl Node {
                     Action::CallDone { call, result } => match st.sync_calls.get_mut(&call) {
                         Some(slot) => {
                             slot.result = Some(result);
-                            transport::eventfd_signal(slot.waker);
-                            slot.ep.wake_local_waiter();
+                            // The waiting thread reading its own reply is awake: no signal.
+                            if slot.thread != std::thread::current().id() {
+                                transport::eventfd_signal(slot.waker);
+                                slot.ep.wake_local_waiter();
+                            }
                         }
                         None => py.push(Action::CallDone { call, result }),
                     },
@@ -428,8 +433,9 @@ impl Node {
         request: Option<Payload>,
         ttl: Option<Micros>,
     ) -> SyncOutcome {
+        // A stale signal on this thread's waker (a reply another thread completed earlier)
+        // only ends a park early; the park path drains it.
         let waker = THREAD_WAKER.with(|w| w.as_raw_fd());
-        transport::eventfd_drain(waker);
         let (call, id, ep, deadline) = {
             let mut st = self.lock();
             let Some(target) = st.router.route_of(command_id) else {
@@ -450,11 +456,19 @@ impl Node {
                     result: None,
                     waker,
                     ep: ep.clone(),
+                    thread: std::thread::current().id(),
                 },
             );
             let mut py = Vec::new();
             self.dispatch(&mut st, &mut py);
-            self.hand_to_loop(&mut st, py);
+            // This call's deadline is kept by this thread (`sync_result`), not by the event
+            // loop's timer: wake the loop only for actions it must carry out. Timers of calls
+            // already answered are pruned here, so they do not pile up.
+            let _ = st.router.next_deadline();
+            if !py.is_empty() {
+                st.queued.extend(py);
+                transport::eventfd_signal(self.waker.as_raw_fd());
+            }
             (call, target, ep, now.saturating_add(ttl))
         };
         let result = self.wait_sync(call, &id, &ep, deadline, waker);
@@ -483,7 +497,9 @@ impl Node {
             // Read the channel ourselves unless another thread is (then just wait for it).
             let spun_out = spin_start.is_some_and(|s| now.saturating_sub(s) >= self.spin_us);
             let mut busy = false;
-            if !shm || ep.has_data() || spun_out || spin_start.is_none() {
+            // With shm, bytes in the ring are seen without a system call; the socket (the
+            // peer's hang-up) is read once the spin is over.
+            if ep.has_data() || spun_out {
                 match ep.try_reader() {
                     Some(mut reader) => {
                         let mut py = Vec::new();
