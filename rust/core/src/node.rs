@@ -253,7 +253,24 @@ impl Node {
         reader: &mut Reader,
         py: &mut Vec<Action>,
     ) -> Pass {
-        let pass = ep.read(reader);
+        self.read_route_with(id, ep, reader, py, true)
+    }
+
+    /// [`Node::read_route`]; with `socket` false an shm channel's socket is not read (see
+    /// [`Endpoint::read_ring`]).
+    fn read_route_with(
+        &self,
+        id: &str,
+        ep: &Endpoint,
+        reader: &mut Reader,
+        py: &mut Vec<Action>,
+        socket: bool,
+    ) -> Pass {
+        let pass = if socket {
+            ep.read(reader)
+        } else {
+            ep.read_ring(reader)
+        };
         let got = !pass.frames.is_empty();
         if got || pass.eof || pass.fatal.is_some() {
             let mut st = self.lock();
@@ -300,8 +317,10 @@ impl Node {
     /// Reads and routes everything waiting on a native channel; then, if `spin_us` > 0,
     /// spins that long over every shared-memory channel (a reply to a request just forwarded
     /// arrives on another one) before arming the doorbells. Returns at once, with
-    /// `busy`, if a blocking caller holds this channel's reading role.
-    pub fn poll_endpoint(&self, id: &str, spin_us: u64) -> Poll {
+    /// `busy`, if a blocking caller holds this channel's reading role. `socket_first`: also
+    /// read the channel's socket on the first pass (do, after a wake-up on [`Node::endpoint_fd`]:
+    /// it drains the doorbell and sees a hang-up; a caller polling again at once need not).
+    pub fn poll_endpoint(&self, id: &str, spin_us: u64, socket_first: bool) -> Poll {
         let mut out = Poll::default();
         let Some(ep) = self.endpoint(id) else {
             return out;
@@ -320,8 +339,13 @@ impl Node {
         };
         let mut touched: Vec<usize> = Vec::new();
         let mut spin_start: Option<Micros> = None;
+        // The socket (doorbells, hang-up) is read on the first pass only if asked: the
+        // caller asks after a wake-up; passes that follow, and spins, look at the ring alone.
+        let mut socket = socket_first;
         loop {
-            match self.read_route(id, &ep, &mut reader, &mut out.actions) {
+            let read = self.read_route_with(id, &ep, &mut reader, &mut out.actions, socket);
+            socket = false;
+            match read {
                 Pass::Closed => return out,
                 Pass::Got => {
                     spin_start = None;

@@ -617,6 +617,18 @@ impl Endpoint {
 
     /// Reads everything available now (the caller holds the reader role).
     pub fn read(&self, r: &mut Reader) -> ReadPass {
+        self.read_inner(r, true)
+    }
+
+    /// Like [`Endpoint::read`], but for shm looks only at the ring, never at the socket:
+    /// for a reader spinning on a ring between frames. Doorbells only come to a parked
+    /// reader, and a hang-up is seen by the next full read (the parked reader's wait on
+    /// [`Endpoint::fd`] ends on it), so neither is missed; the system call is saved.
+    pub fn read_ring(&self, r: &mut Reader) -> ReadPass {
+        self.read_inner(r, self.shm.is_none())
+    }
+
+    fn read_inner(&self, r: &mut Reader, socket: bool) -> ReadPass {
         let mut pass = ReadPass::default();
         if r.eof {
             pass.eof = true;
@@ -626,7 +638,7 @@ impl Endpoint {
         // and bytes already in the ring, skip the system call: doorbells are only sent to a
         // parked reader, and a peer's death is seen on the next pass that finds the ring
         // empty (a parked reader is woken by the hang-up).
-        let skip_socket = self.shm.as_ref().is_some_and(|shm| shm.rx.has_data());
+        let skip_socket = !socket || self.shm.as_ref().is_some_and(|shm| shm.rx.has_data());
         loop {
             if skip_socket {
                 break;
@@ -944,6 +956,23 @@ mod tests {
         drop(a);
         assert!(wait_readable(&[b.fd()], 1000).unwrap());
         let mut r = b.try_reader().unwrap();
+        assert!(b.read(&mut r).eof);
+    }
+
+    #[test]
+    fn ring_only_reads_leave_the_socket_to_the_next_full_read() {
+        let (a, b) = pair(Kind::Shm, 4096);
+        let mut r = b.try_reader().unwrap();
+        let _ = b.read(&mut r); // consumes the hello
+        a.send_frame(b"x").unwrap();
+        assert_eq!(b.read_ring(&mut r).frames, vec![b"x".to_vec()]);
+        // A hang-up is not seen by ring-only reads (no system call)...
+        a.close();
+        drop(a);
+        let pass = b.read_ring(&mut r);
+        assert!(!pass.eof && pass.frames.is_empty());
+        // ...but it stays on the socket, readable, for the next full read.
+        assert!(wait_readable(&[b.fd()], 1000).unwrap());
         assert!(b.read(&mut r).eof);
     }
 

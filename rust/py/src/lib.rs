@@ -403,8 +403,9 @@ impl Node {
         let mut extra: Vec<Bound<'py, PyTuple>> = Vec::new();
         let (mut again, mut want_write, mut busy) = (false, false, false);
         let has_fast = !self.fast_table().is_empty();
-        for _ in 0..budget.max(1) {
-            let poll = py.detach(|| node.poll_endpoint(channel, spin_us));
+        for pass in 0..budget.max(1) {
+            // The socket is read once per call (after the loop's wake-up), not per request.
+            let poll = py.detach(|| node.poll_endpoint(channel, spin_us, pass == 0));
             again = poll.again;
             want_write |= poll.want_write;
             busy = poll.busy;
