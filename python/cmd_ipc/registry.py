@@ -1446,30 +1446,40 @@ class CommandRegistry:
             RuntimeError: Called on the registry's own loop thread (it would deadlock), or
                 without a running loop.
         """
-        self._check_process()
-        if threading.get_ident() == self._loop_thread:
+        # The hot path of the library: the checks are written out (no helper calls).
+        if self._fork_generation != _FORK_GENERATION[0]:
+            self._check_process()
+        if self._loop_thread == threading.get_ident():
             raise RuntimeError(
                 "execute_command_sync on the registry's own event loop thread would deadlock; "
                 "use `await registry.execute_command(...)`"
             )
         if self._closed:
             raise RuntimeError(f"registry {self.id!r} is closed")
-        if request is not None and not isinstance(request, Mapping):
-            raise TypeError(f"request must be a mapping or None, not {type(request).__name__}")
         if timeout is not None and not timeout > 0:
             raise ValueError("timeout must be a positive number of seconds")
-        try:
-            data = None if request is None else _encode(request)
-        except Exception as e:
-            raise TypeError(f"request for {command_id!r} cannot be serialised: {e}") from e
+        if request is None:
+            data = None
+        elif isinstance(request, (dict, Mapping)):
+            try:
+                data = _encode(request)
+            except Exception as e:
+                raise TypeError(f"request for {command_id!r} cannot be serialised: {e}") from e
+        else:
+            raise TypeError(f"request must be a mapping or None, not {type(request).__name__}")
         out = self._node.call_sync(command_id, data, "msgpack", timeout)
         if out is None:
             return self._blocking(
                 lambda: self.execute_command(command_id, request, timeout=timeout)
             )
-        if out[0] == "result":
-            return _decode(out[1], out[2])
-        raise error_from_code(out[1], out[2])
+        kind, value, encoding = out
+        if kind == "result":
+            if value is None:
+                return None
+            if encoding == "msgpack":
+                return msgpack.unpackb(value, raw=False, strict_map_key=False)
+            return _decode(value, encoding)
+        raise error_from_code(value, encoding)
 
     def register_command_sync(
         self,
