@@ -15,7 +15,7 @@
 //! Lock order: endpoint reader role, then the state lock, then an endpoint's writer lock.
 //! Nothing here ever waits for Python.
 
-use std::collections::HashMap;
+use crate::router::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -94,10 +94,10 @@ impl Node {
             state: Mutex::new(State {
                 router: Router::new(config),
                 queued: Vec::new(),
-                sync_calls: HashMap::new(),
+                sync_calls: HashMap::default(),
                 armed: None,
             }),
-            endpoints: RwLock::new(HashMap::new()),
+            endpoints: RwLock::new(HashMap::default()),
             waker: transport::eventfd()?,
             spin_us: 50,
         })

@@ -28,7 +28,11 @@
 //!   forwarded through it with `channel_disconnected`.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
+
+/// Hash maps keyed by ids that peers choose: aHash is fast and keyed per process, so a peer
+/// cannot aim collisions at it.
+pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 use std::sync::Arc;
 
 use crate::codec::{self, Limits};
@@ -320,16 +324,16 @@ impl Router {
         Router {
             config,
             router_channel,
-            channels: HashMap::new(),
-            routes: HashMap::new(),
-            calls: HashMap::new(),
-            forwards: HashMap::new(),
-            registrations: HashMap::new(),
-            jobs: HashMap::new(),
+            channels: HashMap::default(),
+            routes: HashMap::default(),
+            calls: HashMap::default(),
+            forwards: HashMap::default(),
+            registrations: HashMap::default(),
+            jobs: HashMap::default(),
             local_jobs: 0,
-            local_deadlines: HashMap::new(),
+            local_deadlines: HashMap::default(),
             timers: BinaryHeap::new(),
-            seen_events: HashMap::new(),
+            seen_events: HashMap::default(),
             seen_order: VecDeque::new(),
             next_token: 1,
             forwarded: 0,
