@@ -268,3 +268,47 @@ def test_stubs_to_stdout_are_deterministic(capsys: pytest.CaptureFixture[str]) -
     assert code == code2 == 0 and first == second
     compile(first, "client.py", "exec")
     assert textwrap.dedent(first).startswith('"""Typed client for the commands of')
+
+
+TRICKY = [
+    {"id": "mode.set", "description": 'Sets the mode to "fast"', "schema": {
+        "request": {"type": "object", "properties": {"timeout": {"type": "number"},
+                                                      "class": {"type": "string"}},
+                    "required": ["timeout"]}}},
+    {"id": "db", "schema": {"request": {"type": "object", "properties": {}}}},
+    {"id": "db.sync"},
+    {"id": "cast"},
+    {"id": "list"},
+    {"id": "tree.get", "schema": {
+        "request": {"type": "object", "properties": {"depth": {"type": "integer"}}},
+        "response": {"$ref": "#/$defs/Node", "$defs": {
+            "Node": {"type": "object", "title": "Node",
+                     "properties": {"child-nodes": {"type": "array",
+                                                    "items": {"$ref": "#/$defs/Node"}}}}}}}},
+    {"id": "json.echo", "schema": {
+        "request": {"type": "object", "properties": {"value": {"$ref": "#/$defs/Json"}},
+                    "required": ["value"],
+                    "$defs": {"Json": {"anyOf": [{"type": "integer"},
+                                                 {"type": "array",
+                                                  "items": {"$ref": "#/$defs/Json"}}]}}},
+        "response": {"type": "string", "description": 'ends with a quote"'}}},
+]  # fmt: skip
+
+
+@pytest.mark.timeout(180)
+def test_stubs_for_awkward_names_and_recursive_schemas(tmp_path: Path) -> None:
+    from cmd_ipc.stubs import generate
+
+    source = generate(TRICKY, source='a "quoted" \\ target')
+    (tmp_path / "tricky.py").write_text(source)
+    # It imports (recursive types are forward references) and names no function twice.
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "tricky.py", "exec"), namespace)
+    exported = namespace["__all__"]
+    assert len(exported) == len(set(exported)) == 2 * len(TRICKY)
+    assert {"db", "db_sync", "db_sync_", "db_sync__sync"} <= set(exported)
+    assert "cast" not in exported and "list" not in exported
+    # A field named like a parameter of the function: the request is one typed mapping.
+    assert "request: ModeSetRequest" in source
+    done = mypy(tmp_path, "tricky.py")
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -69,16 +69,19 @@ def start_server(cpu: int | None) -> tuple[subprocess.Popen[str], dict[str, str]
         stdout=subprocess.PIPE,
         text=True,
     )
-    if cpu is not None:
-        import os
+    try:
+        if cpu is not None:
+            import os
 
-        os.sched_setaffinity(proc.pid, {cpu})
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        proc.wait(10)
-        raise RuntimeError(f"bench server exited with {proc.returncode} before serving")
-    return proc, json.loads(line)
+            os.sched_setaffinity(proc.pid, {cpu})
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench server exited with {proc.poll()} before serving")
+        return proc, json.loads(line)
+    except BaseException:
+        stop_server(proc)
+        raise
 
 
 def stop_server(proc: subprocess.Popen[str]) -> None:

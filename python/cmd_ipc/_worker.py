@@ -60,8 +60,8 @@ async def serve(boot: dict[str, Any]) -> int:
             desc["sock_fd"] = fds[0]
             desc["shm_fd"] = fds[1] if len(fds) > 1 else None
             channel = NativeChannel.from_description(desc)
-            registry._sibling_links.add(channel.id)
             await registry.register_channel(channel)
+            registry._sibling_links.add(channel.id)
             # Answer once the peer's commands are known here: calls go direct from then on.
             await registry.wait_listed(channel.id)
             return {"ok": True}

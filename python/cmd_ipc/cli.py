@@ -239,8 +239,8 @@ async def _stubs(args: argparse.Namespace) -> int:
 
 def _host_port(text: str, flag: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise UsageError(f"{flag} expects HOST:PORT, got {text!r}")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"{flag} expects HOST:PORT (port 0 to 65535), got {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -253,11 +253,19 @@ async def _serve(args: argparse.Namespace) -> int:
         http_at = ("127.0.0.1", 8765)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     closers: list[Any] = []
     async with CommandRegistry(args.id) as registry:
+        # Ctrl-C during setup interrupts it (KeyboardInterrupt); once serving, SIGINT and
+        # SIGTERM stop the servers in order, and a second signal interrupts a stuck close.
         await run_setup(registry, args.setup)
+
+        def on_signal() -> None:
+            stop.set()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
         urls: dict[str, str] = {}
         try:
             if http_at is not None:
@@ -415,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CODES.get(e.code, 1)
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # a port in use, an address this host does not have...
+        print(f"cmd-ipc {args.command}: {e}", file=sys.stderr)
+        return 1
     parser.print_help()
     return 2
 

@@ -104,15 +104,22 @@ _packers = threading.local()
 def _encode(value: Any) -> bytes:
     """msgpack encoding of a value, with one reusable packer per thread (``packb`` builds a
     new packer per call, which costs more than the packing of a small request)."""
-    try:
-        packer = _packers.packer
-    except AttributeError:
+    # Taken out while packing: `to_wire` may run user code (pydantic serializers) that
+    # encodes again on this thread; such a nested call gets a packer of its own.
+    packer = _packers.__dict__.pop("packer", None)
+    if packer is None:
         # `to_wire` only sees what msgpack cannot carry (models, datetimes, enums...). A
         # failed pack leaves the packer empty (autoreset), ready for the next value.
-        packer = _packers.packer = msgpack.Packer(
-            use_bin_type=True, default=to_wire, autoreset=True
-        )
-    return cast(bytes, packer.pack(value))
+        packer = msgpack.Packer(use_bin_type=True, default=to_wire, autoreset=True)
+    data = cast(bytes, packer.pack(value))
+    if len(data) <= _KEEP_PACKER_UNDER:
+        # A packer keeps its buffer at its largest: one that packed a big value is dropped.
+        _packers.packer = packer
+    return data
+
+
+#: Largest encoding after which a thread's packer is kept for reuse.
+_KEEP_PACKER_UNDER = 1 << 20
 
 
 @dataclass
@@ -1158,9 +1165,17 @@ class CommandRegistry:
                 return
             await self.register_channel(channel)
         except asyncio.CancelledError:
+            # The registry is closing: the channel goes with it.
+            await asyncio.shield(channel.close())
             raise
         except Exception as e:
-            logger.warning("registry %r could not re-attach channel %r: %s", self.id, channel.id, e)
+            logger.warning(
+                "registry %r could not re-attach channel %r (it stays closed): %s",
+                self.id,
+                channel.id,
+                e,
+            )
+            await channel.close()
 
     def _attach_native(self, loop: asyncio.AbstractEventLoop, channel: NativeChannel) -> None:
         actions = self._node.add_native_channel(
@@ -1462,7 +1477,7 @@ class CommandRegistry:
             data = None
         elif isinstance(request, (dict, Mapping)):
             try:
-                data = _encode(request)
+                data = _encode(request if isinstance(request, dict) else dict(request))
             except Exception as e:
                 raise TypeError(f"request for {command_id!r} cannot be serialised: {e}") from e
         else:

@@ -21,6 +21,7 @@ whole, and logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -76,6 +77,7 @@ class StdioChannel(Channel):
         self._write: asyncio.WriteTransport | None = None
         self._read_transport: asyncio.ReadTransport | None = None
         self._task: asyncio.Task[None] | None = None
+        self._shutdown_task: asyncio.Task[None] | None = None
         self._closed = False
         self._close_reported = False
 
@@ -137,16 +139,24 @@ class StdioChannel(Channel):
         Args:
             channel_id: The id under which this registry knows its parent.
             strict: Close the channel on a line that is not a JSON object.
-            redirect_stdout: Point file descriptor 1 (and ``sys.stdout``) at stderr, so
-                that a stray ``print`` cannot corrupt the channel; the channel writes to a
-                private duplicate of the original stdout.
+            redirect_stdout: Point file descriptor 1 (and ``sys.stdout``) at stderr and file
+                descriptor 0 at ``/dev/null``, so that a stray ``print`` or ``input()`` (or a
+                grandchild inheriting them) cannot touch the channel; the channel uses private
+                duplicates of the original descriptors. Without it, the parent only sees the
+                channel close when this process exits.
             max_line: Longest accepted line, in bytes.
         """
         read_fd = os.dup(0)
         write_fd = os.dup(1)
         if redirect_stdout:
+            # fd 1 now goes to stderr, and fd 0 reads nothing: a stray print, input() or a
+            # grandchild inheriting the descriptors cannot touch the channel's pipes (and
+            # when the channel closes its duplicates, the parent sees end-of-file at once).
             sys.stdout.flush()
             os.dup2(2, 1)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.close(devnull)
         return cls(channel_id, read_fd=read_fd, write_fd=write_fd, strict=strict, max_line=max_line)
 
     @property
@@ -159,6 +169,8 @@ class StdioChannel(Channel):
     async def start(self, on_frame: OnFrame, on_close: OnClose) -> None:
         if self._on_frame is not None:
             raise RuntimeError(f"channel {self.id!r} was already started")
+        if self._closed:
+            raise RuntimeError(f"channel {self.id!r} is closed")
         self._on_frame, self._on_close = on_frame, on_close
         loop = asyncio.get_running_loop()
         if self.process is not None:
@@ -190,6 +202,9 @@ class StdioChannel(Channel):
     async def close(self) -> None:
         if self._closed:
             self._report_close(None)
+            if self._shutdown_task is not None:
+                # The channel failed on its own: finish ending the child before returning.
+                await asyncio.shield(self._shutdown_task)
             return
         self._closed = True
         self._report_close(None)
@@ -271,8 +286,8 @@ class StdioChannel(Channel):
         if self._closed:
             return
         self._closed = True
+        self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown())
         self._report_close(reason)
-        asyncio.get_running_loop().create_task(self._shutdown())
 
     def _report_close(self, reason: str | None) -> None:
         if not self._close_reported and self._on_close is not None:
@@ -291,17 +306,23 @@ class StdioChannel(Channel):
         proc = self.process
         if proc is not None and proc.returncode is None:
             # The child sees end of input and should exit; if it does not, end it.
-            for step in (proc.terminate, proc.kill):
-                try:
-                    await asyncio.wait_for(proc.wait(), 2.0)
-                    break
-                except asyncio.TimeoutError:
+            try:
+                for step in (proc.terminate, proc.kill):
                     try:
-                        step()
-                    except ProcessLookupError:
+                        await asyncio.wait_for(proc.wait(), 2.0)
                         break
-            else:
-                await proc.wait()
+                    except asyncio.TimeoutError:
+                        try:
+                            step()
+                        except ProcessLookupError:
+                            break
+                else:
+                    await proc.wait()
+            except asyncio.CancelledError:
+                # Interrupted (the loop is ending): no orphan is left behind.
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                raise
         if proc is not None:
             # Let the subprocess transport release its pipes before the loop closes.
             transport: Any = getattr(proc, "_transport", None)
