@@ -118,6 +118,22 @@ def _encode(value: Any) -> bytes:
     return data
 
 
+def _encode_request(command_id: str, request: Any) -> bytes | None:
+    """The msgpack encoding of a call's request (``None`` for no request).
+
+    Raises:
+        TypeError: ``request`` is not a mapping, or cannot be serialised.
+    """
+    if request is None:
+        return None
+    if not isinstance(request, (dict, Mapping)):
+        raise TypeError(f"request must be a mapping or None, not {type(request).__name__}")
+    try:
+        return _encode(request if isinstance(request, dict) else dict(request))
+    except Exception as e:
+        raise TypeError(f"request for {command_id!r} cannot be serialised: {e}") from e
+
+
 #: Largest encoding after which a thread's packer is kept for reuse.
 _KEEP_PACKER_UNDER = 1 << 20
 
@@ -880,15 +896,7 @@ class CommandRegistry:
             TypeError: ``request`` is not a mapping or cannot be serialised.
         """
         loop = self._bind_loop()
-        if request is None:
-            data = None
-        elif isinstance(request, Mapping):
-            try:
-                data = _encode(request if isinstance(request, dict) else dict(request))
-            except Exception as e:
-                raise TypeError(f"request for {command_id!r} cannot be serialised: {e}") from e
-        else:
-            raise TypeError(f"request must be a mapping or None, not {type(request).__name__}")
+        data = _encode_request(command_id, request)
         if timeout is not None and not timeout > 0:
             raise ValueError("timeout must be a positive number of seconds")
         fut: asyncio.Future[Any] = loop.create_future()
@@ -1473,15 +1481,7 @@ class CommandRegistry:
             raise RuntimeError(f"registry {self.id!r} is closed")
         if timeout is not None and not timeout > 0:
             raise ValueError("timeout must be a positive number of seconds")
-        if request is None:
-            data = None
-        elif isinstance(request, (dict, Mapping)):
-            try:
-                data = _encode(request if isinstance(request, dict) else dict(request))
-            except Exception as e:
-                raise TypeError(f"request for {command_id!r} cannot be serialised: {e}") from e
-        else:
-            raise TypeError(f"request must be a mapping or None, not {type(request).__name__}")
+        data = _encode_request(command_id, request)
         out = self._node.call_sync(command_id, data, "msgpack", timeout)
         if out is None:
             return self._blocking(
