@@ -14,6 +14,8 @@ from cmd_ipc import CommandRegistry, StdioChannel
 
 
 async def main() -> None:
+    # A second handle on the parent's pipe: is it left blocking, as it was, at the end?
+    probe = os.dup(0)
     async with CommandRegistry("child", router_channel="parent") as registry:
         channel = StdioChannel.from_stdio("parent")
         if "garbage" in sys.argv:
@@ -26,6 +28,7 @@ async def main() -> None:
         await registry.register_command("child.add", lambda a, b: a + b)
         await registry.register_command("child.where", lambda: os.getpid())
         await done.wait()
+    print(f"stdin blocking after close: {os.get_blocking(probe)}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

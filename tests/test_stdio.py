@@ -30,6 +30,8 @@ async def test_python_child_over_stdio() -> None:
         err = await channel.process.stderr.read()
         # The child's print went to its stderr; its channel output stayed clean.
         assert b"a stray print goes to stderr" in err
+        # The pipe (a terminal, run by hand) is blocking again once the channel ended.
+        assert b"stdin blocking after close: True" in err
         assert channel.rejected == 0
         # Closing ended the child (it saw end of input).
         assert channel.process.returncode == 0

@@ -78,6 +78,7 @@ class StdioChannel(Channel):
         self._read_transport: asyncio.ReadTransport | None = None
         self._task: asyncio.Task[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
+        self._restore_blocking: list[int] = []
         self._closed = False
         self._close_reported = False
 
@@ -157,7 +158,13 @@ class StdioChannel(Channel):
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
             os.close(devnull)
-        return cls(channel_id, read_fd=read_fd, write_fd=write_fd, strict=strict, max_line=max_line)
+        channel = cls(
+            channel_id, read_fd=read_fd, write_fd=write_fd, strict=strict, max_line=max_line
+        )
+        # asyncio makes the descriptions non-blocking; they may be shared with a terminal
+        # (run by hand), which must be left as it was: blocking again once the channel ends.
+        channel._restore_blocking = [os.dup(read_fd), os.dup(write_fd)]
+        return channel
 
     @property
     def pid(self) -> int | None:
@@ -207,6 +214,7 @@ class StdioChannel(Channel):
                 await asyncio.shield(self._shutdown_task)
             return
         self._closed = True
+        self._restore_modes()
         self._report_close(None)
         await self._shutdown()
 
@@ -282,10 +290,20 @@ class StdioChannel(Channel):
         except asyncio.TimeoutError:
             return None
 
+    def _restore_modes(self) -> None:
+        """Makes this process's stdin/stdout blocking again (at once, not in a task that the
+        end of the event loop could cancel)."""
+        restore, self._restore_blocking = self._restore_blocking, []
+        for fd in restore:
+            with contextlib.suppress(OSError):
+                os.set_blocking(fd, True)
+            os.close(fd)
+
     def _fail(self, reason: str) -> None:
         if self._closed:
             return
         self._closed = True
+        self._restore_modes()
         self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown())
         self._report_close(reason)
 
@@ -303,6 +321,7 @@ class StdioChannel(Channel):
             self._write.close()
         if self._read_transport is not None:
             self._read_transport.close()
+        self._restore_modes()
         proc = self.process
         if proc is not None and proc.returncode is None:
             # The child sees end of input and should exit; if it does not, end it.
