@@ -22,7 +22,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable
 from typing import Any, Callable
 
@@ -99,17 +98,6 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
 BLOCK = 50
 
 
-async def _timed_block(call: Callable[[], Awaitable[Any]], n: int, out: list[int]) -> float:
-    """Times ``n`` sequential calls, appending each to ``out``; returns the elapsed seconds."""
-    clock = time.perf_counter_ns
-    t_start = clock()
-    for _ in range(n):
-        t0 = clock()
-        await call()
-        out.append(clock() - t0)
-    return (clock() - t_start) / 1e9
-
-
 async def measure(urls: dict[str, str], n: int, warmup: int) -> dict[str, tuple[list[int], float]]:
     """All three rows: ``{"bare": (samples_ns, elapsed_s), "http": ..., "ws": ...}``.
 
@@ -118,6 +106,7 @@ async def measure(urls: dict[str, str], n: int, warmup: int) -> dict[str, tuple[
     """
     import aiohttp
 
+    from cmd_ipc.bench import _time_async
     from cmd_ipc.http import HTTPChannel
     from cmd_ipc.registry import CommandRegistry
     from cmd_ipc.websocket import WebSocketChannel
@@ -151,7 +140,9 @@ async def measure(urls: dict[str, str], n: int, warmup: int) -> dict[str, tuple[
         while done < n:
             k = min(BLOCK, n - done)
             for name, call in calls.items():
-                elapsed[name] += await _timed_block(call, k, samples[name])
+                block, seconds = await _time_async(call, k, 0)
+                samples[name].extend(block)
+                elapsed[name] += seconds
             done += k
         return {name: (samples[name], elapsed[name]) for name in calls}
 

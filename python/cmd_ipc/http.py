@@ -39,7 +39,6 @@ import hmac
 import inspect
 import json
 import logging
-import re
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Union
@@ -91,20 +90,8 @@ _NDJSON = "application/x-ndjson"
 _DISCONNECT_POLL = 0.5
 
 
-def _peek(frame: bytes) -> tuple[str, str] | None:
-    """``(type, id)`` of a frame from the registry's JSON encoder, which writes
-    ``{"id":...,"type":...`` first, read without parsing the frame; ``None`` for any other
-    shape. (The first ``","type":"`` is the header's: inside the id string every quote is
-    escaped.)"""
-    if not frame.startswith(b'{"id":"'):
-        return None
-    at = frame.find(b'","type":"')
-    end = frame.find(b'"', at + 10)
-    if at < 0 or end < 0:
-        return None
-    raw_id = frame[7:at]
-    message_id = raw_id.decode() if b"\\" not in raw_id else json.loads(frame[6 : at + 1])
-    return frame[at + 10 : end].decode(), message_id
+#: Depth allowed when reading the header of a frame the registry itself encoded.
+_TRUSTED_DEPTH = 1 << 16
 
 
 def _dumps(value: Any) -> bytes:
@@ -258,18 +245,17 @@ class HTTPChannel(Channel):
         """POSTs a command listing or execute request; drops every other message."""
         if self._closed or self._on_frame is None:
             return
-        head = _peek(frame)
         raw: bytes | None = frame
         try:
-            if head is None or (self.command_prefix and head[0] == _EXECUTE_REQUEST):
-                # Parsed in full: not from our encoder, or its command id is rewritten.
-                msg = json.loads(frame)
-                kind = msg["type"]
-                raw = None
-            else:
-                kind, message_id = head
-                msg = {"id": message_id, "type": kind}
-        except (ValueError, TypeError, KeyError):
+            # The registry encoded it (within its own limits): only its header is needed.
+            kind, message_id, _ = _core.inspect_message(
+                frame, "json", max_message_size=len(frame), max_depth=_TRUSTED_DEPTH
+            )
+            msg: dict[str, Any] = {"id": message_id, "type": kind}
+            if self.command_prefix and kind == _EXECUTE_REQUEST:
+                # Its command id is rewritten: parsed in full, encoded again.
+                msg, raw = json.loads(frame), None
+        except (ProtocolError, ValueError):
             logger.debug("HTTPChannel %r dropped an undecodable frame", self.id)
             return
         if kind in _ANSWER_TYPE:
@@ -488,9 +474,6 @@ async def _snippet(resp: aiohttp.ClientResponse, limit: int = 200) -> str:
 # ---------------------------------------------------------------------------------- server
 
 
-_THID = re.compile(rb',"thid":"((?:[^"\\]|\\.)*)"')
-
-
 class _EndpointChannel(Channel):
     """The channel through which an HTTP endpoint hands POSTed messages to its registry.
 
@@ -516,20 +499,15 @@ class _EndpointChannel(Channel):
             self._on_frame(frame)
 
     def send(self, frame: bytes) -> None:
-        # The router's JSON encoder writes `{"id":...,"type":...,"thid":...` first, and the
-        # first `,"type":"` of a frame is its own (inside the id string every quote is
-        # escaped), so answers are recognised without parsing the whole frame.
-        at = frame.find(b',"type":"') + 9
-        if at < 9 or not (
-            frame.startswith(b'execute.command.response"', at)
-            or frame.startswith(b'list.commands.response"', at)
-        ):
+        try:
+            # The registry encoded it (within its own limits): only its header is needed.
+            kind, _, thid = _core.inspect_message(
+                frame, "json", max_message_size=len(frame), max_depth=_TRUSTED_DEPTH
+            )
+        except ProtocolError:  # never raised for the registry's own frames; send never raises
             return
-        m = _THID.match(frame, frame.find(b'"', at) + 1)
-        if m is None:
-            return
-        raw = m.group(1)
-        thid = raw.decode() if b"\\" not in raw else json.loads(b'"' + raw + b'"')
+        if kind not in (_EXECUTE_RESPONSE, _LIST_RESPONSE) or thid is None:
+            return  # the list request every new channel gets, events: they do not cross
         waiter = self.pending.pop(thid, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(frame)

@@ -1489,10 +1489,6 @@ class CommandRegistry:
             )
         kind, value, encoding = out
         if kind == "result":
-            if value is None:
-                return None
-            if encoding == "msgpack":
-                return msgpack.unpackb(value, raw=False, strict_map_key=False)
             return _decode(value, encoding)
         raise error_from_code(value, encoding)
 

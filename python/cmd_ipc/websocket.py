@@ -193,28 +193,25 @@ class _Sink:
             self.deliver(data)
 
 
-class _SinkClientConnection(ClientConnection):
+class _SinkConnection(Connection):
+    """Mixed into a client or server connection: its data frames go to a :class:`_Sink`.
+    (The handshake's request or response is not a :class:`Frame`: it goes on as before.)"""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sink = _Sink()
+
+    def process_event(self, event: Any) -> None:
+        if not isinstance(event, Frame) or not self.sink.take(event):
+            super().process_event(event)
+
+
+class _SinkClientConnection(_SinkConnection, ClientConnection):
     """A client connection whose data frames go to a :class:`_Sink`."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.sink = _Sink()
 
-    def process_event(self, event: Any) -> None:
-        if self.response is None or not isinstance(event, Frame) or not self.sink.take(event):
-            super().process_event(event)
-
-
-class _SinkServerConnection(ServerConnection):
+class _SinkServerConnection(_SinkConnection, ServerConnection):
     """A server connection whose data frames go to a :class:`_Sink`."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.sink = _Sink()
-
-    def process_event(self, event: Any) -> None:
-        if self.request is None or not isinstance(event, Frame) or not self.sink.take(event):
-            super().process_event(event)
 
 
 class _Link:

@@ -321,7 +321,6 @@ class StdioChannel(Channel):
             self._write.close()
         if self._read_transport is not None:
             self._read_transport.close()
-        self._restore_modes()
         proc = self.process
         if proc is not None and proc.returncode is None:
             # The child sees end of input and should exit; if it does not, end it.
