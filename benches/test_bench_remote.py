@@ -25,11 +25,11 @@ from typing import Any, Callable
 
 import aiohttp
 import pytest
+from bench_support import per_call_us
 from cmd_ipc import CommandRegistry, HTTPChannel, WebSocketChannel
 from cmd_ipc._bench_remote import REQ, start_server, stop_server
 
 BATCH = 200
-ROUNDS = 5
 PIN = os.environ.get("CMD_IPC_BENCH_PIN", "") not in ("", "0")
 #: Per-call microseconds by row, read by the terminal summary in conftest.py.
 RESULTS: dict[str, float] = {}
@@ -53,13 +53,8 @@ def _bench(
     name: str,
     call: Callable[[], Awaitable[Any]],
 ) -> None:
-    async def batch() -> None:
-        for _ in range(BATCH):
-            await call()
-
-    loop.run_until_complete(batch())  # warm up the connection pools
-    benchmark.pedantic(lambda: loop.run_until_complete(batch()), rounds=ROUNDS)
-    RESULTS[name] = benchmark.stats.stats.median / BATCH * 1e6
+    # The warm-up rounds of per_call_us also warm the connection pools.
+    RESULTS[name] = per_call_us(benchmark, loop, call, BATCH)
     assert loop.run_until_complete(call()) == 3
 
 
