@@ -8,6 +8,7 @@ test bounds CPU *ticks* consumed over a 5 s idle window (a resource bound).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gc
 import logging
 import os
@@ -19,6 +20,7 @@ import struct
 import uuid
 import warnings
 from collections.abc import Awaitable
+from types import MappingProxyType
 from typing import Any, Callable
 
 import pytest
@@ -529,6 +531,15 @@ def test_blocking_api(transport: Transport) -> None:
         for size in (200_000, 4 * 1024 * 1024):
             payload = os.urandom(size)
             assert r.execute_command_sync("calc.echo", {"value": payload}, timeout=30) == payload
+        # Values that are not plain (encoded in Python, not in Rust) cross the same way.
+        when = datetime.datetime(2026, 11, 26, 1, 2, 3)
+        assert r.execute_command_sync("calc.echo", {"value": when}) == when.isoformat()
+        assert r.execute_command_sync("calc.echo", {"value": {1, 2}}) == [1, 2]
+        assert r.execute_command_sync("calc.add", MappingProxyType({"a": 2, "b": 3})) == 5
+        with pytest.raises(TypeError, match="out of range"):
+            r.execute_command_sync("calc.echo", {"value": 2**70})
+        with pytest.raises(TypeError, match="mapping"):
+            r.execute_command_sync("calc.add", [1, 2])  # type: ignore[arg-type]
 
         # Error codes propagate.
         with pytest.raises(NotFoundError):

@@ -109,13 +109,15 @@ class Node:
     def call_sync(
         self,
         command_id: str,
-        request: bytes | None,
-        encoding: str,
+        request: dict[str, Any] | bytes | None,
         ttl: float | None,
-    ) -> tuple[str, Any, Any] | None:
-        """A blocking call over a native channel (GIL released): ``("result", data,
-        encoding)`` or ``("error", code, message)``; ``None`` when the command is not behind
-        a native channel."""
+    ) -> tuple[str, Any, Any]:
+        """A blocking call over a native channel (GIL released). ``request``: ``None``, a
+        ``dict`` (encoded in Rust when it holds plain values) or msgpack ``bytes``. Returns
+        ``("value", result, None)``, ``("result", data, encoding)`` (decode in Python),
+        ``("error", code, message)``, ``("encode", None, None)`` (encode the request in
+        Python and call again with bytes) or ``("fallback", None, None)`` (the command is
+        not behind a native channel)."""
     def add_channel(self, channel: str, encoding: str) -> list[_Action]:
         """Attaches a channel (``"json"`` or ``"msgpack"``); queues a list request on it."""
     def close_channel(self, channel: str) -> list[_Action]:
@@ -206,3 +208,13 @@ def create_segment(ring_capacity: int = 1048576) -> int:
 
 def new_id() -> str:
     """A fresh UUIDv4 string."""
+
+def encode_plain(value: object) -> bytes | None:
+    """msgpack of a plain value (``None``, ``bool``, 64-bit ``int``, ``float``, ``str``,
+    ``bytes``, ``list``, ``tuple``, ``dict`` of exactly these types), as
+    ``msgpack.Packer(use_bin_type=True)`` makes it; ``None`` for any other value."""
+
+def decode_plain(data: bytes, default: Any) -> Any:
+    """The value of msgpack ``data`` holding plain values only (as
+    ``msgpack.unpackb(raw=False, strict_map_key=False)`` gives it); ``default`` for anything
+    else (ext types, invalid UTF-8, trailing bytes...)."""

@@ -95,15 +95,23 @@ def _decode(data: bytes | None, encoding: str | None) -> Any:
         return None
     if encoding == "json":
         return json.loads(data)
-    return _unpack(data)
+    value = _core.decode_plain(data, _NOT_PLAIN)
+    return _unpack(data) if value is _NOT_PLAIN else value
+
+
+_NOT_PLAIN = object()
 
 
 _packers = threading.local()
 
 
 def _encode(value: Any) -> bytes:
-    """msgpack encoding of a value, with one reusable packer per thread (``packb`` builds a
-    new packer per call, which costs more than the packing of a small request)."""
+    """msgpack encoding of a value: plain values in Rust, others with one reusable packer
+    per thread (``packb`` builds a new packer per call, which costs more than the packing of
+    a small request)."""
+    data = _core.encode_plain(value)
+    if data is not None:
+        return data
     # Taken out while packing: `to_wire` may run user code (pydantic serializers) that
     # encodes again on this thread; such a nested call gets a packer of its own.
     packer = _packers.__dict__.pop("packer", None)
@@ -1481,16 +1489,20 @@ class CommandRegistry:
             raise RuntimeError(f"registry {self.id!r} is closed")
         if timeout is not None and not timeout > 0:
             raise ValueError("timeout must be a positive number of seconds")
-        data = _encode_request(command_id, request)
-        out = self._node.call_sync(command_id, data, "msgpack", timeout)
-        if out is None:
-            return self._blocking(
-                lambda: self.execute_command(command_id, request, timeout=timeout)
-            )
-        kind, value, encoding = out
+        # A dict of plain values is encoded, and a plain result decoded, in Rust.
+        kind, value, extra = self._node.call_sync(command_id, request, timeout)
+        if kind == "value":
+            return value
+        if kind == "encode":
+            data = _encode_request(command_id, request)
+            kind, value, extra = self._node.call_sync(command_id, data, timeout)
+            if kind == "value":
+                return value
         if kind == "result":
-            return _decode(value, encoding)
-        raise error_from_code(value, encoding)
+            return _decode(value, extra)
+        if kind == "error":
+            raise error_from_code(value, extra)
+        return self._blocking(lambda: self.execute_command(command_id, request, timeout=timeout))
 
     def register_command_sync(
         self,

@@ -16,6 +16,8 @@ use cmd_ipc_core::node::{Node as CoreNode, SyncOutcome};
 use cmd_ipc_core::router::{Action, Config, Micros, Router as CoreRouter};
 use cmd_ipc_core::transport::Endpoint;
 
+mod convert;
+
 create_exception!(
     _core,
     ProtocolError,
@@ -213,12 +215,13 @@ impl Node {
         };
         let request_obj = match request {
             None => None,
-            Some(p) if p.encoding == Encoding::Msgpack => {
-                match unpack.bind(py).call1((PyBytes::new(py, &p.data),)) {
+            Some(p) if p.encoding == Encoding::Msgpack => match convert::decode(py, &p.data) {
+                Some(obj) => Some(obj),
+                None => match unpack.bind(py).call1((PyBytes::new(py, &p.data),)) {
                     Ok(obj) => Some(obj),
                     Err(_) => return Ok(Fast::Decline(action)),
-                }
-            }
+                },
+            },
             Some(_) => return Ok(Fast::Decline(action)),
         };
         let called = match &request_obj {
@@ -240,6 +243,9 @@ impl Node {
         };
         if result.is_none() {
             return Ok(Fast::Done(None));
+        }
+        if let Some(data) = convert::encode(&result) {
+            return Ok(Fast::Done(Some(Payload::new(Encoding::Msgpack, data))));
         }
         // Plain values first: `hasattr` on them would raise and catch an AttributeError.
         let plain = result.is_instance_of::<PyInt>()
@@ -532,31 +538,51 @@ impl Node {
         })
     }
 
-    /// A blocking call (GIL released). Returns ("result", data, encoding),
-    /// ("error", code, message), or None when the command is not behind a native channel.
-    #[pyo3(signature = (command_id, request, encoding, ttl))]
+    /// A blocking call (GIL released). `request` is `None`, a `dict` (encoded here when it
+    /// holds plain values) or msgpack `bytes` the caller encoded. Returns `("value", obj,
+    /// None)` (the result, decoded here), `("result", data, encoding)` (for Python to
+    /// decode), `("error", code, message)`, `("encode", None, None)` (the request is not
+    /// plain: encode it in Python and call again with bytes), or `("fallback", None, None)`
+    /// when the command is not behind a native channel.
+    #[pyo3(signature = (command_id, request, ttl))]
     fn call_sync<'py>(
         &self,
         py: Python<'py>,
         command_id: &str,
-        request: Option<Vec<u8>>,
-        encoding: &str,
+        request: &Bound<'py, PyAny>,
         ttl: Option<f64>,
-    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        let enc = self::encoding(encoding)?;
-        let request = request.map(|d| Payload::new(enc, d));
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let none = || py.None().into_bound(py);
+        let request = if request.is_none() {
+            None
+        } else if let Ok(b) = request.cast_exact::<PyBytes>() {
+            Some(Payload::new(Encoding::Msgpack, b.as_bytes().to_vec()))
+        } else {
+            match request
+                .is_exact_instance_of::<PyDict>()
+                .then(|| convert::encode(request))
+                .flatten()
+            {
+                Some(data) => Some(Payload::new(Encoding::Msgpack, data)),
+                None => return ("encode", none(), none()).into_pyobject(py),
+            }
+        };
         let node = &self.inner;
         let outcome = py.detach(|| node.call_sync(command_id, request, ttl.map(to_micros)));
-        Ok(match outcome {
-            SyncOutcome::Fallback => None,
-            SyncOutcome::Done(Ok(p)) => {
-                let (data, enc) = py_payload(py, &p);
-                Some(("result", data, enc).into_pyobject(py)?)
+        match outcome {
+            SyncOutcome::Fallback => ("fallback", none(), none()).into_pyobject(py),
+            SyncOutcome::Done(Ok(None)) => ("value", none(), none()).into_pyobject(py),
+            SyncOutcome::Done(Ok(Some(p))) => {
+                if p.encoding == Encoding::Msgpack {
+                    if let Some(v) = convert::decode(py, &p.data) {
+                        return ("value", v, none()).into_pyobject(py);
+                    }
+                }
+                let (data, enc) = py_payload(py, &Some(p));
+                ("result", data, enc).into_pyobject(py)
             }
-            SyncOutcome::Done(Err(e)) => {
-                Some(("error", e.code.as_str(), e.message).into_pyobject(py)?)
-            }
-        })
+            SyncOutcome::Done(Err(e)) => ("error", e.code.as_str(), e.message).into_pyobject(py),
+        }
     }
 
     fn cancel_call(&self, call: u64) {
@@ -765,6 +791,24 @@ fn inspect_message(
     Ok((msg.type_name(), msg.id().to_string(), thid))
 }
 
+/// The msgpack encoding of a plain value (see the `convert` module), or `None` when the
+/// value is not plain (then encode it in Python).
+#[pyfunction]
+fn encode_plain<'py>(py: Python<'py>, value: &Bound<'py, PyAny>) -> Option<Bound<'py, PyBytes>> {
+    convert::encode(value).map(|d| PyBytes::new(py, &d))
+}
+
+/// The value of msgpack `data` when it holds plain values only, else `default` (then decode
+/// it in Python).
+#[pyfunction]
+fn decode_plain<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    default: Bound<'py, PyAny>,
+) -> Bound<'py, PyAny> {
+    convert::decode(py, data).unwrap_or(default)
+}
+
 /// A fresh UUIDv4 string.
 #[pyfunction]
 fn new_id() -> String {
@@ -778,6 +822,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(transcode, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_message, m)?)?;
     m.add_function(wrap_pyfunction!(new_id, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_plain, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_plain, m)?)?;
     m.add("ProtocolError", m.py().get_type::<ProtocolError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
