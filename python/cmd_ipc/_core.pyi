@@ -118,6 +118,19 @@ class Node:
         ``("error", code, message)``, ``("encode", None, None)`` (encode the request in
         Python and call again with bytes) or ``("fallback", None, None)`` (the command is
         not behind a native channel)."""
+    def call_many_sync(
+        self,
+        command_id: str,
+        requests: list[Any],
+        ttl: float | None,
+        window: int,
+    ) -> tuple[str, Any, Any]:
+        """Blocking calls of one command, one per request (each as for :meth:`call_sync`),
+        pipelined with up to ``window`` in flight (GIL released). Returns ``("done", values,
+        others)``: ``values`` holds the results decoded in Rust, ``others`` lists
+        ``(index, "result", data, encoding)`` to decode in Python and ``(index, "error",
+        code, message)`` for failures; or ``("encode", None, None)`` / ``("fallback", None,
+        None)`` as for :meth:`call_sync`."""
     def add_channel(self, channel: str, encoding: str) -> list[_Action]:
         """Attaches a channel (``"json"`` or ``"msgpack"``); queues a list request on it."""
     def close_channel(self, channel: str) -> list[_Action]:

@@ -31,6 +31,9 @@ pub struct State {
     pub router: Router,
     queued: Vec<Action>,
     sync_calls: HashMap<u64, SyncSlot>,
+    /// Finished calls of blocking batches ([`Node::call_many_sync`]), by batch: (index, result).
+    batch_done: HashMap<u64, Vec<(usize, ExecResult)>>,
+    next_batch: u64,
     /// The deadline the loop's timer is armed for (None: not armed).
     armed: Option<Micros>,
 }
@@ -41,6 +44,8 @@ struct SyncSlot {
     ep: Arc<Endpoint>,
     /// The waiting thread: it needs a wake-up only when another thread completes the slot.
     thread: std::thread::ThreadId,
+    /// Part of a batch: (batch, index in it); the result goes to `State::batch_done`.
+    batch: Option<(u64, usize)>,
 }
 
 /// Outcome of [`Node::call_sync`].
@@ -64,6 +69,13 @@ pub struct Poll {
     /// A blocking caller holds the reading role: stop watching this channel for a moment
     /// (a level-triggered watch would spin) and look again later.
     pub busy: bool,
+}
+
+/// What a blocking caller's step decided (see [`Node::drive`]).
+enum Step {
+    Done,
+    /// Keep reading; the earliest deadline of what is awaited.
+    Wait(Micros),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +107,8 @@ impl Node {
                 router: Router::new(config),
                 queued: Vec::new(),
                 sync_calls: HashMap::default(),
+                batch_done: HashMap::default(),
+                next_batch: 0,
                 armed: None,
             }),
             endpoints: RwLock::new(HashMap::default()),
@@ -177,11 +191,19 @@ impl Node {
                     },
                     Action::CallDone { call, result } => match st.sync_calls.get_mut(&call) {
                         Some(slot) => {
-                            slot.result = Some(result);
                             // The waiting thread reading its own reply is awake: no signal.
                             if slot.thread != std::thread::current().id() {
                                 transport::eventfd_signal(slot.waker);
                                 slot.ep.wake_local_waiter();
+                            }
+                            if let Some((batch, index)) = slot.batch {
+                                st.sync_calls.remove(&call);
+                                st.batch_done
+                                    .entry(batch)
+                                    .or_default()
+                                    .push((index, result));
+                            } else {
+                                slot.result = Some(result);
                             }
                         }
                         None => py.push(Action::CallDone { call, result }),
@@ -481,6 +503,7 @@ impl Node {
                     waker,
                     ep: ep.clone(),
                     thread: std::thread::current().id(),
+                    batch: None,
                 },
             );
             let mut py = Vec::new();
@@ -500,6 +523,91 @@ impl Node {
         SyncOutcome::Done(result)
     }
 
+    /// Blocking calls of one command with many requests, pipelined: when the command is
+    /// reached through a native channel, this thread writes up to `window` requests ahead
+    /// of their replies and reads the replies itself, as [`Node::call_sync`] does for one.
+    /// Results come back in request order; `None` when the command is not reached through a
+    /// native channel (use the event loop instead).
+    pub fn call_many_sync(
+        &self,
+        command_id: &str,
+        requests: Vec<Option<Payload>>,
+        ttl: Option<Micros>,
+        window: usize,
+    ) -> Option<Vec<ExecResult>> {
+        let waker = THREAD_WAKER.with(|w| w.as_raw_fd());
+        let n = requests.len();
+        let window = window.max(1);
+        let (batch, target, ep, ttl) = {
+            let mut st = self.lock();
+            let target = st.router.route_of(command_id)?;
+            let ep = self.endpoint(&target)?;
+            ep.claim();
+            st.next_batch += 1;
+            let ttl = ttl.unwrap_or(st.router.config().request_ttl);
+            (st.next_batch, target, ep, ttl)
+        };
+        let thread = std::thread::current().id();
+        let mut results: Vec<Option<ExecResult>> =
+            std::iter::repeat_with(|| None).take(n).collect();
+        let mut requests = requests.into_iter().enumerate();
+        let (mut sent, mut done) = (0usize, 0usize);
+        self.drive(&target, &ep, waker, || {
+            let mut st = self.lock();
+            let mut py = Vec::new();
+            let now = transport::monotonic_micros();
+            if sent < n && sent - done < window {
+                while sent < n && sent - done < window {
+                    let Some((index, request)) = requests.next() else {
+                        break;
+                    };
+                    let call = st.router.execute(command_id, request, Some(ttl), now);
+                    st.sync_calls.insert(
+                        call,
+                        SyncSlot {
+                            result: None,
+                            waker,
+                            ep: ep.clone(),
+                            thread,
+                            batch: Some((batch, index)),
+                        },
+                    );
+                    sent += 1;
+                }
+                self.dispatch(&mut st, &mut py);
+            }
+            // Timers of this batch (and of anything else) that are due fire here.
+            let next = st.router.next_deadline();
+            if next.is_some_and(|d| now >= d) {
+                st.router.tick(now);
+                self.dispatch(&mut st, &mut py);
+            }
+            if !py.is_empty() {
+                self.hand_to_loop(&mut st, py);
+            }
+            if let Some(finished) = st.batch_done.get_mut(&batch) {
+                for (index, result) in finished.drain(..) {
+                    results[index] = Some(result);
+                    done += 1;
+                }
+            }
+            if done == n {
+                st.batch_done.remove(&batch);
+                return Step::Done;
+            }
+            Step::Wait(next.unwrap_or(now.saturating_add(ttl)))
+        });
+        self.hand_back(&target, &ep);
+        Some(
+            results
+                .into_iter()
+                .map(|r| {
+                    r.unwrap_or_else(|| Err(ExecError::new(ErrorCode::InternalError, "call lost")))
+                })
+                .collect(),
+        )
+    }
+
     fn wait_sync(
         &self,
         call: u64,
@@ -508,21 +616,45 @@ impl Node {
         deadline: Micros,
         waker: RawFd,
     ) -> ExecResult {
-        let shm = ep.kind() == transport::Kind::Shm;
-        if !shm {
-            return self.wait_sync_stream(call, id, ep, deadline, waker);
+        let mut out = None;
+        self.drive(id, ep, waker, || match self.sync_result(call, deadline) {
+            Some(r) => {
+                out = Some(r);
+                Step::Done
+            }
+            None => Step::Wait(deadline),
+        });
+        out.unwrap_or_else(|| Err(ExecError::new(ErrorCode::InternalError, "call lost")))
+    }
+
+    /// Reads channel `id` on behalf of a blocking caller until `step` says it is done:
+    /// `step` runs before each read, and may send more.
+    fn drive(&self, id: &str, ep: &Arc<Endpoint>, waker: RawFd, step: impl FnMut() -> Step) {
+        if ep.kind() == transport::Kind::Shm {
+            self.drive_shm(id, ep, waker, step)
+        } else {
+            self.drive_stream(id, ep, waker, step)
         }
+    }
+
+    fn drive_shm(
+        &self,
+        id: &str,
+        ep: &Arc<Endpoint>,
+        waker: RawFd,
+        mut step: impl FnMut() -> Step,
+    ) {
         let mut spin_start: Option<Micros> = None;
         loop {
-            if let Some(result) = self.sync_result(call, deadline) {
-                return result;
-            }
+            let Step::Wait(deadline) = step() else {
+                return;
+            };
             let now = transport::monotonic_micros();
             // Read the channel ourselves unless another thread is (then just wait for it).
             let spun_out = spin_start.is_some_and(|s| now.saturating_sub(s) >= self.spin_us);
             let mut busy = false;
-            // With shm, bytes in the ring are seen without a system call; the socket (the
-            // peer's hang-up) is read once the spin is over.
+            // Bytes in the ring are seen without a system call; the socket (the peer's
+            // hang-up) is read once the spin is over.
             if ep.has_data() || spun_out {
                 match ep.try_reader() {
                     Some(mut reader) => {
@@ -535,7 +667,7 @@ impl Node {
                         }
                         let _ = ep.flush();
                         match pass {
-                            Pass::Closed => continue, // the slot holds channel_disconnected
+                            Pass::Closed => continue, // the slots hold channel_disconnected
                             Pass::Got | Pass::Progressed => {
                                 spin_start = None;
                                 continue;
@@ -546,20 +678,13 @@ impl Node {
                     None => busy = true,
                 }
             }
-            if shm && ep.has_data() {
+            if ep.has_data() {
                 spin_start = None;
                 continue;
             }
             let start = *spin_start.get_or_insert(now);
-            if shm && (busy || now.saturating_sub(start) < self.spin_us) {
+            if busy || now.saturating_sub(start) < self.spin_us {
                 spin_wait(ep, &[]);
-                continue;
-            }
-            if busy {
-                // Pipe transport with the loop thread reading: it completes our slot and
-                // signals our waker.
-                let _ = transport::wait_readable(&[waker], 1);
-                transport::eventfd_drain(waker);
                 continue;
             }
             // Park until bytes arrive, another thread completes us, or the deadline (at most
@@ -600,18 +725,17 @@ impl Node {
     /// The pipe transport: the reply comes through the socket, so the caller keeps the
     /// reading role while it waits in `poll()` on it; the event loop, finding the role
     /// taken, steps aside instead of racing for the same bytes.
-    fn wait_sync_stream(
+    fn drive_stream(
         &self,
-        call: u64,
         id: &str,
         ep: &Arc<Endpoint>,
-        deadline: Micros,
         waker: RawFd,
-    ) -> ExecResult {
+        mut step: impl FnMut() -> Step,
+    ) {
         loop {
-            if let Some(result) = self.sync_result(call, deadline) {
-                return result;
-            }
+            let Step::Wait(_) = step() else {
+                return;
+            };
             match ep.try_reader() {
                 Some(mut reader) => loop {
                     let mut py = Vec::new();
@@ -621,9 +745,9 @@ impl Node {
                         self.hand_to_loop(&mut st, py);
                     }
                     let _ = ep.flush();
-                    if let Some(result) = self.sync_result(call, deadline) {
-                        return result;
-                    }
+                    let Step::Wait(deadline) = step() else {
+                        return;
+                    };
                     if pass == Pass::Empty {
                         let left = deadline.saturating_sub(transport::monotonic_micros());
                         let ms = (left / 1000 + 1).min(1000) as i32;
@@ -632,7 +756,7 @@ impl Node {
                     }
                 },
                 None => {
-                    // The loop thread is reading: it completes our slot and signals us.
+                    // The loop thread is reading: it completes our slots and signals us.
                     let _ = transport::wait_readable(&[waker], 1);
                     transport::eventfd_drain(waker);
                 }

@@ -191,6 +191,37 @@ impl Ring {
         unsafe { &*self.writer_waiting }
     }
 
+    /// Producer: copies `a` then `b` if both fit whole, publishing them at once (one frame's
+    /// header and body); returns whether it did.
+    fn write_both(&self, a: &[u8], b: &[u8]) -> bool {
+        let head = self.head().load(Ordering::Relaxed);
+        let tail = self.tail().load(Ordering::Acquire);
+        let used = head.wrapping_sub(tail);
+        let n = (a.len() + b.len()) as u64;
+        if used > self.cap || self.cap - used < n {
+            return false;
+        }
+        let mut at = head;
+        for part in [a, b] {
+            let pos = (at % self.cap) as usize;
+            let first = part.len().min(self.cap as usize - pos);
+            // SAFETY: as in `write`: the free space holds both parts, and the consumer does
+            // not read it until `head` is published below.
+            unsafe {
+                std::ptr::copy_nonoverlapping(part.as_ptr(), self.data.add(pos), first);
+                std::ptr::copy_nonoverlapping(
+                    part.as_ptr().add(first),
+                    self.data,
+                    part.len() - first,
+                );
+            }
+            at = at.wrapping_add(part.len() as u64);
+        }
+        // SeqCst: see `write`.
+        self.head().store(at, Ordering::SeqCst);
+        true
+    }
+
     /// Producer: copies as much of `bytes` as fits; returns the count.
     fn write(&self, bytes: &[u8]) -> usize {
         // Only this side stores `head`, so a relaxed load sees our own last store.
@@ -454,6 +485,42 @@ impl Endpoint {
         }
     }
 
+    /// Stream transport: sends `a` then `b` in one non-blocking system call; returns how
+    /// many bytes were taken.
+    fn send_both(&self, a: &[u8], b: &[u8]) -> io::Result<usize> {
+        let iov = [
+            libc::iovec {
+                iov_base: a.as_ptr() as *mut libc::c_void,
+                iov_len: a.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            },
+        ];
+        // SAFETY: a zeroed msghdr is valid; it points at two live buffers the kernel only
+        // reads.
+        let n = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+            msg.msg_iovlen = iov.len() as _;
+            libc::sendmsg(
+                self.sock.as_raw_fd(),
+                &msg,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            Ok(0)
+        } else {
+            Err(e)
+        }
+    }
+
     fn wake_reader(&self) {
         if let Some(shm) = &self.shm {
             // Pairs with the reader's SeqCst store of `reader_parked` then load of `head`:
@@ -535,15 +602,33 @@ impl Endpoint {
         if out.pending.len() == out.sent {
             out.pending.clear();
             out.sent = 0;
-            let n = self.write_bytes(&hdr)?;
-            if n == HEADER_LEN {
-                let m = self.write_bytes(body)?;
-                if m < body.len() {
-                    out.pending.extend_from_slice(&body[m..]);
+            if self
+                .shm
+                .as_ref()
+                .is_some_and(|shm| shm.tx.write_both(&hdr, body))
+            {
+                drop(out);
+                self.wake_reader();
+                return Ok(());
+            }
+            let n = match &self.shm {
+                // Header and body together where they fit (one `head` update, or one system
+                // call), else what the transport takes of them.
+                Some(_) => {
+                    let n = self.write_bytes(&hdr)?;
+                    if n == HEADER_LEN {
+                        n + self.write_bytes(body)?
+                    } else {
+                        n
+                    }
                 }
-            } else {
+                None => self.send_both(&hdr, body)?,
+            };
+            if n < HEADER_LEN {
                 out.pending.extend_from_slice(&hdr[n..]);
                 out.pending.extend_from_slice(body);
+            } else if n - HEADER_LEN < body.len() {
+                out.pending.extend_from_slice(&body[n - HEADER_LEN..]);
             }
         } else {
             out.pending.extend_from_slice(&hdr);
@@ -679,7 +764,11 @@ impl Endpoint {
             break;
         }
         if let Some(shm) = &self.shm {
-            shm.rx.reader_parked().store(PARK_NONE, Ordering::Relaxed);
+            // Stored only when set: the writer reads this word on every send, and a store
+            // would take its cache line away each time.
+            if shm.rx.reader_parked().load(Ordering::Relaxed) != PARK_NONE {
+                shm.rx.reader_parked().store(PARK_NONE, Ordering::Relaxed);
+            }
             r.scratch.clear();
             if shm.rx.read(&mut r.scratch) > 0 {
                 pass.progressed = true;

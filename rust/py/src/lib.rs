@@ -80,6 +80,20 @@ fn py_payload<'py>(py: Python<'py>, p: &Option<Payload>) -> (Bound<'py, PyAny>, 
     }
 }
 
+/// A blocking call's request: `None`, msgpack `bytes` encoded by Python, or a `dict` of plain
+/// values encoded here; `None` (outer) when Python must encode it.
+fn call_request(request: &Bound<'_, PyAny>) -> Option<Option<Payload>> {
+    if request.is_none() {
+        Some(None)
+    } else if let Ok(b) = request.cast_exact::<PyBytes>() {
+        Some(Some(Payload::new(Encoding::Msgpack, b.as_bytes().to_vec())))
+    } else if request.is_exact_instance_of::<PyDict>() {
+        convert::encode(request).map(|d| Some(Payload::new(Encoding::Msgpack, d)))
+    } else {
+        None
+    }
+}
+
 /// Converts actions into Python tuples (see `_core.pyi` for their shapes). Sends to channels
 /// written in Python are encoded here with the channel's encoding.
 fn actions_to_py<'py>(
@@ -553,19 +567,8 @@ impl Node {
         ttl: Option<f64>,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let none = || py.None().into_bound(py);
-        let request = if request.is_none() {
-            None
-        } else if let Ok(b) = request.cast_exact::<PyBytes>() {
-            Some(Payload::new(Encoding::Msgpack, b.as_bytes().to_vec()))
-        } else {
-            match request
-                .is_exact_instance_of::<PyDict>()
-                .then(|| convert::encode(request))
-                .flatten()
-            {
-                Some(data) => Some(Payload::new(Encoding::Msgpack, data)),
-                None => return ("encode", none(), none()).into_pyobject(py),
-            }
+        let Some(request) = call_request(request) else {
+            return ("encode", none(), none()).into_pyobject(py);
         };
         let node = &self.inner;
         let outcome = py.detach(|| node.call_sync(command_id, request, ttl.map(to_micros)));
@@ -583,6 +586,62 @@ impl Node {
             }
             SyncOutcome::Done(Err(e)) => ("error", e.code.as_str(), e.message).into_pyobject(py),
         }
+    }
+
+    /// Blocking calls of `command_id`, one per item of `requests` (each `None`, a `dict` or
+    /// msgpack `bytes`, as for `call_sync`), pipelined with up to `window` in flight (GIL
+    /// released). Returns `("done", values, others)`: `values` holds each result decoded
+    /// here (`None` where `others` says otherwise), `others` lists `(index, "result", data,
+    /// encoding)` for results Python must decode and `(index, "error", code, message)` for
+    /// failed calls. `("encode", None, None)`: a request is not plain (encode them in Python
+    /// and call again with bytes); `("fallback", None, None)`: not behind a native channel.
+    #[pyo3(signature = (command_id, requests, ttl, window))]
+    fn call_many_sync<'py>(
+        &self,
+        py: Python<'py>,
+        command_id: &str,
+        requests: &Bound<'py, PyList>,
+        ttl: Option<f64>,
+        window: usize,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let none = || py.None().into_bound(py);
+        let mut payloads = Vec::with_capacity(requests.len());
+        for r in requests.iter() {
+            let Some(request) = call_request(&r) else {
+                return ("encode", none(), none()).into_pyobject(py);
+            };
+            payloads.push(request);
+        }
+        let node = &self.inner;
+        let ttl = ttl.map(to_micros);
+        let Some(results) = py.detach(|| node.call_many_sync(command_id, payloads, ttl, window))
+        else {
+            return ("fallback", none(), none()).into_pyobject(py);
+        };
+        let values = PyList::empty(py);
+        let others = PyList::empty(py);
+        for (i, r) in results.into_iter().enumerate() {
+            let value = match r {
+                Ok(None) => none(),
+                Ok(Some(p)) => match (p.encoding == Encoding::Msgpack)
+                    .then(|| convert::decode(py, &p.data))
+                    .flatten()
+                {
+                    Some(v) => v,
+                    None => {
+                        let (data, enc) = py_payload(py, &Some(p));
+                        others.append((i, "result", data, enc))?;
+                        none()
+                    }
+                },
+                Err(e) => {
+                    others.append((i, "error", e.code.as_str(), e.message))?;
+                    none()
+                }
+            };
+            values.append(value)?;
+        }
+        ("done", values, others).into_pyobject(py)
     }
 
     fn cancel_call(&self, call: u64) {
