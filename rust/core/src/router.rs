@@ -308,7 +308,10 @@ pub struct Router {
     local_jobs: usize,
     /// Deadlines of local calls served by a local handler, by job.
     local_deadlines: HashMap<u64, Micros>,
-    timers: BinaryHeap<Reverse<(Micros, TimerKind, String)>>,
+    /// (deadline, arming order, what, key): the unique arming order settles ties, so the
+    /// heap never compares keys.
+    timers: BinaryHeap<Reverse<(Micros, u64, TimerKind, String)>>,
+    timer_seq: u64,
     seen_events: HashMap<String, Micros>,
     seen_order: VecDeque<(Micros, String)>,
     next_token: u64,
@@ -333,6 +336,7 @@ impl Router {
             local_jobs: 0,
             local_deadlines: HashMap::default(),
             timers: BinaryHeap::new(),
+            timer_seq: 0,
             seen_events: HashMap::default(),
             seen_order: VecDeque::new(),
             next_token: 1,
@@ -590,8 +594,7 @@ impl Router {
                 self.local_jobs += 1;
                 let deadline = now.saturating_add(ttl.unwrap_or(self.config.request_ttl));
                 self.local_deadlines.insert(job, deadline);
-                self.timers
-                    .push(Reverse((deadline, TimerKind::LocalCall, job.to_string())));
+                self.arm(deadline, TimerKind::LocalCall, job.to_string());
                 self.actions.push(Action::RunHandler {
                     job,
                     handler,
@@ -646,8 +649,7 @@ impl Router {
         };
         let id = new_id();
         let deadline = now.saturating_add(ttl.unwrap_or(self.config.request_ttl));
-        self.timers
-            .push(Reverse((deadline, TimerKind::Call, id.clone())));
+        self.arm(deadline, TimerKind::Call, id.clone());
         self.calls.insert(
             id.clone(),
             PendingCall {
@@ -860,8 +862,7 @@ impl Router {
     fn escalate(&mut self, def: CommandDef, for_: RegFor, router: ChannelId, now: Micros) {
         let id = new_id();
         let deadline = now.saturating_add(self.config.request_ttl);
-        self.timers
-            .push(Reverse((deadline, TimerKind::Registration, id.clone())));
+        self.arm(deadline, TimerKind::Registration, id.clone());
         self.send(
             &router,
             Message::RegisterRequest {
@@ -1134,8 +1135,7 @@ impl Router {
         };
         let out_id = new_id();
         let deadline = now.saturating_add(self.config.request_ttl);
-        self.timers
-            .push(Reverse((deadline, TimerKind::Forward, out_id.clone())));
+        self.arm(deadline, TimerKind::Forward, out_id.clone());
         self.forwards.insert(
             out_id.clone(),
             Forward {
@@ -1449,13 +1449,19 @@ impl Router {
 
     /// The earliest time at which [`Router::tick`] has something to do, if any.
     pub fn next_deadline(&mut self) -> Option<Micros> {
-        while let Some(Reverse((deadline, kind, key))) = self.timers.peek() {
+        while let Some(Reverse((deadline, _, kind, key))) = self.timers.peek() {
             if self.timer_live(*deadline, *kind, key) {
                 return Some(*deadline);
             }
             self.timers.pop();
         }
         None
+    }
+
+    fn arm(&mut self, deadline: Micros, kind: TimerKind, key: String) {
+        self.timer_seq += 1;
+        self.timers
+            .push(Reverse((deadline, self.timer_seq, kind, key)));
     }
 
     fn timer_live(&self, deadline: Micros, kind: TimerKind, key: &str) -> bool {
@@ -1478,11 +1484,11 @@ impl Router {
     /// Fires every deadline at or before `now`.
     pub fn tick(&mut self, now: Micros) {
         self.expire_events(now);
-        while let Some(Reverse((deadline, _, _))) = self.timers.peek() {
+        while let Some(Reverse((deadline, _, _, _))) = self.timers.peek() {
             if *deadline > now {
                 break;
             }
-            let Some(Reverse((deadline, kind, key))) = self.timers.pop() else {
+            let Some(Reverse((deadline, _, kind, key))) = self.timers.pop() else {
                 break;
             };
             if !self.timer_live(deadline, kind, &key) {

@@ -234,7 +234,16 @@ fn map<'py>(
     }
     let dict = PyDict::new(py);
     for _ in 0..n {
-        let k = read(py, r, depth + 1)?;
+        // String keys are interned, as msgpack-python does: a handler's keyword arguments
+        // then match its parameter names by identity.
+        let k = match r.data.get(r.pos).map(|&b| Marker::from_u8(b)) {
+            Some(Marker::FixStr(len)) => {
+                r.pos += 1;
+                let s = std::str::from_utf8(r.take(len as usize)?).ok()?;
+                PyString::intern(py, s).into_any()
+            }
+            _ => read(py, r, depth + 1)?,
+        };
         let v = read(py, r, depth + 1)?;
         // An unhashable key (a list) fails here: the Python path raises its usual error.
         dict.set_item(k, v).ok()?;
