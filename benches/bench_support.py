@@ -4,8 +4,8 @@ awaited calls run to completion on a loop, reported as the median cost of one ca
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import Any, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 #: Calls per benchmark round.
 BATCH = 2000

@@ -16,8 +16,8 @@ The ratios of the registry rows to these baselines are printed at the end of the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import Any, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from bench_support import per_call_us
 from cmd_ipc import CommandRegistry, InMemoryChannel

@@ -30,8 +30,8 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Iterator
-from typing import Any, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import msgpack
 import pytest

@@ -19,8 +19,8 @@ end of the run (``benches/conftest.py``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import Any, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from bench_support import per_call_us
 from cmd_ipc import CommandRegistry

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from cmd_ipc import Channel, CommandRegistry, InMemoryChannel

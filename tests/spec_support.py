@@ -164,7 +164,7 @@ def match(expected: Any, actual: Any, captures: dict[str, Any], path: str = "$")
         assert len(actual) == len(expected), (
             f"{path}: {len(actual)} items, expected {len(expected)}"
         )
-        for i, (e, a) in enumerate(zip(expected, actual)):
+        for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
             match(e, a, captures, f"{path}[{i}]")
         return
     assert type(expected) is type(actual) or (
@@ -199,7 +199,7 @@ def evaluate(returns: Any, request: dict[str, Any] | None) -> Any:
         return float(tok) if "." in tok else int(tok)
 
     acc = operand(tokens[0])
-    for op, tok in zip(tokens[1::2], tokens[2::2]):
+    for op, tok in zip(tokens[1::2], tokens[2::2], strict=False):
         val = operand(tok)
         if op == "+":
             acc = acc + val

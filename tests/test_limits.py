@@ -14,8 +14,8 @@ import logging
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import msgpack
 import pytest

@@ -10,10 +10,9 @@ import math
 
 import msgpack
 import pytest
+from cmd_ipc import _core
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from cmd_ipc import _core
 
 NOT_PLAIN = object()
 

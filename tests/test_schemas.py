@@ -10,7 +10,8 @@ import decimal
 import enum
 import logging
 import uuid
-from typing import Annotated, Any, Callable, Literal, Optional, Union
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, Optional, Union
 
 import cmd_ipc
 import jsonschema
@@ -158,8 +159,8 @@ async def test_schema_from_type_hints(registries: Make) -> None:
         (Point, {"x": 1}, Point(1.0, 0.0), {"y": 1}),
         (Span, {"start": "1", "end": 2}, {"start": 1, "end": 2}, {"start": 1}),
         (Color, "red", Color.RED, "blue"),
-        (Optional[int], None, None, "x"),
-        (Union[int, str], "a", "a", [1]),
+        (Optional[int], None, None, "x"),  # noqa: UP045 (the typing form is tested)
+        (Union[int, str], "a", "a", [1]),  # noqa: UP007 (the typing form is tested)
         (list[int], [1, "2"], [1, 2], [1, "x"]),
         (dict[str, float], {"a": 1}, {"a": 1.0}, {"a": "x"}),
         (datetime.datetime, "2024-05-06T07:08:09Z", WHEN, "not a date"),

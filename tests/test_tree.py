@@ -6,7 +6,8 @@ import asyncio
 import gc
 import json
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from cmd_ipc import (

@@ -19,9 +19,9 @@ import socket
 import struct
 import uuid
 import warnings
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from types import MappingProxyType
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import worker_targets

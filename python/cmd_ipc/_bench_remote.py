@@ -22,8 +22,8 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Awaitable
-from typing import Any, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 __all__ = ["measure", "start_server", "stop_server"]
 

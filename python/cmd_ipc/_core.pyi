@@ -27,6 +27,8 @@ __all__ = [
     "ProtocolError",
     "__version__",
     "create_segment",
+    "decode_plain",
+    "encode_plain",
     "inspect_message",
     "new_id",
     "transcode",
@@ -109,7 +111,7 @@ class Node:
     def call_sync(
         self,
         command_id: str,
-        request: dict[str, Any] | bytes | None,
+        request: object,
         ttl: float | None,
     ) -> tuple[str, Any, Any]:
         """A blocking call over a native channel (GIL released). ``request``: ``None``, a

@@ -22,9 +22,9 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cmd_ipc import __version__
 from cmd_ipc.errors import CommandError

@@ -58,9 +58,9 @@ import inspect
 import re
 import sys
 import typing
-from collections.abc import Awaitable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cmd_ipc.errors import InvalidRequestError
 
@@ -513,25 +513,17 @@ def _signature(
 ) -> inspect.Signature | None:
     """``fn``'s signature with its annotations resolved; ``None`` if it has none (builtins)."""
     try:
-        sig = inspect.signature(fn)
+        inspect.signature(fn)
     except (TypeError, ValueError):
         return None
     try:
-        if sys.version_info >= (3, 10):
-            return inspect.signature(fn, eval_str=True, locals=dict(localns or {}))
-        hints = typing.get_type_hints(fn, localns=dict(localns or {}), include_extras=True)
+        return inspect.signature(fn, eval_str=True, locals=dict(localns or {}))
     except Exception as e:
         raise TypeError(
             f"cannot resolve the type hints of {what} ({type(e).__name__}: {e}): define the "
             "types it names where the handler's module or the registering code can see them, "
             "or register it with validate=False"
         ) from e
-    return sig.replace(  # Python 3.9
-        parameters=[
-            p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()
-        ],
-        return_annotation=hints.get("return", sig.return_annotation),
-    )
 
 
 def _is_typed(annotation: Any) -> bool:

@@ -8,7 +8,8 @@ and the routing counters show which way each call went.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from cmd_ipc import CommandRegistry, InMemoryChannel, NotFoundError
 

@@ -39,9 +39,9 @@ import hmac
 import inspect
 import json
 import logging
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any
 
 from cmd_ipc._optional import require
 
@@ -74,10 +74,7 @@ DEFAULT_MAX_RESPONSE = 64 * 1024 * 1024
 
 #: Extra headers for each request: a mapping, or a callable (sync or async) returning one,
 #: called for every request (to refresh an access token, for instance).
-HeadersSource = Union[
-    Mapping[str, str],
-    Callable[[], Union[Mapping[str, str], Awaitable[Mapping[str, str]]]],
-]
+HeadersSource = Mapping[str, str] | Callable[[], Mapping[str, str] | Awaitable[Mapping[str, str]]]
 
 _LIST_REQUEST = "list.commands.request"
 _LIST_RESPONSE = "list.commands.response"

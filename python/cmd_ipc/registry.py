@@ -16,9 +16,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import msgpack
 
@@ -55,7 +55,7 @@ Handler = Callable[..., Any]
 Listener = Callable[[Any], Any]
 F = TypeVar("F", bound=Callable[..., Any])
 
-_Outcome = Callable[[Any, Optional[BaseException]], None]
+_Outcome = Callable[[Any, BaseException | None], None]
 
 #: Result types that are never awaitable (skips the slower ``inspect.isawaitable``).
 _PLAIN = frozenset({int, float, str, bytes, bool, dict, list, tuple, type(None)})
@@ -546,7 +546,8 @@ class CommandRegistry:
                     job, "invalid_request", f"invalid request for {entry.command_id!r}: {why}"
                 )
                 return
-        logger.exception("handler of %r in registry %r failed", entry.command_id, self.id)
+        # exc_info=e: a handler the read loop called directly failed outside this frame.
+        logger.error("handler of %r in registry %r failed", entry.command_id, self.id, exc_info=e)
         self._finish_err(job, "internal_error", f"{type(e).__name__}: {e}")
 
     def _finish_ok(self, job: int, entry: _HandlerEntry, result: Any) -> None:
@@ -868,7 +869,7 @@ class CommandRegistry:
         ids = [cid for cid, _, _ in typed]
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
-            for cid, r in zip(ids, results):
+            for cid, r in zip(ids, results, strict=True):
                 if not isinstance(r, BaseException):
                     self.unregister_command(cid)
             raise failures[0]

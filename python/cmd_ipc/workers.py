@@ -28,8 +28,9 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from cmd_ipc.channels.native import DEFAULT_RING_SIZE, NativeChannel, Transport
 

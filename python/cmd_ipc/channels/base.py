@@ -36,7 +36,8 @@ Contract:
 from __future__ import annotations
 
 import abc
-from typing import Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Literal
 
 __all__ = ["Channel", "Encoding", "OnClose", "OnFrame"]
 
@@ -45,7 +46,7 @@ Encoding = Literal["json", "msgpack"]
 #: Called with each frame received from the peer.
 OnFrame = Callable[[bytes], None]
 #: Called once when the channel ends, with a reason (``None`` for an orderly close).
-OnClose = Callable[[Optional[str]], None]
+OnClose = Callable[[str | None], None]
 
 
 class Channel(abc.ABC):

@@ -150,7 +150,7 @@ fn read<'py>(py: Python<'py>, r: &mut Cursor<'_>, depth: usize) -> Option<Bound<
         Marker::I8 => int(i8::from_be_bytes(r.be()?) as i64)?,
         Marker::I16 => int(i16::from_be_bytes(r.be()?) as i64)?,
         Marker::I32 => int(i32::from_be_bytes(r.be()?) as i64)?,
-        Marker::I64 => int(i64::from_be_bytes(r.be()?) as i64)?,
+        Marker::I64 => int(i64::from_be_bytes(r.be()?))?,
         Marker::F32 => PyFloat::new(py, f32::from_be_bytes(r.be()?) as f64).into_any(),
         Marker::F64 => PyFloat::new(py, f64::from_be_bytes(r.be()?)).into_any(),
         Marker::FixStr(n) => string(py, r, n as usize)?,
