@@ -11,6 +11,8 @@ figure per round divided by ``BATCH`` is the cost of one call. Rows:
 * ``hop_sub``: a blocking call of a sub-worker's command, forwarded natively by its worker;
 * ``hop_sibling``: blocking calls timed inside a worker, of a sibling's command, forwarded
   natively by this process;
+* ``pipelined_shm``: one ``execute_many_sync`` of ``BATCH`` calls per round (256 in flight)
+  to a worker over shared memory;
 * baselines measured in the same run: ``baseline_pipe`` (a ``multiprocessing.Pipe`` round
   trip with a child process) and ``baseline_streams`` (length-prefixed msgpack over an
   asyncio Unix socket to a child process).
@@ -51,6 +53,7 @@ RATIOS = (
     ("blocking_pipe", "baseline_pipe"),
     ("hop_sub", "baseline_pipe"),
     ("hop_sibling", "baseline_pipe"),
+    ("pipelined_shm", "baseline_pipe"),
 )
 #: (row, reference): the extra cost of a router hop, printed by conftest.py too.
 EXTRA = (("hop_sub", "blocking_shm"),)
@@ -236,3 +239,14 @@ def test_hop_sibling(benchmark: Any, registry: CommandRegistry) -> None:
         benchmark.extra_info["per_call_us_in_worker"] = per_call_us
         RESULTS["hop_sibling"] = per_call_us
         assert registry.stats()["forwarded"] >= forwarded + BATCH * ROUNDS
+
+
+def test_pipelined_shm(benchmark: Any, registry: CommandRegistry) -> None:
+    with _worker(registry, "bench-add", "add_worker"):
+        requests = [REQ] * BATCH
+
+        def batch() -> None:
+            assert registry.execute_many_sync("calc.add", requests, window=256)[-1] == 3
+
+        benchmark.pedantic(batch, rounds=ROUNDS, warmup_rounds=1)
+        _record(benchmark, "pipelined_shm")

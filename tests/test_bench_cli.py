@@ -43,9 +43,11 @@ def test_bench_quick_writes_every_row(tmp_path: Path) -> None:
     assert set(data["rows"]) == set(LATENCY_ROWS), data.get("errors")
     assert not data["errors"]
     for key, row in data["rows"].items():
-        expected = {"pipelined_shm": PIPELINED, **dict.fromkeys(REMOTE_ROWS, REMOTE)}.get(
-            key, CALLS
-        )
+        expected = {
+            "pipelined_shm": PIPELINED,
+            "pipelined_await_shm": PIPELINED,
+            **dict.fromkeys(REMOTE_ROWS, REMOTE),
+        }.get(key, CALLS)
         assert row["n"] == expected, key
         for figure in ("p50_us", "p99_us", "mean_us", "calls_per_s"):
             assert row[figure] > 0, (key, figure, row)

@@ -12,7 +12,9 @@ children, and times the round trip of ``add({"a": 1, "b": 2})`` (baseline in bra
   which the bench process forwards natively [Pipe]; its extra cost is measured against
   the next row;
 * direct worker→worker: the same calls after ``connect_workers`` [Pipe];
-* pipelined shm: ``await`` with ``--window`` calls in flight [Pipe];
+* pipelined shm: ``execute_many_sync`` batches of ``calc.add``, ``--window`` calls in
+  flight [Pipe]; its p50/p99 are of the time per call of each batch;
+* pipelined await shm: ``await execute_command`` with ``--window`` calls in flight [Pipe];
 * remote, against one server child on loopback (:mod:`cmd_ipc._bench_remote`):
   ``HTTPChannel`` [a bare keep-alive aiohttp POST to the same server; its ratio is of
   calls/s] and ``WebSocketChannel`` [the HTTPChannel row];
@@ -21,7 +23,7 @@ children, and times the round trip of ``add({"a": 1, "b": 2})`` (baseline in bra
 
 then the idle cost: CPU used by the idle workers and the idle bench process over
 ``--idle-seconds``. Each latency row reports p50/p99/mean (µs) and calls/s; its ratio is
-``p50 / baseline p50`` (for the pipelined row, time per call ``1 / calls/s`` over the
+``p50 / baseline p50`` (for the pipelined rows, time per call ``1 / calls/s`` over the
 baseline's), lower is better. The targets of issues 3 and 4 are printed as met or NOT met.
 
 Workers are started just before the rows that use them. A call that takes longer than
@@ -69,6 +71,7 @@ HOP_SUB = "hop_bench_worker_sub"
 HOP_SIBLING = "hop_worker_parent_worker"
 DIRECT_SIBLING = "direct_worker_worker"
 PIPELINED = "pipelined_shm"
+PIPELINED_AWAIT = "pipelined_await_shm"
 BASE_PIPE = "baseline_mp_pipe"
 BASE_STREAMS = "baseline_asyncio_streams"
 HTTP_CHANNEL = "http_channel"
@@ -84,7 +87,8 @@ LABELS = {
     HOP_SUB: "hop: bench→worker→sub-worker",
     HOP_SIBLING: "hop: worker→parent→worker",
     DIRECT_SIBLING: "direct: worker→worker",
-    PIPELINED: "pipelined, shm",
+    PIPELINED: "pipelined, shm (execute_many)",
+    PIPELINED_AWAIT: "pipelined, await shm",
     BASE_PIPE: "multiprocessing.Pipe (baseline)",
     BASE_STREAMS: "asyncio streams (baseline)",
     HTTP_CHANNEL: "HTTPChannel, loopback",
@@ -101,6 +105,7 @@ BASELINE_OF = {
     HOP_SIBLING: BASE_PIPE,
     DIRECT_SIBLING: BASE_PIPE,
     PIPELINED: BASE_PIPE,
+    PIPELINED_AWAIT: BASE_PIPE,
     HTTP_CHANNEL: BASE_AIOHTTP,
     WS_CHANNEL: HTTP_CHANNEL,
 }
@@ -114,6 +119,7 @@ LATENCY_ROWS = (
     HOP_SIBLING,
     DIRECT_SIBLING,
     PIPELINED,
+    PIPELINED_AWAIT,
     BASE_PIPE,
     BASE_STREAMS,
     HTTP_CHANNEL,
@@ -222,7 +228,7 @@ class Results:
         row, base = self.rows.get(key), self.rows.get(base_key or "")
         if row is None or base is None:
             return None
-        if key in (PIPELINED, HTTP_CHANNEL):
+        if key in (PIPELINED, PIPELINED_AWAIT, HTTP_CHANNEL):
             return base.calls_per_s / row.calls_per_s
         return row.percentile_us(0.5) / base.percentile_us(0.5)
 
@@ -641,6 +647,39 @@ class _Bench:
         return str(route)
 
     def pipelined(self, weight: float) -> None:
+        many = self.reg.execute_many_sync
+        window = max(1, self.cfg.window)
+        batch = window * 16
+        clock = time.perf_counter_ns
+
+        def run(n: int, warmup: int) -> tuple[list[int], float]:
+            if warmup:
+                many("calc.add", [REQ] * warmup, window=window)
+            samples: list[int] = []
+            elapsed = 0
+            for count in _chunks(n, max(1, n // batch)):
+                requests = [REQ] * count
+                t0 = clock()
+                out = many("calc.add", requests, window=window)
+                took = clock() - t0
+                if len(out) != count or out[-1] != 3:
+                    raise RuntimeError(f"wrong results: {out[:3]}...")
+                elapsed += took
+                samples.extend([took // count] * count)
+            return samples, elapsed / 1e9
+
+        self.measure_chunked(
+            PIPELINED,
+            weight,
+            run,
+            n=self.cfg.n_pipelined,
+            note=(
+                f"execute_many_sync batches of {batch}, {window} calls in flight; p50/p99 are "
+                "of the time per call of each batch"
+            ),
+        )
+
+    def pipelined_await(self, weight: float) -> None:
         ex = self.reg.execute_command
         window = max(1, self.cfg.window)
 
@@ -663,7 +702,7 @@ class _Bench:
             return [x for o in outs for x in o], elapsed
 
         self.measure_chunked(
-            PIPELINED,
+            PIPELINED_AWAIT,
             weight,
             lambda n, w: self.on_loop(lambda: run(n, w)),
             n=self.cfg.n_pipelined,
@@ -826,10 +865,12 @@ class _Bench:
             self.baseline_streams(1.0)
             if have_add:
                 self.awaited(1.0)
-                self.pipelined(2.0)
+                self.pipelined(1.0)
+                self.pipelined_await(2.0)
             else:
                 self.skip(AWAIT_SHM, 1.0)
-                self.skip(PIPELINED, 2.0)
+                self.skip(PIPELINED, 1.0)
+                self.skip(PIPELINED_AWAIT, 2.0)
 
             def via_parent() -> None:
                 if not have_add:
