@@ -221,7 +221,7 @@ fn walk_msgpack(data: &[u8], max_depth: usize, json_safe: bool) -> Result<(), Co
     }
     let mut pos = 0usize;
     // (items still to read, is a map) for each open container; bounded by max_depth.
-    let mut open: Vec<(u64, bool)> = Vec::new();
+    let mut open: Vec<(u64, bool)> = Vec::with_capacity(8);
     let mut pending: u64 = 1;
     let mut in_map = false;
     let take = |pos: &mut usize, n: usize| -> Result<usize, CodecError> {
@@ -737,6 +737,14 @@ fn mp_command(c: MpCommand<'_>, level: usize, limits: &Limits) -> Result<Command
 /// Decodes one msgpack message.
 pub fn decode_msgpack(data: &[u8], limits: &Limits) -> Result<Message, CodecError> {
     limits.check_size(data.len())?;
+    match fast::decode(data, limits) {
+        Some(m) => Ok(m),
+        None => decode_msgpack_general(data, limits),
+    }
+}
+
+/// [`decode_msgpack`] without its fast path for the messages of a call.
+fn decode_msgpack_general(data: &[u8], limits: &Limits) -> Result<Message, CodecError> {
     // Structure, depth and declared sizes first: serde never sees an impossible length.
     check_msgpack(data, limits.max_depth)?;
     let m: MpMessage<'_> = rmp_serde::from_slice(data).map_err(|e| match e {
@@ -773,6 +781,144 @@ pub fn decode_msgpack(data: &[u8], limits: &Limits) -> Result<Message, CodecErro
         },
     };
     env.into_message()
+}
+
+/// The two messages of a call, as this codec writes them (an execute request, and an
+/// execute response with `ok: true`), decoded without serde. Anything else, or anything
+/// unusual in them (a duplicate or unknown key, another value type, an empty id, a payload
+/// that fails its checks...), returns `None`, and the general decoder decides: so this
+/// accepts a subset of what it accepts, with the same result (a test compares the two).
+mod fast {
+    use super::*;
+    use rmp::Marker;
+
+    struct Cursor<'a> {
+        data: &'a [u8],
+        pos: usize,
+    }
+
+    impl<'a> Cursor<'a> {
+        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+            let end = self.pos.checked_add(n)?;
+            let s = self.data.get(self.pos..end)?;
+            self.pos = end;
+            Some(s)
+        }
+        fn marker(&mut self) -> Option<Marker> {
+            self.take(1).map(|b| Marker::from_u8(b[0]))
+        }
+        fn len(&mut self, bytes: usize) -> Option<usize> {
+            let b = self.take(bytes)?;
+            Some(match bytes {
+                1 => b[0] as usize,
+                2 => u16::from_be_bytes([b[0], b[1]]) as usize,
+                _ => u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize,
+            })
+        }
+        fn str(&mut self) -> Option<&'a str> {
+            let n = match self.marker()? {
+                Marker::FixStr(n) => n as usize,
+                Marker::Str8 => self.len(1)?,
+                Marker::Str16 => self.len(2)?,
+                Marker::Str32 => self.len(4)?,
+                _ => return None,
+            };
+            std::str::from_utf8(self.take(n)?).ok()
+        }
+        fn non_empty(&mut self) -> Option<&'a str> {
+            self.str().filter(|s| !s.is_empty())
+        }
+        fn bin(&mut self) -> Option<&'a [u8]> {
+            let n = match self.marker()? {
+                Marker::Bin8 => self.len(1)?,
+                Marker::Bin16 => self.len(2)?,
+                Marker::Bin32 => self.len(4)?,
+                _ => return None,
+            };
+            self.take(n)
+        }
+        fn map_len(&mut self) -> Option<usize> {
+            match self.marker()? {
+                Marker::FixMap(n) => Some(n as usize),
+                _ => None,
+            }
+        }
+    }
+
+    /// Sets a field read once; a second occurrence gives up.
+    fn once<T>(slot: &mut Option<T>, v: Option<T>) -> Option<()> {
+        if slot.is_some() {
+            return None;
+        }
+        *slot = Some(v?);
+        Some(())
+    }
+
+    /// A payload that passes the checks the general decoder makes at this level.
+    fn payload(b: &[u8], level: usize, limits: &Limits) -> Option<Payload> {
+        check_msgpack(b, limits.max_depth.checked_sub(level)?).ok()?;
+        Some(Payload::new(Encoding::Msgpack, b.to_vec()))
+    }
+
+    pub(super) fn decode(data: &[u8], limits: &Limits) -> Option<Message> {
+        if limits.max_depth < 3 {
+            return None;
+        }
+        let mut c = Cursor { data, pos: 0 };
+        let (mut id, mut ty, mut command_id, mut thid) = (None, None, None, None);
+        let (mut request, mut response) = (None, None);
+        for _ in 0..c.map_len()? {
+            match c.str()? {
+                "id" => once(&mut id, c.non_empty())?,
+                "type" => once(&mut ty, c.str())?,
+                "commandId" => once(&mut command_id, c.non_empty())?,
+                "thid" => once(&mut thid, c.non_empty())?,
+                "request" => once(&mut request, c.bin())?,
+                "response" => {
+                    let (mut ok, mut result) = (None, None);
+                    for _ in 0..c.map_len()? {
+                        match c.str()? {
+                            "ok" => once(&mut ok, (c.marker()? == Marker::True).then_some(()))?,
+                            "result" => once(&mut result, c.bin())?,
+                            _ => return None,
+                        }
+                    }
+                    ok?;
+                    once(&mut response, Some(result))?;
+                }
+                _ => return None,
+            }
+        }
+        if c.pos != data.len() {
+            return None;
+        }
+        let id = id?.to_string();
+        match ty? {
+            "execute.command.request" if thid.is_none() && response.is_none() => {
+                let request = match request {
+                    None => None,
+                    Some(b) => Some(payload(b, 1, limits).filter(Payload::is_object)?),
+                };
+                Some(Message::ExecuteRequest {
+                    id,
+                    command_id: command_id?.to_string(),
+                    request,
+                })
+            }
+            "execute.command.response" if command_id.is_none() && request.is_none() => {
+                let result = match response? {
+                    None => None,
+                    Some(b) => Some(payload(b, 2, limits)?),
+                };
+                Some(Message::ExecuteResponse {
+                    id,
+                    thid: thid?.to_string(),
+                    response: Ok(result),
+                })
+            }
+            _ => None,
+        }
+    }
 }
 
 fn mp_str(out: &mut Vec<u8>, s: &str) {
@@ -812,7 +958,22 @@ fn mp_command_def(out: &mut Vec<u8>, c: &CommandDef) -> Result<(), CodecError> {
 
 /// Encodes one message as msgpack.
 pub fn encode_msgpack(msg: &Message) -> Result<Vec<u8>, CodecError> {
-    let mut out = Vec::with_capacity(96);
+    // Room for the keys, two ids, the type and a command id, plus the payload: one
+    // allocation for the common messages.
+    let payload = match msg {
+        Message::ExecuteRequest {
+            request: Some(p), ..
+        } => p.data.len(),
+        Message::ExecuteResponse {
+            response: Ok(Some(p)),
+            ..
+        } => p.data.len(),
+        Message::Event {
+            payload: Some(p), ..
+        } => p.data.len(),
+        _ => 0,
+    };
+    let mut out = Vec::with_capacity(192 + payload);
     let fields: u32 = match msg {
         Message::ListRequest { .. } => 2,
         Message::RegisterRequest { .. } => 3,
@@ -1098,6 +1259,89 @@ impl Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_msgpack_path_agrees_with_the_general_decoder() {
+        let lim = lim();
+        let p = |b: &[u8]| Some(Payload::new(Encoding::Msgpack, b.to_vec()));
+        let messages = [
+            Message::ExecuteRequest {
+                id: "r1".into(),
+                command_id: "calc.add".into(),
+                request: p(b"\x82\xa1a\x01\xa1b\x02"),
+            },
+            Message::ExecuteRequest {
+                id: "r2".into(),
+                command_id: "x".into(),
+                request: None,
+            },
+            Message::ExecuteResponse {
+                id: "s1".into(),
+                thid: "r1".into(),
+                response: Ok(p(b"\x03")),
+            },
+            Message::ExecuteResponse {
+                id: "s2".into(),
+                thid: "r2".into(),
+                response: Ok(None),
+            },
+            Message::ExecuteResponse {
+                id: "s3".into(),
+                thid: "r3".into(),
+                response: Err(ExecError::new(ErrorCode::NotFound, "nope")),
+            },
+        ];
+        let mut taken = 0;
+        for m in &messages {
+            let data = encode_msgpack(m).unwrap();
+            if let Some(fast) = fast::decode(&data, &lim) {
+                assert_eq!(&fast, m);
+                taken += 1;
+            }
+            // Every truncation and every single-byte change: the fast path either gives
+            // up or decodes exactly what the general decoder does.
+            let mut variants: Vec<Vec<u8>> = (0..data.len()).map(|n| data[..n].to_vec()).collect();
+            for i in 0..data.len() {
+                for v in [
+                    0x00, 0x01, 0x7f, 0x80, 0x81, 0x90, 0xa0, 0xc0, 0xc2, 0xc3, 0xc4, 0xd9, 0xff,
+                ] {
+                    let mut d = data.clone();
+                    d[i] = v;
+                    variants.push(d);
+                }
+            }
+            for v in variants {
+                if let Some(fast) = fast::decode(&v, &lim) {
+                    assert_eq!(decode_msgpack_general(&v, &lim).ok(), Some(fast), "{v:?}");
+                }
+            }
+        }
+        assert_eq!(
+            taken, 4,
+            "the error response is left to the general decoder"
+        );
+        // Duplicate and unknown keys, a payload that is not an object or is too deep.
+        let tiny = Limits {
+            max_depth: 3,
+            ..lim
+        };
+        let deep = encode_msgpack(&Message::ExecuteRequest {
+            id: "r".into(),
+            command_id: "c".into(),
+            request: p(b"\x81\xa1a\x91\x91\x91\x01"),
+        })
+        .unwrap();
+        assert!(fast::decode(&deep, &tiny).is_none());
+        assert!(decode_msgpack(&deep, &tiny).is_err());
+        let not_object = encode_msgpack(&Message::ExecuteRequest {
+            id: "r".into(),
+            command_id: "c".into(),
+            request: p(b"\x01"),
+        })
+        .unwrap();
+        assert!(fast::decode(&not_object, &lim).is_none());
+        assert!(decode_msgpack(&not_object, &lim).is_err());
+    }
 
     fn lim() -> Limits {
         Limits::default()

@@ -80,6 +80,12 @@ impl FrameDecoder {
 
     /// Appends received bytes.
     pub fn push(&mut self, data: &[u8]) {
+        self.append_with(|buf| buf.extend_from_slice(data));
+    }
+
+    /// Lets `fill` append received bytes to the buffer itself (no intermediate copy); it
+    /// must only append. Ranges from [`FrameDecoder::next_frame_range`] are invalid after.
+    pub fn append_with<R>(&mut self, fill: impl FnOnce(&mut Vec<u8>) -> R) -> R {
         if self.start > 0 && self.start == self.buf.len() {
             self.buf.clear();
             self.start = 0;
@@ -87,7 +93,7 @@ impl FrameDecoder {
             self.buf.drain(..self.start);
             self.start = 0;
         }
-        self.buf.extend_from_slice(data);
+        fill(&mut self.buf)
     }
 
     /// The announced length of the next frame, once its header is in; checked against the
@@ -117,6 +123,12 @@ impl FrameDecoder {
 
     /// The next complete frame's body, `Ok(None)` if more bytes are needed.
     pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        Ok(self.next_frame_range()?.map(|r| self.buf[r].to_vec()))
+    }
+
+    /// Like [`FrameDecoder::next_frame`], but the body stays in the buffer: read it with
+    /// [`FrameDecoder::frame`] before the next append.
+    pub fn next_frame_range(&mut self) -> Result<Option<std::ops::Range<usize>>, FrameError> {
         let Some(len) = self.next_len()? else {
             return Ok(None);
         };
@@ -124,9 +136,13 @@ impl FrameDecoder {
             return Ok(None);
         }
         let body_start = self.start + HEADER_LEN;
-        let frame = self.buf[body_start..body_start + len].to_vec();
         self.start = body_start + len;
-        Ok(Some(frame))
+        Ok(Some(body_start..body_start + len))
+    }
+
+    /// The body of a frame returned by [`FrameDecoder::next_frame_range`].
+    pub fn frame(&self, range: std::ops::Range<usize>) -> &[u8] {
+        &self.buf[range]
     }
 }
 

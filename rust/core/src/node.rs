@@ -297,7 +297,7 @@ impl Node {
         if got || pass.eof || pass.fatal.is_some() {
             let mut st = self.lock();
             let now = transport::monotonic_micros();
-            let garbage = route_frames(&mut st.router, id, &pass.frames, now);
+            let garbage = route_frames(&mut st.router, id, reader, &pass.frames, now);
             let reason = match (&pass.fatal, pass.eof, garbage) {
                 (Some(e), _, _) => Some(format!("[{}] {e}", e.code())),
                 (None, _, Some(g)) => Some(g),
@@ -810,10 +810,16 @@ impl Node {
 /// Routes received frames; returns a reason to disconnect if one was not even well-formed
 /// JSON/msgpack (a peer of ours that sends garbage is broken). Frames that are well-formed
 /// but invalid, too large or too deep are only dropped (and answered when possible).
-fn route_frames(router: &mut Router, id: &str, frames: &[Vec<u8>], now: Micros) -> Option<String> {
+fn route_frames(
+    router: &mut Router,
+    id: &str,
+    reader: &Reader,
+    frames: &[std::ops::Range<usize>],
+    now: Micros,
+) -> Option<String> {
     for f in frames {
         if let Err(crate::router::InboundError::Codec(e @ crate::CodecError::Malformed { .. })) =
-            router.handle_frame(id, f, now)
+            router.handle_frame(id, reader.frame(f.clone()), now)
         {
             return Some(format!("[{}] {e}", e.code()));
         }

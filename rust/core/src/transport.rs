@@ -307,18 +307,25 @@ struct Outbox {
 /// The reading state of an endpoint; hold it (via [`Endpoint::try_reader`]) to read.
 pub struct Reader {
     decoder: FrameDecoder,
-    scratch: Vec<u8>,
     /// Socket receive buffer, allocated once (zeroing 16 kB per read showed in profiles).
     sockbuf: Box<[u8]>,
     hello_seen: bool,
     eof: bool,
 }
 
+impl Reader {
+    /// The body of a frame of the last [`ReadPass`].
+    pub fn frame(&self, range: std::ops::Range<usize>) -> &[u8] {
+        self.decoder.frame(range)
+    }
+}
+
 /// What one read pass found.
 #[derive(Debug, Default)]
 pub struct ReadPass {
-    /// Whole frames (hello already checked and removed).
-    pub frames: Vec<Vec<u8>>,
+    /// Whole frames (hello already checked and removed), as ranges of the reader's buffer:
+    /// read them with [`Reader::frame`] before the next read.
+    pub frames: Vec<std::ops::Range<usize>>,
     /// Bytes were received (frames may still be incomplete).
     pub progressed: bool,
     /// The peer is gone (after the last frame it sent).
@@ -395,7 +402,6 @@ impl Endpoint {
             }),
             reader: Mutex::new(Reader {
                 decoder: FrameDecoder::new(max_frame),
-                scratch: Vec::new(),
                 sockbuf: vec![0u8; 16384].into_boxed_slice(),
                 hello_seen: false,
                 eof: false,
@@ -769,10 +775,8 @@ impl Endpoint {
             if shm.rx.reader_parked().load(Ordering::Relaxed) != PARK_NONE {
                 shm.rx.reader_parked().store(PARK_NONE, Ordering::Relaxed);
             }
-            r.scratch.clear();
-            if shm.rx.read(&mut r.scratch) > 0 {
+            if r.decoder.append_with(|buf| shm.rx.read(buf)) > 0 {
                 pass.progressed = true;
-                r.decoder.push(&r.scratch);
                 // Pairs with the writer's store of `writer_waiting` then retry.
                 if shm.rx.writer_waiting().load(Ordering::SeqCst) == 1
                     && shm.rx.writer_waiting().swap(0, Ordering::SeqCst) == 1
@@ -782,14 +786,14 @@ impl Endpoint {
             }
         }
         loop {
-            match r.decoder.next_frame() {
+            match r.decoder.next_frame_range() {
                 Ok(Some(f)) => {
                     if !r.hello_seen {
                         let ours = Hello {
                             version: PROTOCOL_VERSION,
                             encoding: self.encoding,
                         };
-                        if let Err(e) = Hello::check(&f, &ours) {
+                        if let Err(e) = Hello::check(r.decoder.frame(f), &ours) {
                             pass.fatal = Some(e);
                             break;
                         }
@@ -996,7 +1000,7 @@ mod tests {
             let mut r = to.try_reader().unwrap();
             let pass = to.read(&mut r);
             assert!(pass.fatal.is_none(), "{:?}", pass.fatal);
-            got.extend(pass.frames);
+            got.extend(pass.frames.into_iter().map(|f| r.frame(f).to_vec()));
             if got.len() >= want {
                 return got;
             }
@@ -1039,7 +1043,9 @@ mod tests {
         a.send_frame(b"x").unwrap();
         assert!(wait_readable(&[b.fd()], 1000).unwrap(), "no doorbell");
         let mut r = b.try_reader().unwrap();
-        assert_eq!(b.read(&mut r).frames, vec![b"x".to_vec()]);
+        let pass = b.read(&mut r);
+        assert_eq!(pass.frames.len(), 1);
+        assert_eq!(r.frame(pass.frames[0].clone()), b"x");
         drop(r);
         a.close();
         drop(a);
@@ -1054,7 +1060,9 @@ mod tests {
         let mut r = b.try_reader().unwrap();
         let _ = b.read(&mut r); // consumes the hello
         a.send_frame(b"x").unwrap();
-        assert_eq!(b.read_ring(&mut r).frames, vec![b"x".to_vec()]);
+        let pass = b.read_ring(&mut r);
+        assert_eq!(pass.frames.len(), 1);
+        assert_eq!(r.frame(pass.frames[0].clone()), b"x");
         // A hang-up is not seen by ring-only reads (no system call)...
         a.close();
         drop(a);
