@@ -1179,14 +1179,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="calls of the pipelined row (default 10 x --calls)",
+        help="calls of each pipelined row (default 10 x --calls)",
     )
     parser.add_argument(
         "--window",
         type=int,
         default=256,
         metavar="N",
-        help="calls in flight in the pipelined row (default 256)",
+        help="calls in flight in the pipelined rows (default 256)",
     )
     parser.add_argument(
         "--idle-seconds",
