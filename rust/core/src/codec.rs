@@ -792,57 +792,17 @@ mod fast {
     use super::*;
     use rmp::Marker;
 
-    struct Cursor<'a> {
-        data: &'a [u8],
-        pos: usize,
+    use crate::mpread::Cursor;
+
+    fn fixmap_len(c: &mut Cursor<'_>) -> Option<usize> {
+        match c.marker()? {
+            Marker::FixMap(n) => Some(n as usize),
+            _ => None,
+        }
     }
 
-    impl<'a> Cursor<'a> {
-        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-            let end = self.pos.checked_add(n)?;
-            let s = self.data.get(self.pos..end)?;
-            self.pos = end;
-            Some(s)
-        }
-        fn marker(&mut self) -> Option<Marker> {
-            self.take(1).map(|b| Marker::from_u8(b[0]))
-        }
-        fn len(&mut self, bytes: usize) -> Option<usize> {
-            let b = self.take(bytes)?;
-            Some(match bytes {
-                1 => b[0] as usize,
-                2 => u16::from_be_bytes([b[0], b[1]]) as usize,
-                _ => u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize,
-            })
-        }
-        fn str(&mut self) -> Option<&'a str> {
-            let n = match self.marker()? {
-                Marker::FixStr(n) => n as usize,
-                Marker::Str8 => self.len(1)?,
-                Marker::Str16 => self.len(2)?,
-                Marker::Str32 => self.len(4)?,
-                _ => return None,
-            };
-            std::str::from_utf8(self.take(n)?).ok()
-        }
-        fn non_empty(&mut self) -> Option<&'a str> {
-            self.str().filter(|s| !s.is_empty())
-        }
-        fn bin(&mut self) -> Option<&'a [u8]> {
-            let n = match self.marker()? {
-                Marker::Bin8 => self.len(1)?,
-                Marker::Bin16 => self.len(2)?,
-                Marker::Bin32 => self.len(4)?,
-                _ => return None,
-            };
-            self.take(n)
-        }
-        fn map_len(&mut self) -> Option<usize> {
-            match self.marker()? {
-                Marker::FixMap(n) => Some(n as usize),
-                _ => None,
-            }
-        }
+    fn non_empty<'a>(c: &mut Cursor<'a>) -> Option<&'a str> {
+        c.str().filter(|s| !s.is_empty())
     }
 
     /// Sets a field read once; a second occurrence gives up.
@@ -864,19 +824,19 @@ mod fast {
         if limits.max_depth < 3 {
             return None;
         }
-        let mut c = Cursor { data, pos: 0 };
+        let mut c = Cursor::new(data);
         let (mut id, mut ty, mut command_id, mut thid) = (None, None, None, None);
         let (mut request, mut response) = (None, None);
-        for _ in 0..c.map_len()? {
+        for _ in 0..fixmap_len(&mut c)? {
             match c.str()? {
-                "id" => once(&mut id, c.non_empty())?,
+                "id" => once(&mut id, non_empty(&mut c))?,
                 "type" => once(&mut ty, c.str())?,
-                "commandId" => once(&mut command_id, c.non_empty())?,
-                "thid" => once(&mut thid, c.non_empty())?,
+                "commandId" => once(&mut command_id, non_empty(&mut c))?,
+                "thid" => once(&mut thid, non_empty(&mut c))?,
                 "request" => once(&mut request, c.bin())?,
                 "response" => {
                     let (mut ok, mut result) = (None, None);
-                    for _ in 0..c.map_len()? {
+                    for _ in 0..fixmap_len(&mut c)? {
                         match c.str()? {
                             "ok" => once(&mut ok, (c.marker()? == Marker::True).then_some(()))?,
                             "result" => once(&mut result, c.bin())?,
@@ -889,7 +849,7 @@ mod fast {
                 _ => return None,
             }
         }
-        if c.pos != data.len() {
+        if c.remaining() != 0 {
             return None;
         }
         let id = id?.to_string();

@@ -10,6 +10,7 @@ pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod message;
+pub mod mpread;
 pub mod node;
 pub mod router;
 pub mod transport;

@@ -48,6 +48,19 @@ struct SyncSlot {
     batch: Option<(u64, usize)>,
 }
 
+impl SyncSlot {
+    /// The slot of a call the current thread waits for.
+    fn new(waker: RawFd, ep: &Arc<Endpoint>, batch: Option<(u64, usize)>) -> SyncSlot {
+        SyncSlot {
+            result: None,
+            waker,
+            ep: ep.clone(),
+            thread: std::thread::current().id(),
+            batch,
+        }
+    }
+}
+
 /// Outcome of [`Node::call_sync`].
 #[derive(Debug)]
 pub enum SyncOutcome {
@@ -496,16 +509,7 @@ impl Node {
             let now = transport::monotonic_micros();
             let ttl = ttl.unwrap_or(st.router.config().request_ttl);
             let call = st.router.execute(command_id, request, Some(ttl), now);
-            st.sync_calls.insert(
-                call,
-                SyncSlot {
-                    result: None,
-                    waker,
-                    ep: ep.clone(),
-                    thread: std::thread::current().id(),
-                    batch: None,
-                },
-            );
+            st.sync_calls.insert(call, SyncSlot::new(waker, &ep, None));
             let mut py = Vec::new();
             self.dispatch(&mut st, &mut py);
             // This call's deadline is kept by this thread (`sync_result`), not by the event
@@ -547,7 +551,6 @@ impl Node {
             let ttl = ttl.unwrap_or(st.router.config().request_ttl);
             (st.next_batch, target, ep, ttl)
         };
-        let thread = std::thread::current().id();
         let mut results: Vec<Option<ExecResult>> =
             std::iter::repeat_with(|| None).take(n).collect();
         let mut requests = requests.into_iter().enumerate();
@@ -562,16 +565,8 @@ impl Node {
                         break;
                     };
                     let call = st.router.execute(command_id, request, Some(ttl), now);
-                    st.sync_calls.insert(
-                        call,
-                        SyncSlot {
-                            result: None,
-                            waker,
-                            ep: ep.clone(),
-                            thread,
-                            batch: Some((batch, index)),
-                        },
-                    );
+                    st.sync_calls
+                        .insert(call, SyncSlot::new(waker, &ep, Some((batch, index))));
                     sent += 1;
                 }
                 self.dispatch(&mut st, &mut py);

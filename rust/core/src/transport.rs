@@ -483,15 +483,7 @@ impl Endpoint {
                         libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
                     )
                 };
-                if n >= 0 {
-                    return Ok(n as usize);
-                }
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    Ok(0)
-                } else {
-                    Err(e)
-                }
+                taken(n)
             }
         }
     }
@@ -521,15 +513,7 @@ impl Endpoint {
                 libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
             )
         };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::WouldBlock {
-            Ok(0)
-        } else {
-            Err(e)
-        }
+        taken(n)
     }
 
     fn wake_reader(&self) {
@@ -848,6 +832,20 @@ impl Endpoint {
                 libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR);
             }
         }
+    }
+}
+
+/// A non-blocking send's outcome: bytes taken (0 when the socket buffer is full), or the
+/// error.
+fn taken(n: isize) -> io::Result<usize> {
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::WouldBlock {
+        Ok(0)
+    } else {
+        Err(e)
     }
 }
 

@@ -10,6 +10,7 @@
 //!
 //! The wire format itself is written and read with `rmp`'s primitives.
 
+use cmd_ipc_core::mpread::Cursor;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use rmp::Marker;
@@ -97,36 +98,9 @@ fn write(obj: &Bound<'_, PyAny>, out: &mut Vec<u8>, depth: usize) -> bool {
 /// The Python value of one msgpack-encoded value, or `None` if it holds something other than
 /// plain values (or is not exactly one well-formed value).
 pub fn decode<'py>(py: Python<'py>, data: &[u8]) -> Option<Bound<'py, PyAny>> {
-    let mut r = Cursor { data, pos: 0 };
+    let mut r = Cursor::new(data);
     let v = read(py, &mut r, 0)?;
-    (r.pos == data.len()).then_some(v)
-}
-
-struct Cursor<'a> {
-    data: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let end = self.pos.checked_add(n)?;
-        let s = self.data.get(self.pos..end)?;
-        self.pos = end;
-        Some(s)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take(1).map(|b| b[0])
-    }
-    fn be<const N: usize>(&mut self) -> Option<[u8; N]> {
-        self.take(N).map(|b| b.try_into().expect("length checked"))
-    }
-    fn len(&mut self, bytes: usize) -> Option<usize> {
-        Some(match bytes {
-            1 => self.u8()? as usize,
-            2 => u16::from_be_bytes(self.be()?) as usize,
-            _ => u32::from_be_bytes(self.be()?) as usize,
-        })
-    }
+    (r.remaining() == 0).then_some(v)
 }
 
 fn read<'py>(py: Python<'py>, r: &mut Cursor<'_>, depth: usize) -> Option<Bound<'py, PyAny>> {
@@ -213,7 +187,7 @@ fn array<'py>(
     depth: usize,
 ) -> Option<Bound<'py, PyAny>> {
     // Each element takes at least one byte: a length beyond the input is a lie.
-    if n > r.data.len() - r.pos {
+    if n > r.remaining() {
         return None;
     }
     let list = PyList::empty(py);
@@ -229,19 +203,15 @@ fn map<'py>(
     n: usize,
     depth: usize,
 ) -> Option<Bound<'py, PyAny>> {
-    if n > (r.data.len() - r.pos) / 2 {
+    if n > r.remaining() / 2 {
         return None;
     }
     let dict = PyDict::new(py);
     for _ in 0..n {
         // String keys are interned, as msgpack-python does: a handler's keyword arguments
         // then match its parameter names by identity.
-        let k = match r.data.get(r.pos).map(|&b| Marker::from_u8(b)) {
-            Some(Marker::FixStr(len)) => {
-                r.pos += 1;
-                let s = std::str::from_utf8(r.take(len as usize)?).ok()?;
-                PyString::intern(py, s).into_any()
-            }
+        let k = match r.peek_marker() {
+            Some(Marker::FixStr(_)) => PyString::intern(py, r.str()?).into_any(),
             _ => read(py, r, depth + 1)?,
         };
         let v = read(py, r, depth + 1)?;
