@@ -59,6 +59,9 @@ def test_bench_quick_writes_every_row(tmp_path: Path) -> None:
         assert idle["cpu_percent"] >= 0, key
         assert idle["window_s"] > 0, key
     assert data["machine"]["cpu_count"] >= 1
+    noise = data["machine"]["noise"]
+    assert noise["cpus"] and all(v["gaps_per_s"] >= 0 for v in noise["cpus"].values())
+    assert "machine noise (pauses > 5 µs" in proc.stdout
     assert data["machine"]["python"] == sys.version.split()[0]
     assert data["date"]
     assert data["config"]["calls"] == CALLS

@@ -26,6 +26,7 @@ __all__ = [
     "Node",
     "ProtocolError",
     "__version__",
+    "clock_gaps",
     "create_segment",
     "decode_plain",
     "encode_plain",
@@ -233,3 +234,8 @@ def decode_plain(data: bytes, default: Any) -> Any:
     """The value of msgpack ``data`` holding plain values only (as
     ``msgpack.unpackb(raw=False, strict_map_key=False)`` gives it); ``default`` for anything
     else (ext types, invalid UTF-8, trailing bytes...)."""
+
+def clock_gaps(seconds: float, threshold_us: float) -> tuple[int, float]:
+    """Reads the monotonic clock in a tight loop for ``seconds`` (GIL released); returns how
+    many times two readings were more than ``threshold_us`` apart, and the longest gap in
+    µs: the pauses the machine imposes on the thread."""

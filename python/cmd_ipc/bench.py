@@ -996,6 +996,8 @@ def run(config: BenchConfig, progress_stream: TextIO | None = None) -> Results:
     t0 = time.monotonic()
     # Before pinning, so that the CPUs this process may use are reported as they were.
     results = Results(config, started=started.isoformat(timespec="seconds"), machine=machine_info())
+    # On the CPUs the rows will use (before pinning takes all but CPU 0 away).
+    results.machine["noise"] = machine_noise()
     if config.pin:
         # Before any thread exists: threads inherit the affinity of the one creating them.
         os.sched_setaffinity(0, {0})
@@ -1007,6 +1009,27 @@ def run(config: BenchConfig, progress_stream: TextIO | None = None) -> Results:
         progress.close()
     results.duration_s = time.monotonic() - t0
     return results
+
+
+def machine_noise(seconds: float = 0.5, threshold_us: float = 5.0) -> dict[str, Any]:
+    """How often the machine itself stops this process: a tight loop reading the clock (in
+    Rust, so that no interpreter work is counted), on each of (at most) two of the CPUs this
+    process may use, counts the gaps longer than ``threshold_us`` (interrupts, the hypervisor
+    taking the CPU...). Any such gap that falls inside a call lengthens it by as much,
+    whatever the library does: the figure says how far a p99 target is in reach on this
+    machine, now."""
+    from cmd_ipc import _core
+
+    original = os.sched_getaffinity(0)
+    out: dict[str, Any] = {"threshold_us": threshold_us, "seconds_per_cpu": seconds, "cpus": {}}
+    try:
+        for cpu in sorted(original)[:2]:
+            os.sched_setaffinity(0, {cpu})
+            gaps, longest = _core.clock_gaps(seconds, threshold_us)
+            out["cpus"][str(cpu)] = {"gaps_per_s": gaps / seconds, "longest_us": longest}
+    finally:
+        os.sched_setaffinity(0, original)
+    return out
 
 
 # ---------------------------------------------------------------------------- output
@@ -1141,6 +1164,17 @@ def render(results: Results, out: TextIO | None = None) -> None:
             shown = f"{value:+.2f} µs" if "extra" in t["target"] else f"{value:.2f} µs"
         detail = f" ({t['detail']})" if t["detail"] else ""
         print(f"  [{_status(t['met']):>7}] {t['target']}: {shown}{detail}", file=out)
+    noise = results.machine.get("noise")
+    if noise and noise.get("cpus"):
+        per_cpu = ", ".join(
+            f"CPU {cpu}: {v['gaps_per_s']:,.0f}/s (longest {v['longest_us']:,.0f} µs)"
+            for cpu, v in noise["cpus"].items()
+        )
+        print(
+            f"\n  machine noise (pauses > {noise['threshold_us']:g} µs of a bare loop, "
+            f"{noise['seconds_per_cpu']:g} s per CPU): {per_cpu}",
+            file=out,
+        )
     notes = [
         f"{LABELS[k]}: {results.rows[k].note}"
         for k in LATENCY_ROWS

@@ -874,6 +874,33 @@ fn decode_plain<'py>(
     convert::decode(py, data).unwrap_or(default)
 }
 
+/// Reads the monotonic clock in a tight loop for `seconds` (GIL released) and returns how
+/// many times two readings were more than `threshold_us` apart, and the longest gap in µs:
+/// the pauses the machine imposes on this thread (interrupts, the hypervisor).
+#[pyfunction]
+fn clock_gaps(py: Python<'_>, seconds: f64, threshold_us: f64) -> (u64, f64) {
+    let limit = to_micros(threshold_us / 1e6).max(1) * 1000;
+    let span = (seconds.max(0.0) * 1e9) as u64;
+    py.detach(|| {
+        let start = std::time::Instant::now();
+        let (mut gaps, mut longest) = (0u64, 0u64);
+        let mut last = 0u64;
+        loop {
+            let t = start.elapsed().as_nanos() as u64;
+            let d = t - last;
+            if d > limit {
+                gaps += 1;
+                longest = longest.max(d);
+            }
+            last = t;
+            if t >= span {
+                break;
+            }
+        }
+        (gaps, longest as f64 / 1000.0)
+    })
+}
+
 /// A fresh UUIDv4 string.
 #[pyfunction]
 fn new_id() -> String {
@@ -887,6 +914,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(transcode, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_message, m)?)?;
     m.add_function(wrap_pyfunction!(new_id, m)?)?;
+    m.add_function(wrap_pyfunction!(clock_gaps, m)?)?;
     m.add_function(wrap_pyfunction!(encode_plain, m)?)?;
     m.add_function(wrap_pyfunction!(decode_plain, m)?)?;
     m.add("ProtocolError", m.py().get_type::<ProtocolError>())?;
