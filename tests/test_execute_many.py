@@ -78,6 +78,11 @@ def test_failures_raise_the_first_or_stay_in_place(transport: Transport) -> None
         # A bad request is refused before anything is sent.
         with pytest.raises(TypeError, match="mapping"):
             r.execute_many_sync("calc.add", [{"a": 1, "b": 2}, [1, 2]])  # type: ignore[list-item]
+        # bytes are not a request, whatever the route (msgpack bytes included).
+        with pytest.raises(TypeError, match="mapping"):
+            r.execute_many_sync("calc.add", [b"\x82\xa1a\x01\xa1b\x02"])  # type: ignore[list-item]
+        with pytest.raises(TypeError, match="mapping"):
+            r.execute_command_sync("calc.add", b"\x82\xa1a\x01\xa1b\x02")  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="iterable of requests"):
             r.execute_many_sync("calc.add", {"a": 1, "b": 2})  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="window"):
@@ -98,6 +103,14 @@ def test_timeouts_apply_to_each_call() -> None:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_worker_killed_mid_batch_fails_what_was_waiting(transport: Transport) -> None:
     with CommandRegistry("main") as r:
+        closed: list[str] = []
+        on_closed = r._native_closed
+
+        def count_closed(channel_id: str, reason: str) -> None:
+            closed.append(channel_id)
+            on_closed(channel_id, reason)
+
+        r._native_closed = count_closed  # type: ignore[method-assign]
         worker = r.spawn_worker_sync("worker-1", "worker_targets:calc", transport=transport)
         assert worker.pid is not None
         pid = worker.pid
@@ -115,6 +128,8 @@ def test_worker_killed_mid_batch_fails_what_was_waiting(transport: Transport) ->
         # rest find no route any more.
         assert all(isinstance(e, (ChannelDisconnectedError, NotFoundError)) for e in got), got
         assert sum(isinstance(e, ChannelDisconnectedError) for e in got) >= 5
+        # The channel's end is reported once, not once per call the batch still had.
+        assert closed == ["worker-1"]
 
 
 async def test_await_form_native_and_in_process(registries: Make) -> None:

@@ -7,6 +7,7 @@ import collections
 import datetime
 import enum
 import math
+import sys
 
 import msgpack
 import pytest
@@ -127,3 +128,10 @@ def test_undecodable_input_gives_the_default(data: bytes) -> None:
 def test_map_with_repeated_keys_keeps_the_last_like_msgpack_python() -> None:
     data = b"\x82\xa1a\x01\xa1a\x02"
     assert _core.decode_plain(data, NOT_PLAIN) == py_unpack(data) == {"a": 2}
+
+
+def test_string_keys_are_interned_like_msgpack_python() -> None:
+    key = "k" * 40  # a str8 key, beyond the fixstr range
+    for data in (py_pack({key: 1}), py_pack({"short": 1})):
+        (got,) = _core.decode_plain(data, NOT_PLAIN)
+        assert sys.intern(got) is got

@@ -114,9 +114,11 @@ class Node:
         command_id: str,
         request: object,
         ttl: float | None,
+        encoded: bool = False,
     ) -> tuple[str, Any, Any]:
         """A blocking call over a native channel (GIL released). ``request``: ``None``, a
-        ``dict`` (encoded in Rust when it holds plain values) or msgpack ``bytes``. Returns
+        ``dict`` (encoded in Rust when it holds plain values) or, with ``encoded``, msgpack
+        ``bytes`` (anything else gives ``"encode"``). Returns
         ``("value", result, None)``, ``("result", data, encoding)`` (decode in Python),
         ``("error", code, message)``, ``("encode", None, None)`` (encode the request in
         Python and call again with bytes) or ``("fallback", None, None)`` (the command is
@@ -127,6 +129,7 @@ class Node:
         requests: list[Any],
         ttl: float | None,
         window: int,
+        encoded: bool = False,
     ) -> tuple[str, Any, Any]:
         """Blocking calls of one command, one per request (each as for :meth:`call_sync`),
         pipelined with up to ``window`` in flight (GIL released). Returns ``("done", values,

@@ -1044,7 +1044,9 @@ class CommandRegistry:
         kind, values, others = self._node.call_many_sync(command_id, requests, timeout, window)
         if kind == "encode":  # some request is not plain: encode them all here
             encoded = [_encode_request(command_id, r) for r in requests]
-            kind, values, others = self._node.call_many_sync(command_id, encoded, timeout, window)
+            kind, values, others = self._node.call_many_sync(
+                command_id, encoded, timeout, window, True
+            )
         if kind == "fallback":
             return None
         return values, others
@@ -1070,7 +1072,13 @@ class CommandRegistry:
                 except CommandError as e:
                     results[i] = e
 
-        await asyncio.gather(*(lane() for _ in range(min(window, len(requests)))))
+        lanes = [asyncio.ensure_future(lane()) for _ in range(min(window, len(requests)))]
+        try:
+            await asyncio.gather(*lanes)
+        except BaseException:
+            for t in lanes:  # an unexpected failure (or a cancel) stops the other lanes too
+                t.cancel()
+            raise
         if not return_exceptions:
             for r in results:
                 if isinstance(r, CommandError):
@@ -1645,9 +1653,9 @@ class CommandRegistry:
         kind, value, extra = self._node.call_sync(command_id, request, timeout)
         if kind == "value":
             return value
-        if kind == "encode":
+        if kind == "encode":  # not a dict of plain values: checked and encoded here
             data = _encode_request(command_id, request)
-            kind, value, extra = self._node.call_sync(command_id, data, timeout)
+            kind, value, extra = self._node.call_sync(command_id, data, timeout, True)
             if kind == "value":
                 return value
         if kind == "result":

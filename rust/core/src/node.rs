@@ -185,6 +185,7 @@ impl Node {
                                     Ok(()) => {
                                         if ep.kind() == transport::Kind::Stream
                                             && ep.has_pending_output()
+                                            && !py.iter().any(|a| matches!(a, Action::WantWrite { channel: c } if *c == channel))
                                         {
                                             py.push(Action::WantWrite { channel });
                                         }
@@ -301,6 +302,11 @@ impl Node {
         py: &mut Vec<Action>,
         socket: bool,
     ) -> Pass {
+        if ep.is_closed() {
+            // Closed already (by an earlier read or locally): what that did is not redone,
+            // and the id may name a new channel by now.
+            return Pass::Closed;
+        }
         let pass = if socket {
             ep.read(reader)
         } else {
@@ -645,6 +651,10 @@ impl Node {
                 return;
             };
             let now = transport::monotonic_micros();
+            if ep.is_closed() {
+                wait_elsewhere(waker, deadline, now);
+                continue;
+            }
             // Read the channel ourselves unless another thread is (then just wait for it).
             let spun_out = spin_start.is_some_and(|s| now.saturating_sub(s) >= self.spin_us);
             let mut busy = false;
@@ -728,9 +738,13 @@ impl Node {
         mut step: impl FnMut() -> Step,
     ) {
         loop {
-            let Step::Wait(_) = step() else {
+            let Step::Wait(deadline) = step() else {
                 return;
             };
+            if ep.is_closed() {
+                wait_elsewhere(waker, deadline, transport::monotonic_micros());
+                continue;
+            }
             match ep.try_reader() {
                 Some(mut reader) => loop {
                     let mut py = Vec::new();
@@ -743,6 +757,9 @@ impl Node {
                     let Step::Wait(deadline) = step() else {
                         return;
                     };
+                    if pass == Pass::Closed {
+                        break;
+                    }
                     if pass == Pass::Empty {
                         let left = deadline.saturating_sub(transport::monotonic_micros());
                         let ms = (left / 1000 + 1).min(1000) as i32;
@@ -820,6 +837,14 @@ fn route_frames(
         }
     }
     None
+}
+
+/// A blocking caller whose channel closed: its calls there have failed; calls still open
+/// went elsewhere and are completed by other threads, which signal `waker`.
+fn wait_elsewhere(waker: RawFd, deadline: Micros, now: Micros) {
+    let ms = (deadline.saturating_sub(now) / 1000 + 1).min(20) as i32;
+    let _ = transport::wait_readable(&[waker], ms);
+    transport::eventfd_drain(waker);
 }
 
 /// One short spin on empty rings (about a microsecond of pause instructions, returning as

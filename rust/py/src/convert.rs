@@ -34,7 +34,9 @@ fn write(obj: &Bound<'_, PyAny>, out: &mut Vec<u8>, depth: usize) -> bool {
         e::write_nil(out).is_ok()
     } else if let Ok(s) = obj.cast_exact::<PyString>() {
         match s.to_str() {
-            Ok(s) => e::write_str(out, s).is_ok(),
+            // rmp writes the length as a u32: longer is not plain (msgpack-python refuses).
+            Ok(s) if u32::try_from(s.len()).is_ok() => e::write_str(out, s).is_ok(),
+            Ok(_) => false,
             Err(_) => false, // lone surrogates: msgpack-python raises, and so will Python
         }
     } else if let Ok(i) = obj.cast_exact::<PyInt>() {
@@ -89,7 +91,8 @@ fn write(obj: &Bound<'_, PyAny>, out: &mut Vec<u8>, depth: usize) -> bool {
         };
         e::write_array_len(out, n).is_ok() && t.iter().all(|item| write(&item, out, depth + 1))
     } else if let Ok(b) = obj.cast_exact::<PyBytes>() {
-        e::write_bin(out, b.as_bytes()).is_ok()
+        let b = b.as_bytes();
+        u32::try_from(b.len()).is_ok() && e::write_bin(out, b).is_ok()
     } else {
         false
     }
@@ -211,7 +214,9 @@ fn map<'py>(
         // String keys are interned, as msgpack-python does: a handler's keyword arguments
         // then match its parameter names by identity.
         let k = match r.peek_marker() {
-            Some(Marker::FixStr(_)) => PyString::intern(py, r.str()?).into_any(),
+            Some(Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32) => {
+                PyString::intern(py, r.str()?).into_any()
+            }
             _ => read(py, r, depth + 1)?,
         };
         let v = read(py, r, depth + 1)?;

@@ -86,12 +86,14 @@ fn py_payload<'py>(py: Python<'py>, p: &Option<Payload>) -> (Bound<'py, PyAny>, 
     }
 }
 
-/// A blocking call's request: `None`, msgpack `bytes` encoded by Python, or a `dict` of plain
-/// values encoded here; `None` (outer) when Python must encode it.
-fn call_request(request: &Bound<'_, PyAny>) -> Option<Option<Payload>> {
+/// A blocking call's request: `None`, msgpack `bytes` encoded by Python (only when `encoded`:
+/// a user's `bytes` is not a request), or a `dict` of plain values encoded here; `None`
+/// (outer) when Python must encode it (and check it).
+fn call_request(request: &Bound<'_, PyAny>, encoded: bool) -> Option<Option<Payload>> {
     if request.is_none() {
         Some(None)
-    } else if let Ok(b) = request.cast_exact::<PyBytes>() {
+    } else if encoded {
+        let b = request.cast_exact::<PyBytes>().ok()?;
         Some(Some(Payload::new(Encoding::Msgpack, b.as_bytes().to_vec())))
     } else if request.is_exact_instance_of::<PyDict>() {
         convert::encode(request).map(|d| Some(Payload::new(Encoding::Msgpack, d)))
@@ -559,21 +561,22 @@ impl Node {
     }
 
     /// A blocking call (GIL released). `request` is `None`, a `dict` (encoded here when it
-    /// holds plain values) or msgpack `bytes` the caller encoded. Returns `("value", obj,
+    /// holds plain values), or, with `encoded`, msgpack `bytes` the caller encoded. Returns `("value", obj,
     /// None)` (the result, decoded here), `("result", data, encoding)` (for Python to
     /// decode), `("error", code, message)`, `("encode", None, None)` (the request is not
     /// plain: encode it in Python and call again with bytes), or `("fallback", None, None)`
     /// when the command is not behind a native channel.
-    #[pyo3(signature = (command_id, request, ttl))]
+    #[pyo3(signature = (command_id, request, ttl, encoded=false))]
     fn call_sync<'py>(
         &self,
         py: Python<'py>,
         command_id: &str,
         request: &Bound<'py, PyAny>,
         ttl: Option<f64>,
+        encoded: bool,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let none = || py.None().into_bound(py);
-        let Some(request) = call_request(request) else {
+        let Some(request) = call_request(request, encoded) else {
             return ("encode", none(), none()).into_pyobject(py);
         };
         let node = &self.inner;
@@ -601,7 +604,7 @@ impl Node {
     /// encoding)` for results Python must decode and `(index, "error", code, message)` for
     /// failed calls. `("encode", None, None)`: a request is not plain (encode them in Python
     /// and call again with bytes); `("fallback", None, None)`: not behind a native channel.
-    #[pyo3(signature = (command_id, requests, ttl, window))]
+    #[pyo3(signature = (command_id, requests, ttl, window, encoded=false))]
     fn call_many_sync<'py>(
         &self,
         py: Python<'py>,
@@ -609,11 +612,12 @@ impl Node {
         requests: &Bound<'py, PyList>,
         ttl: Option<f64>,
         window: usize,
+        encoded: bool,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let none = || py.None().into_bound(py);
         let mut payloads = Vec::with_capacity(requests.len());
         for r in requests.iter() {
-            let Some(request) = call_request(&r) else {
+            let Some(request) = call_request(&r, encoded) else {
                 return ("encode", none(), none()).into_pyobject(py);
             };
             payloads.push(request);
