@@ -58,7 +58,9 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'cmd_ipc' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
 
 
 __all__ = [

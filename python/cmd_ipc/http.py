@@ -249,10 +249,14 @@ class HTTPChannel(Channel):
                 frame, "json", max_message_size=len(frame), max_depth=_TRUSTED_DEPTH
             )
             msg: dict[str, Any] = {"id": message_id, "type": kind}
-            if self.command_prefix and kind == _EXECUTE_REQUEST:
-                # Its command id is rewritten: parsed in full, encoded again.
+            prefix = self.command_prefix
+            if prefix and kind == _EXECUTE_REQUEST:
+                # `prefix.cmd` here is `cmd` on the wire: parsed in full, encoded again.
                 msg, raw = json.loads(frame), None
-        except (ProtocolError, ValueError):
+                command_id = str(msg.get("commandId", ""))
+                if command_id.startswith(prefix + "."):
+                    msg["commandId"] = command_id[len(prefix) + 1 :]
+        except ValueError:  # _core.ProtocolError included
             logger.debug("HTTPChannel %r dropped an undecodable frame", self.id)
             return
         if kind in _ANSWER_TYPE:
@@ -290,11 +294,6 @@ class HTTPChannel(Channel):
 
     # ----------------------------------------------------------------- internals
 
-    def _report_close(self, reason: str | None) -> None:
-        if not self._close_reported and self._on_close is not None:
-            self._close_reported = True
-            self._on_close(reason)
-
     async def _drop_session(self) -> None:
         """Closes the session if the channel opened it (a shared one is left alone)."""
         if self._owns_session and self._session is not None:
@@ -306,17 +305,12 @@ class HTTPChannel(Channel):
             self._on_frame(frame)
 
     async def _exchange(self, msg: dict[str, Any], raw: bytes | None = None) -> None:
-        """POSTs one request (``raw``: its JSON as the registry encoded it, when it goes
-        unchanged) and hands its answer (or a failure) to the registry."""
+        """POSTs one request (as on the wire; ``raw``: its JSON as the registry encoded it,
+        when it goes unchanged) and hands its answer (or a failure) to the registry."""
         kind = msg["type"]
-        wire = msg
         prefix = self.command_prefix
-        if prefix and kind == _EXECUTE_REQUEST:
-            command_id = str(msg.get("commandId", ""))
-            if command_id.startswith(prefix + "."):
-                wire = {**msg, "commandId": command_id[len(prefix) + 1 :]}
         try:
-            answer, line = await self._post(wire, raw)
+            line = await self._post(msg, raw)
         except _Failure as e:
             if kind == _EXECUTE_REQUEST:
                 logger.debug("HTTPChannel %r: call %s failed: %s", self.id, msg["id"], e.message)
@@ -354,11 +348,9 @@ class HTTPChannel(Channel):
         headers["Accept"] = _NDJSON
         return headers
 
-    async def _post(
-        self, msg: dict[str, Any], raw: bytes | None = None
-    ) -> tuple[dict[str, Any], bytes]:
-        """POSTs ``msg`` (``raw`` if given: its encoding); returns the answer message and
-        its JSON line.
+    async def _post(self, msg: dict[str, Any], raw: bytes | None = None) -> bytes:
+        """POSTs ``msg`` (``raw`` if given: its encoding); returns the answer's JSON line,
+        checked.
 
         Raises:
             _Failure: With the spec code the call should fail with.
@@ -409,7 +401,8 @@ class HTTPChannel(Channel):
             raise _Failure("channel_disconnected", f"connection to {self.url} failed: {e!r}") from e
         except Exception as e:  # a middleware raised
             raise _Failure("internal_error", f"POST {self.url} failed: {e!r}") from e
-        return self._check_answer(msg, line, resp.status), line
+        self._check_answer(msg, line, resp.status)
+        return line
 
     async def _first_line(self, resp: aiohttp.ClientResponse) -> bytes:
         """Reads the answer up to its first newline (the rest is drained, so the connection
@@ -439,24 +432,23 @@ class HTTPChannel(Channel):
                 budget -= len(chunk)
         return bytes(buf).strip()
 
-    def _check_answer(self, msg: dict[str, Any], line: bytes, status: int) -> dict[str, Any]:
-        """Checks that ``line`` is a valid answer to ``msg``; returns its type and thid."""
-        where = f"HTTP {status} from POST {self.url}"
+    def _check_answer(self, msg: dict[str, Any], line: bytes, status: int) -> None:
+        """Checks that ``line`` is a valid answer to ``msg``."""
+
+        def failure(what: str) -> _Failure:
+            return _Failure("internal_error", f"HTTP {status} from POST {self.url}: {what}")
+
         if not line:
-            raise _Failure("internal_error", f"{where}: empty answer (expected an NDJSON line)")
+            raise failure("empty answer (expected an NDJSON line)")
         try:
             kind, _, thid = _core.inspect_message(
                 line, "json", max_message_size=self.max_response_size
             )
-        except (ProtocolError, ValueError) as e:
-            raise _Failure("internal_error", f"{where}: invalid answer: {e}") from e
+        except ValueError as e:  # _core.ProtocolError included
+            raise failure(f"invalid answer: {e}") from e
         want = _ANSWER_TYPE[msg["type"]]
         if kind != want or thid != msg["id"]:
-            raise _Failure(
-                "internal_error",
-                f"{where}: expected a {want} to {msg['id']!r}, got a {kind} to {thid!r}",
-            )
-        return {"type": kind, "thid": thid}
+            raise failure(f"expected a {want} to {msg['id']!r}, got a {kind} to {thid!r}")
 
 
 async def _snippet(resp: aiohttp.ClientResponse, limit: int = 200) -> str:
@@ -772,37 +764,6 @@ class _ClientGone(Exception):
     """The HTTP client disconnected before its answer was ready."""
 
 
-def _options(
-    *,
-    token: str | None,
-    max_body: int,
-    read_timeout: float,
-    answer_timeout: float | None,
-    path: str,
-    schema_path: str | None,
-    schema_auth: bool,
-) -> _Options:
-    if token is not None and (not isinstance(token, str) or not token):
-        raise ValueError("token must be a non-empty string (or None for no auth)")
-    if max_body <= 0:
-        raise ValueError("max_body must be positive")
-    if not read_timeout > 0:
-        raise ValueError("read_timeout must be a positive number of seconds")
-    if answer_timeout is not None and not answer_timeout > 0:
-        raise ValueError("answer_timeout must be a positive number of seconds")
-    if not path.startswith("/") or (schema_path is not None and not schema_path.startswith("/")):
-        raise ValueError("paths must start with '/'")
-    return _Options(
-        token=None if token is None else token.encode(),
-        max_body=max_body,
-        read_timeout=float(read_timeout),
-        answer_timeout=answer_timeout,
-        path=path,
-        schema_path=schema_path,
-        schema_auth=schema_auth,
-    )
-
-
 def add_routes(
     app: web.Application,
     registry: CommandRegistry,
@@ -855,10 +816,20 @@ def add_routes(
         schema_path: Path of the schema document, or ``None`` for none.
         schema_auth: Require the token for the schema document too.
     """
-    opts = _options(
-        token=token,
+    if token is not None and (not isinstance(token, str) or not token):
+        raise ValueError("token must be a non-empty string (or None for no auth)")
+    if max_body <= 0:
+        raise ValueError("max_body must be positive")
+    if not read_timeout > 0:
+        raise ValueError("read_timeout must be a positive number of seconds")
+    if answer_timeout is not None and not answer_timeout > 0:
+        raise ValueError("answer_timeout must be a positive number of seconds")
+    if not path.startswith("/") or (schema_path is not None and not schema_path.startswith("/")):
+        raise ValueError("paths must start with '/'")
+    opts = _Options(
+        token=None if token is None else token.encode(),
         max_body=max_body,
-        read_timeout=read_timeout,
+        read_timeout=float(read_timeout),
         answer_timeout=answer_timeout,
         path=path,
         schema_path=schema_path,

@@ -139,6 +139,8 @@ def _single(headers: Headers, name: str) -> str | None:
 #: Bytes already buffered in the socket's transport under which a frame is written at once
 #: rather than queued for the writer task (which waits for the buffer to drain).
 _DIRECT_WRITE_LIMIT = 64 * 1024
+#: Why a connection that sent a binary message is closed.
+_BINARY_REASON = "the peer sent a binary message: spec-v1 JSON travels in text messages"
 
 
 class _Sink:
@@ -178,7 +180,7 @@ class _Sink:
             return True
         if op is Opcode.BINARY:
             if self.error is None:
-                self.error = "the peer sent a binary message: spec-v1 JSON travels in text messages"
+                self.error = _BINARY_REASON
                 if self.deliver is not None:
                     self.deliver(b"")  # the channel sees the error at once
             return True
@@ -367,7 +369,7 @@ class _WebSocketBase(Channel):
                 if isinstance(message, str):
                     self._deliver(message.encode())
                     continue
-                reason = "the peer sent a binary message: spec-v1 JSON travels in text messages"
+                reason = _BINARY_REASON
                 self._lost(link, reason)
                 await ws.close(CloseCode.UNSUPPORTED_DATA, "binary messages are not supported")
                 return
@@ -607,8 +609,6 @@ class WebSocketChannel(_WebSocketBase):
                 close_timeout=self.close_timeout,
                 **self._options,
             )
-        except asyncio.CancelledError:
-            raise
         except Exception as e:
             raise ChannelDisconnectedError(
                 f"channel {self.id!r} could not connect to {self.url}: {_describe_error(e)}"

@@ -97,6 +97,16 @@ class Channel(abc.ABC):
     async def close(self) -> None:
         """Closes the channel (idempotent); ``on_close`` has run when this returns."""
 
+    #: The close callback given to :meth:`start`, and whether it was called.
+    _on_close: OnClose | None = None
+    _close_reported: bool = False
+
+    def _report_close(self, reason: str | None) -> None:
+        """Calls the close callback once (no-op before :meth:`start`)."""
+        if not self._close_reported and self._on_close is not None:
+            self._close_reported = True
+            self._on_close(reason)
+
     async def reconnect(self) -> bool:
         """Only for channels with :attr:`reconnects` set: after the connection was lost, tries
         to connect again (with the channel's own bounded backoff) and returns True once

@@ -97,11 +97,6 @@ class InMemoryChannel(Channel):
         self._closed = True
         self._report_close("peer closed the channel")
 
-    def _report_close(self, reason: str | None) -> None:
-        if not self._close_reported and self._on_close is not None:
-            self._close_reported = True
-            self._on_close(reason)
-
     async def close(self) -> None:
         if self._closed:
             self._report_close(None)

@@ -208,7 +208,6 @@ class StdioChannel(Channel):
 
     async def close(self) -> None:
         if self._closed:
-            self._report_close(None)
             if self._shutdown_task is not None:
                 # The channel failed on its own: finish ending the child before returning.
                 await asyncio.shield(self._shutdown_task)
@@ -234,28 +233,23 @@ class StdioChannel(Channel):
                 start = 0
                 while True:
                     nl = chunk.find(b"\n", start)
-                    if nl < 0:
-                        if not skipping:
-                            buf += chunk[start:]
-                            if len(buf) > self.max_line:
-                                self._reject(f"line longer than {self.max_line} bytes")
-                                buf.clear()
-                                skipping = True
-                        break
-                    if skipping:
-                        skipping = False
-                    else:
-                        buf += chunk[start:nl]
+                    if not skipping:
+                        buf += chunk[start : nl if nl >= 0 else len(chunk)]
                         if len(buf) > self.max_line:
+                            # Rejected once; the rest of the line, up to its newline, is
+                            # skipped.
                             self._reject(f"line longer than {self.max_line} bytes")
-                        else:
-                            self._line(bytes(buf))
-                        buf.clear()
+                            buf.clear()
+                            skipping = True
+                    if nl < 0:
+                        break
+                    if not skipping:
+                        self._line(bytes(buf))
+                    buf.clear()
+                    skipping = False
                     start = nl + 1
                     if self._closed:
                         return
-        except asyncio.CancelledError:
-            raise
         except Exception as e:  # a broken pipe, a closed descriptor
             reason = f"reading failed: {e}"
         if not self._closed:
@@ -306,11 +300,6 @@ class StdioChannel(Channel):
         self._restore_modes()
         self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown())
         self._report_close(reason)
-
-    def _report_close(self, reason: str | None) -> None:
-        if not self._close_reported and self._on_close is not None:
-            self._close_reported = True
-            self._on_close(reason)
 
     async def _shutdown(self) -> None:
         task, self._task = self._task, None

@@ -816,8 +816,7 @@ mod fast {
 
     /// A payload that passes the checks the general decoder makes at this level.
     fn payload(b: &[u8], level: usize, limits: &Limits) -> Option<Payload> {
-        check_msgpack(b, limits.max_depth.checked_sub(level)?).ok()?;
-        Some(Payload::new(Encoding::Msgpack, b.to_vec()))
+        mp_payload(Some(serde_bytes::Bytes::new(b)), level, limits).ok()?
     }
 
     pub(super) fn decode(data: &[u8], limits: &Limits) -> Option<Message> {

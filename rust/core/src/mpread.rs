@@ -58,24 +58,39 @@ impl<'a> Cursor<'a> {
         self.u8().map(Marker::from_u8)
     }
 
+    /// The length (bytes of a str or bin, items of an array, entries of a map) that follows
+    /// marker `m`, already read; `None` for a marker without one.
+    pub fn length(&mut self, m: Marker) -> Option<usize> {
+        use Marker::*;
+        match m {
+            FixStr(n) | FixArray(n) | FixMap(n) => Some(n as usize),
+            Str8 | Bin8 => self.len(1),
+            Str16 | Bin16 | Array16 | Map16 => self.len(2),
+            Str32 | Bin32 | Array32 | Map32 => self.len(4),
+            _ => None,
+        }
+    }
+
+    /// The next `n` bytes as UTF-8.
+    pub fn utf8(&mut self, n: usize) -> Option<&'a str> {
+        std::str::from_utf8(self.take(n)?).ok()
+    }
+
     /// A UTF-8 string value.
     pub fn str(&mut self) -> Option<&'a str> {
         let n = match self.marker()? {
-            Marker::FixStr(n) => n as usize,
-            Marker::Str8 => self.len(1)?,
-            Marker::Str16 => self.len(2)?,
-            Marker::Str32 => self.len(4)?,
+            m @ (Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32) => {
+                self.length(m)?
+            }
             _ => return None,
         };
-        std::str::from_utf8(self.take(n)?).ok()
+        self.utf8(n)
     }
 
     /// A bin value.
     pub fn bin(&mut self) -> Option<&'a [u8]> {
         let n = match self.marker()? {
-            Marker::Bin8 => self.len(1)?,
-            Marker::Bin16 => self.len(2)?,
-            Marker::Bin32 => self.len(4)?,
+            m @ (Marker::Bin8 | Marker::Bin16 | Marker::Bin32) => self.length(m)?,
             _ => return None,
         };
         self.take(n)

@@ -182,9 +182,9 @@ impl Node {
                                 Ok(frame) => match ep.send_frame(&frame) {
                                     Err(e) => dead
                                         .push((channel.to_string(), format!("send failed: {e}"))),
-                                    Ok(()) => {
-                                        if ep.kind() == transport::Kind::Stream
-                                            && ep.has_pending_output()
+                                    Ok(more) => {
+                                        if more
+                                            && ep.kind() == transport::Kind::Stream
                                             && !py.iter().any(|a| matches!(a, Action::WantWrite { channel: c } if *c == channel))
                                         {
                                             py.push(Action::WantWrite { channel });
@@ -345,12 +345,13 @@ impl Node {
         }
     }
 
-    fn shm_endpoints(&self) -> Vec<(Arc<str>, Arc<Endpoint>)> {
+    /// The shared-memory channels other than `except`.
+    fn shm_endpoints(&self, except: &str) -> Vec<(Arc<str>, Arc<Endpoint>)> {
         self.endpoints
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter(|(_, e)| e.parks_on_futex())
+            .filter(|(k, e)| e.kind() == transport::Kind::Shm && &***k != except)
             .map(|(k, e)| (k.clone(), e.clone()))
             .collect()
     }
@@ -370,11 +371,8 @@ impl Node {
             out.busy = true;
             return out;
         };
-        let others: Vec<(Arc<str>, Arc<Endpoint>)> = if spin_us > 0 {
-            self.shm_endpoints()
-                .into_iter()
-                .filter(|(k, _)| &**k != id)
-                .collect()
+        let others = if spin_us > 0 {
+            self.shm_endpoints(id)
         } else {
             Vec::new()
         };
@@ -439,11 +437,7 @@ impl Node {
         for i in touched {
             let (oid, oep) = &others[i];
             if let Some(mut r) = oep.try_reader() {
-                while !oep.prepare_park() {
-                    if self.read_route(oid, oep, &mut r, &mut out.actions) == Pass::Closed {
-                        break;
-                    }
-                }
+                self.rearm(oid, oep, &mut r, &mut out.actions);
             }
         }
         if let Ok(more) = ep.flush() {
@@ -565,6 +559,8 @@ impl Node {
             let mut st = self.lock();
             let mut py = Vec::new();
             let now = transport::monotonic_micros();
+            // Results first: each one finished makes room in the window for the next send.
+            done += collect_batch(&mut st, batch, &mut results);
             if sent < n && sent - done < window {
                 while sent < n && sent - done < window {
                     let Some((index, request)) = requests.next() else {
@@ -586,12 +582,8 @@ impl Node {
             if !py.is_empty() {
                 self.hand_to_loop(&mut st, py);
             }
-            if let Some(finished) = st.batch_done.get_mut(&batch) {
-                for (index, result) in finished.drain(..) {
-                    results[index] = Some(result);
-                    done += 1;
-                }
-            }
+            // Calls that failed at once (no route) or timed out just now.
+            done += collect_batch(&mut st, batch, &mut results);
             if done == n {
                 st.batch_done.remove(&batch);
                 return Step::Done;
@@ -602,9 +594,7 @@ impl Node {
         Some(
             results
                 .into_iter()
-                .map(|r| {
-                    r.unwrap_or_else(|| Err(ExecError::new(ErrorCode::InternalError, "call lost")))
-                })
+                .map(|r| r.unwrap_or_else(call_lost))
                 .collect(),
         )
     }
@@ -625,7 +615,7 @@ impl Node {
             }
             None => Step::Wait(deadline),
         });
-        out.unwrap_or_else(|| Err(ExecError::new(ErrorCode::InternalError, "call lost")))
+        out.unwrap_or_else(call_lost)
     }
 
     /// Reads channel `id` on behalf of a blocking caller until `step` says it is done:
@@ -646,10 +636,19 @@ impl Node {
         mut step: impl FnMut() -> Step,
     ) {
         let mut spin_start: Option<Micros> = None;
+        // After an empty spin round, while this thread alone reads the channel, nothing can
+        // have finished its calls: `step` (the state lock) is skipped until bytes come, the
+        // channel closes, or the deadline passes.
+        let mut deadline = 0;
+        let mut idle_spin = false;
         loop {
-            let Step::Wait(deadline) = step() else {
-                return;
-            };
+            if !idle_spin {
+                let Step::Wait(d) = step() else {
+                    return;
+                };
+                deadline = d;
+            }
+            idle_spin = false;
             let now = transport::monotonic_micros();
             if ep.is_closed() {
                 wait_elsewhere(waker, deadline, now);
@@ -663,14 +662,8 @@ impl Node {
             if ep.has_data() || spun_out {
                 match ep.try_reader() {
                     Some(mut reader) => {
-                        let mut py = Vec::new();
-                        let pass = self.read_route(id, ep, &mut reader, &mut py);
+                        let pass = self.read_for_caller(id, ep, &mut reader);
                         drop(reader);
-                        if !py.is_empty() {
-                            let mut st = self.lock();
-                            self.hand_to_loop(&mut st, py);
-                        }
-                        let _ = ep.flush();
                         match pass {
                             Pass::Closed => continue, // the slots hold channel_disconnected
                             Pass::Got | Pass::Progressed => {
@@ -690,6 +683,7 @@ impl Node {
             let start = *spin_start.get_or_insert(now);
             if busy || now.saturating_sub(start) < self.spin_us {
                 spin_wait(ep, &[]);
+                idle_spin = !busy && now < deadline;
                 continue;
             }
             // Park until bytes arrive, another thread completes us, or the deadline (at most
@@ -706,7 +700,7 @@ impl Node {
     fn sync_result(&self, call: u64, deadline: Micros) -> Option<ExecResult> {
         let mut st = self.lock();
         let Some(slot) = st.sync_calls.get_mut(&call) else {
-            return Some(Err(ExecError::new(ErrorCode::InternalError, "call lost")));
+            return Some(call_lost());
         };
         if let Some(result) = slot.result.take() {
             st.sync_calls.remove(&call);
@@ -747,13 +741,7 @@ impl Node {
             }
             match ep.try_reader() {
                 Some(mut reader) => loop {
-                    let mut py = Vec::new();
-                    let pass = self.read_route(id, ep, &mut reader, &mut py);
-                    if !py.is_empty() {
-                        let mut st = self.lock();
-                        self.hand_to_loop(&mut st, py);
-                    }
-                    let _ = ep.flush();
+                    let pass = self.read_for_caller(id, ep, &mut reader);
                     let Step::Wait(deadline) = step() else {
                         return;
                     };
@@ -763,7 +751,7 @@ impl Node {
                     if pass == Pass::Empty {
                         let left = deadline.saturating_sub(transport::monotonic_micros());
                         let ms = (left / 1000 + 1).min(1000) as i32;
-                        let _ = transport::wait_readable(&[ep.fd(), waker], ms);
+                        ep.park_blocking(waker, ms);
                         transport::eventfd_drain(waker);
                     }
                 },
@@ -783,17 +771,35 @@ impl Node {
     fn hand_back(&self, id: &str, ep: &Arc<Endpoint>) {
         if let Some(mut reader) = ep.try_reader() {
             let mut py = Vec::new();
-            while !ep.prepare_park() {
-                if self.read_route(id, ep, &mut reader, &mut py) == Pass::Closed {
-                    break;
-                }
-            }
+            self.rearm(id, ep, &mut reader, &mut py);
             drop(reader);
             if !py.is_empty() {
                 let mut st = self.lock();
                 self.hand_to_loop(&mut st, py);
             }
         }
+    }
+
+    /// Sets a channel's doorbell for the event loop, routing what arrived before it was set.
+    fn rearm(&self, id: &str, ep: &Endpoint, reader: &mut Reader, py: &mut Vec<Action>) {
+        while !ep.prepare_park() {
+            if self.read_route(id, ep, reader, py) == Pass::Closed {
+                break;
+            }
+        }
+    }
+
+    /// A blocking caller's read: routes what arrived, hands Python's share to the loop,
+    /// flushes what routing queued.
+    fn read_for_caller(&self, id: &str, ep: &Endpoint, reader: &mut Reader) -> Pass {
+        let mut py = Vec::new();
+        let pass = self.read_route(id, ep, reader, &mut py);
+        if !py.is_empty() {
+            let mut st = self.lock();
+            self.hand_to_loop(&mut st, py);
+        }
+        let _ = ep.flush();
+        pass
     }
 
     /// Whether a blocking caller holds the reading role of a native channel now.
@@ -837,6 +843,23 @@ fn route_frames(
         }
     }
     None
+}
+
+/// Moves a batch's finished calls into `results`; returns how many.
+fn collect_batch(st: &mut State, batch: u64, results: &mut [Option<ExecResult>]) -> usize {
+    let Some(finished) = st.batch_done.get_mut(&batch) else {
+        return 0;
+    };
+    let n = finished.len();
+    for (index, result) in finished.drain(..) {
+        results[index] = Some(result);
+    }
+    n
+}
+
+/// The result of a blocking call whose slot is gone (never expected).
+fn call_lost() -> ExecResult {
+    Err(ExecError::new(ErrorCode::InternalError, "call lost"))
 }
 
 /// A blocking caller whose channel closed: its calls there have failed; calls still open

@@ -196,65 +196,73 @@ impl Ring {
         unsafe { &*self.writer_waiting }
     }
 
-    /// Producer: copies `a` then `b` if both fit whole, publishing them at once (one frame's
-    /// header and body); returns whether it did.
-    fn write_both(&self, a: &[u8], b: &[u8]) -> bool {
-        let head = self.head().load(Ordering::Relaxed);
-        let tail = self.tail().load(Ordering::Acquire);
-        let used = head.wrapping_sub(tail);
-        let n = (a.len() + b.len()) as u64;
-        if used > self.cap || self.cap - used < n {
-            return false;
-        }
-        let mut at = head;
-        for part in [a, b] {
-            let pos = (at % self.cap) as usize;
-            let first = part.len().min(self.cap as usize - pos);
-            // SAFETY: as in `write`: the free space holds both parts, and the consumer does
-            // not read it until `head` is published below.
-            unsafe {
-                std::ptr::copy_nonoverlapping(part.as_ptr(), self.data.add(pos), first);
-                std::ptr::copy_nonoverlapping(
-                    part.as_ptr().add(first),
-                    self.data,
-                    part.len() - first,
-                );
-            }
-            at = at.wrapping_add(part.len() as u64);
-        }
-        // SeqCst: see `write`.
-        self.head().store(at, Ordering::SeqCst);
-        true
-    }
-
-    /// Producer: copies as much of `bytes` as fits; returns the count.
-    fn write(&self, bytes: &[u8]) -> usize {
+    /// Producer: (head, free bytes); `None` for a corrupt peer's counters (never write out
+    /// of bounds).
+    fn free(&self) -> Option<(u64, u64)> {
         // Only this side stores `head`, so a relaxed load sees our own last store.
         let head = self.head().load(Ordering::Relaxed);
         // Acquire pairs with the consumer's Release store of `tail`: the space it freed is
         // no longer being read.
         let tail = self.tail().load(Ordering::Acquire);
         let used = head.wrapping_sub(tail);
-        if used > self.cap {
-            return 0; // a corrupt peer; never write out of bounds
+        (used <= self.cap).then(|| (head, self.cap - used))
+    }
+
+    /// Producer: copies `bytes` at ring position `at`, wrapping around.
+    ///
+    /// SAFETY: the caller checked that `bytes.len()` bytes are free from `at` on; the
+    /// consumer does not read them until `head` is published past them.
+    unsafe fn copy_at(&self, at: u64, bytes: &[u8]) {
+        let pos = (at % self.cap) as usize;
+        let first = bytes.len().min(self.cap as usize - pos);
+        // SAFETY: pos + first <= cap, and the rest (<= pos) goes to the start.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.data.add(pos), first);
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr().add(first),
+                self.data,
+                bytes.len() - first,
+            );
         }
-        let n = (self.cap - used).min(bytes.len() as u64) as usize;
+    }
+
+    /// Producer: publishes the bytes written up to `head`. SeqCst (a Release store plus a
+    /// full fence) publishes them to the consumer's Acquire load of `head`, and orders this
+    /// store before our load of `reader_parked` (Dekker pairing with the reader's park).
+    fn publish(&self, head: u64) {
+        self.head().store(head, Ordering::SeqCst);
+    }
+
+    /// Producer: copies `a` then `b` if both fit whole, publishing them at once (one frame's
+    /// header and body); returns whether it did.
+    fn write_both(&self, a: &[u8], b: &[u8]) -> bool {
+        let Some((head, free)) = self.free() else {
+            return false;
+        };
+        if free < (a.len() + b.len()) as u64 {
+            return false;
+        }
+        // SAFETY: both fit in the free space.
+        unsafe {
+            self.copy_at(head, a);
+            self.copy_at(head.wrapping_add(a.len() as u64), b);
+        }
+        self.publish(head.wrapping_add((a.len() + b.len()) as u64));
+        true
+    }
+
+    /// Producer: copies as much of `bytes` as fits; returns the count.
+    fn write(&self, bytes: &[u8]) -> usize {
+        let Some((head, free)) = self.free() else {
+            return 0;
+        };
+        let n = free.min(bytes.len() as u64) as usize;
         if n == 0 {
             return 0;
         }
-        let pos = (head % self.cap) as usize;
-        let first = n.min(self.cap as usize - pos);
-        // SAFETY: pos + first <= cap and n - first <= pos; the consumer does not read this
-        // region until `head` is published below.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.data.add(pos), first);
-            std::ptr::copy_nonoverlapping(bytes.as_ptr().add(first), self.data, n - first);
-        }
-        // SeqCst (a Release store plus a full fence) publishes the bytes to the consumer's
-        // Acquire load of `head`, and orders this store before our load of `reader_parked`
-        // (Dekker pairing with the reader's park below).
-        self.head()
-            .store(head.wrapping_add(n as u64), Ordering::SeqCst);
+        // SAFETY: n bytes are free.
+        unsafe { self.copy_at(head, &bytes[..n]) };
+        self.publish(head.wrapping_add(n as u64));
         n
     }
 
@@ -312,8 +320,9 @@ struct Outbox {
 /// The reading state of an endpoint; hold it (via [`Endpoint::try_reader`]) to read.
 pub struct Reader {
     decoder: FrameDecoder,
-    /// Socket receive buffer, allocated once (zeroing 16 kB per read showed in profiles).
-    sockbuf: Box<[u8]>,
+    /// Receives a shm channel's doorbell bytes (the stream transport receives into the
+    /// decoder itself).
+    sockbuf: [u8; 64],
     hello_seen: bool,
     eof: bool,
 }
@@ -407,7 +416,7 @@ impl Endpoint {
             }),
             reader: Mutex::new(Reader {
                 decoder: FrameDecoder::new(max_frame),
-                sockbuf: vec![0u8; 16384].into_boxed_slice(),
+                sockbuf: [0u8; 64],
                 hello_seen: false,
                 eof: false,
             }),
@@ -553,11 +562,6 @@ impl Endpoint {
         }
     }
 
-    /// Whether this endpoint parks on a futex (shm) rather than on its socket.
-    pub fn parks_on_futex(&self) -> bool {
-        self.shm.is_some()
-    }
-
     /// A blocking caller's park: announces itself on the futex word and sleeps until a
     /// writer publishes bytes, another thread wakes it, or `timeout_ms` passes. Returns at
     /// once if bytes arrived meanwhile. For the stream transport, waits on the socket and on
@@ -584,8 +588,9 @@ impl Endpoint {
         }
     }
 
-    /// Queues one frame (header added here) and writes as much as the transport takes now.
-    pub fn send_frame(&self, body: &[u8]) -> io::Result<()> {
+    /// Queues one frame (header added here) and writes as much as the transport takes now;
+    /// returns whether bytes still wait in the outbox (see [`Endpoint::flush`]).
+    pub fn send_frame(&self, body: &[u8]) -> io::Result<bool> {
         if self.is_closed() {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
@@ -604,7 +609,7 @@ impl Endpoint {
             {
                 drop(out);
                 self.wake_reader();
-                return Ok(());
+                return Ok(false);
             }
             let n = match &self.shm {
                 // Header and body together where they fit (one `head` update, or one system
@@ -632,8 +637,7 @@ impl Endpoint {
         let more = self.flush_locked(&mut out)?;
         drop(out);
         self.wake_reader();
-        let _ = more;
-        Ok(())
+        Ok(more)
     }
 
     fn flush_locked(&self, out: &mut Outbox) -> io::Result<bool> {
@@ -723,21 +727,41 @@ impl Endpoint {
             if skip_socket {
                 break;
             }
-            // SAFETY: non-blocking recv into a stack buffer.
-            let n = unsafe {
-                libc::recv(
-                    self.sock.as_raw_fd(),
-                    r.sockbuf.as_mut_ptr() as *mut libc::c_void,
-                    r.sockbuf.len(),
-                    libc::MSG_DONTWAIT,
-                )
+            let sock = self.sock.as_raw_fd();
+            let n = if self.shm.is_some() {
+                // Doorbells: read and dropped.
+                // SAFETY: non-blocking recv into the reader's own buffer.
+                unsafe {
+                    libc::recv(
+                        sock,
+                        r.sockbuf.as_mut_ptr() as *mut libc::c_void,
+                        r.sockbuf.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                }
+            } else {
+                // Data: received straight into the decoder's buffer.
+                r.decoder.append_with(|buf| {
+                    buf.reserve(STREAM_READ);
+                    let spare = buf.spare_capacity_mut();
+                    // SAFETY: non-blocking recv into the Vec's spare capacity; the bytes it
+                    // wrote are initialised, and only those are added to the length.
+                    unsafe {
+                        let n = libc::recv(
+                            sock,
+                            spare.as_mut_ptr() as *mut libc::c_void,
+                            spare.len(),
+                            libc::MSG_DONTWAIT,
+                        );
+                        if n > 0 {
+                            buf.set_len(buf.len() + n as usize);
+                        }
+                        n
+                    }
+                })
             };
             if n > 0 {
                 if self.shm.is_none() {
-                    let Reader {
-                        decoder, sockbuf, ..
-                    } = &mut *r;
-                    decoder.push(&sockbuf[..n as usize]);
                     pass.progressed = true;
                     if r.decoder.buffered() > (1 << 20) {
                         break; // let frames out before reading more
@@ -848,6 +872,9 @@ fn taken(n: isize) -> io::Result<usize> {
         Err(e)
     }
 }
+
+/// Room made in the decoder's buffer for one receive on the stream transport.
+const STREAM_READ: usize = 16384;
 
 const PARK_NONE: u32 = 0;
 const PARK_SOCKET: u32 = 1;

@@ -111,7 +111,7 @@ fn read<'py>(py: Python<'py>, r: &mut Cursor<'_>, depth: usize) -> Option<Bound<
         return None;
     }
     let int = |v: i64| v.into_pyobject(py).ok().map(|o| o.into_any());
-    Some(match Marker::from_u8(r.u8()?) {
+    Some(match r.marker()? {
         Marker::Null => py.None().into_bound(py),
         Marker::True => PyBool::new(py, true).to_owned().into_any(),
         Marker::False => PyBool::new(py, false).to_owned().into_any(),
@@ -130,57 +130,25 @@ fn read<'py>(py: Python<'py>, r: &mut Cursor<'_>, depth: usize) -> Option<Bound<
         Marker::I64 => int(i64::from_be_bytes(r.be()?))?,
         Marker::F32 => PyFloat::new(py, f32::from_be_bytes(r.be()?) as f64).into_any(),
         Marker::F64 => PyFloat::new(py, f64::from_be_bytes(r.be()?)).into_any(),
-        Marker::FixStr(n) => string(py, r, n as usize)?,
-        Marker::Str8 => {
-            let n = r.len(1)?;
-            string(py, r, n)?
+        m @ (Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32) => {
+            let n = r.length(m)?;
+            PyString::new(py, r.utf8(n)?).into_any()
         }
-        Marker::Str16 => {
-            let n = r.len(2)?;
-            string(py, r, n)?
-        }
-        Marker::Str32 => {
-            let n = r.len(4)?;
-            string(py, r, n)?
-        }
-        Marker::Bin8 => {
-            let n = r.len(1)?;
+        m @ (Marker::Bin8 | Marker::Bin16 | Marker::Bin32) => {
+            let n = r.length(m)?;
             PyBytes::new(py, r.take(n)?).into_any()
         }
-        Marker::Bin16 => {
-            let n = r.len(2)?;
-            PyBytes::new(py, r.take(n)?).into_any()
-        }
-        Marker::Bin32 => {
-            let n = r.len(4)?;
-            PyBytes::new(py, r.take(n)?).into_any()
-        }
-        Marker::FixArray(n) => array(py, r, n as usize, depth)?,
-        Marker::Array16 => {
-            let n = r.len(2)?;
+        m @ (Marker::FixArray(_) | Marker::Array16 | Marker::Array32) => {
+            let n = r.length(m)?;
             array(py, r, n, depth)?
         }
-        Marker::Array32 => {
-            let n = r.len(4)?;
-            array(py, r, n, depth)?
-        }
-        Marker::FixMap(n) => map(py, r, n as usize, depth)?,
-        Marker::Map16 => {
-            let n = r.len(2)?;
-            map(py, r, n, depth)?
-        }
-        Marker::Map32 => {
-            let n = r.len(4)?;
+        m @ (Marker::FixMap(_) | Marker::Map16 | Marker::Map32) => {
+            let n = r.length(m)?;
             map(py, r, n, depth)?
         }
         // Ext types (msgpack-python gives ExtType or Timestamp) and the reserved byte.
         _ => return None,
     })
-}
-
-fn string<'py>(py: Python<'py>, r: &mut Cursor<'_>, n: usize) -> Option<Bound<'py, PyAny>> {
-    let s = std::str::from_utf8(r.take(n)?).ok()?;
-    Some(PyString::new(py, s).into_any())
 }
 
 fn array<'py>(

@@ -9,8 +9,8 @@ use pyo3::types::{PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use cmd_ipc_core::codec::{self, Limits};
 use cmd_ipc_core::error::{CodecError, UsageError};
 use cmd_ipc_core::message::{
-    new_id as core_new_id, CommandDef, CommandSchema, Encoding, ErrorCode, ExecError, Message,
-    Payload,
+    new_id as core_new_id, CommandDef, CommandSchema, Encoding, ErrorCode, ExecError, ExecResult,
+    Message, Payload,
 };
 use cmd_ipc_core::node::{Node as CoreNode, SyncOutcome};
 use cmd_ipc_core::router::{Action, Config, Micros, Router as CoreRouter};
@@ -99,6 +99,30 @@ fn call_request(request: &Bound<'_, PyAny>, encoded: bool) -> Option<Option<Payl
         convert::encode(request).map(|d| Some(Payload::new(Encoding::Msgpack, d)))
     } else {
         None
+    }
+}
+
+/// A blocking call's result, for Python: the value (decoded here when it is plain msgpack),
+/// the payload Python must decode, or the error.
+enum SyncResult<'py> {
+    Value(Bound<'py, PyAny>),
+    Raw(Bound<'py, PyAny>, Bound<'py, PyAny>),
+    Error(&'static str, String),
+}
+
+fn sync_result<'py>(py: Python<'py>, r: ExecResult) -> SyncResult<'py> {
+    match r {
+        Ok(None) => SyncResult::Value(py.None().into_bound(py)),
+        Ok(Some(p)) => {
+            if p.encoding == Encoding::Msgpack {
+                if let Some(v) = convert::decode(py, &p.data) {
+                    return SyncResult::Value(v);
+                }
+            }
+            let (data, enc) = py_payload(py, &Some(p));
+            SyncResult::Raw(data, enc)
+        }
+        Err(e) => SyncResult::Error(e.code.as_str(), e.message),
     }
 }
 
@@ -583,17 +607,11 @@ impl Node {
         let outcome = py.detach(|| node.call_sync(command_id, request, ttl.map(to_micros)));
         match outcome {
             SyncOutcome::Fallback => ("fallback", none(), none()).into_pyobject(py),
-            SyncOutcome::Done(Ok(None)) => ("value", none(), none()).into_pyobject(py),
-            SyncOutcome::Done(Ok(Some(p))) => {
-                if p.encoding == Encoding::Msgpack {
-                    if let Some(v) = convert::decode(py, &p.data) {
-                        return ("value", v, none()).into_pyobject(py);
-                    }
-                }
-                let (data, enc) = py_payload(py, &Some(p));
-                ("result", data, enc).into_pyobject(py)
-            }
-            SyncOutcome::Done(Err(e)) => ("error", e.code.as_str(), e.message).into_pyobject(py),
+            SyncOutcome::Done(r) => match sync_result(py, r) {
+                SyncResult::Value(v) => ("value", v, none()).into_pyobject(py),
+                SyncResult::Raw(data, enc) => ("result", data, enc).into_pyobject(py),
+                SyncResult::Error(code, message) => ("error", code, message).into_pyobject(py),
+            },
         }
     }
 
@@ -631,21 +649,14 @@ impl Node {
         let values = PyList::empty(py);
         let others = PyList::empty(py);
         for (i, r) in results.into_iter().enumerate() {
-            let value = match r {
-                Ok(None) => none(),
-                Ok(Some(p)) => match (p.encoding == Encoding::Msgpack)
-                    .then(|| convert::decode(py, &p.data))
-                    .flatten()
-                {
-                    Some(v) => v,
-                    None => {
-                        let (data, enc) = py_payload(py, &Some(p));
-                        others.append((i, "result", data, enc))?;
-                        none()
-                    }
-                },
-                Err(e) => {
-                    others.append((i, "error", e.code.as_str(), e.message))?;
+            let value = match sync_result(py, r) {
+                SyncResult::Value(v) => v,
+                SyncResult::Raw(data, enc) => {
+                    others.append((i, "result", data, enc))?;
+                    none()
+                }
+                SyncResult::Error(code, message) => {
+                    others.append((i, "error", code, message))?;
                     none()
                 }
             };
