@@ -16,25 +16,15 @@ The ratios of the registry rows to these baselines are printed at the end of the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
-from bench_support import per_call_us
+from bench_support import BATCH, per_call_us
 from cmd_ipc import CommandRegistry, InMemoryChannel
 
-BATCH = 2000
 #: Per-call microseconds by row, read by the terminal summary in conftest.py.
 RESULTS: dict[str, float] = {}
 RATIOS = (("local", "baseline_direct"), ("one_hop", "baseline_future_hop"))
-
-
-def _bench(
-    benchmark: Any,
-    loop: asyncio.AbstractEventLoop,
-    name: str,
-    one_call: Callable[[], Awaitable[Any]],
-) -> None:
-    RESULTS[name] = per_call_us(benchmark, loop, one_call, BATCH)
 
 
 def _add(a: int, b: int) -> int:
@@ -46,7 +36,7 @@ async def _add_async(a: int, b: int) -> int:
 
 
 def test_baseline_direct(benchmark: Any, loop: asyncio.AbstractEventLoop) -> None:
-    _bench(benchmark, loop, "baseline_direct", lambda: _add_async(a=1, b=2))
+    RESULTS["baseline_direct"] = per_call_us(benchmark, loop, lambda: _add_async(a=1, b=2))
 
 
 def test_baseline_future_hop(benchmark: Any, loop: asyncio.AbstractEventLoop) -> None:
@@ -59,7 +49,7 @@ def test_baseline_future_hop(benchmark: Any, loop: asyncio.AbstractEventLoop) ->
         loop.call_soon(serve)
         return fut
 
-    _bench(benchmark, loop, "baseline_future_hop", one_call)
+    RESULTS["baseline_future_hop"] = per_call_us(benchmark, loop, one_call)
 
 
 def test_local_execute(benchmark: Any, loop: asyncio.AbstractEventLoop) -> None:
@@ -70,7 +60,9 @@ def test_local_execute(benchmark: Any, loop: asyncio.AbstractEventLoop) -> None:
 
     loop.run_until_complete(setup())
     req = {"a": 1, "b": 2}
-    _bench(benchmark, loop, "local", lambda: registry.execute_command("calc.add", req))
+    RESULTS["local"] = per_call_us(
+        benchmark, loop, lambda: registry.execute_command("calc.add", req)
+    )
     loop.run_until_complete(registry.close())
 
 
@@ -86,7 +78,7 @@ def test_one_in_memory_hop(benchmark: Any, loop: asyncio.AbstractEventLoop) -> N
 
     loop.run_until_complete(setup())
     req = {"a": 1, "b": 2}
-    _bench(benchmark, loop, "one_hop", lambda: main.execute_command("calc.add", req))
+    RESULTS["one_hop"] = per_call_us(benchmark, loop, lambda: main.execute_command("calc.add", req))
     assert main.stats()["channels"]["worker"]["sent"] >= BATCH
 
     async def teardown() -> None:

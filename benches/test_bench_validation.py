@@ -19,14 +19,13 @@ end of the run (``benches/conftest.py``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from bench_support import per_call_us
 from cmd_ipc import CommandRegistry
 from pydantic import BaseModel
 
-BATCH = 2000
 #: Per-call microseconds by row, read by the terminal summary in conftest.py.
 RESULTS: dict[str, float] = {}
 RATIOS = (("validated", "untyped"), ("validated_model", "untyped_model"))
@@ -40,15 +39,6 @@ class Point(BaseModel):
 class Moved(BaseModel):
     point: Point
     label: str
-
-
-def _bench(
-    benchmark: Any,
-    loop: asyncio.AbstractEventLoop,
-    name: str,
-    one_call: Callable[[], Awaitable[Any]],
-) -> None:
-    RESULTS[name] = per_call_us(benchmark, loop, one_call, BATCH)
 
 
 def _add(a: int, b: int) -> int:
@@ -79,7 +69,7 @@ def _run_local(
         assert await registry.execute_command("cmd", request) == expected
 
     loop.run_until_complete(setup())
-    _bench(benchmark, loop, name, lambda: registry.execute_command("cmd", request))
+    RESULTS[name] = per_call_us(benchmark, loop, lambda: registry.execute_command("cmd", request))
     loop.run_until_complete(registry.close())
 
 

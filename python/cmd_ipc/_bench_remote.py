@@ -88,11 +88,9 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
     for stream in (proc.stdin, proc.stdout):
         if stream is not None:
             stream.close()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    from cmd_ipc.bench import reap
+
+    reap(proc, 10)
 
 
 BLOCK = 50

@@ -485,6 +485,15 @@ CHUNKS = 10
 CALL_TIMEOUT = 10.0
 
 
+def reap(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """Waits for a child to end by itself, then kills it."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _samples(n: int) -> array.array[int]:
     """Storage for ``n`` timings, allocated and touched before the timed loop: storing
     the timings in a list would keep one new int object per call, and the memory pages
@@ -745,11 +754,7 @@ class _Bench:
             with contextlib.suppress(OSError):
                 parent.send(None)
             parent.close()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            reap(proc, 5)
 
     def baseline_streams(self, weight: float) -> None:
         tmp = tempfile.mkdtemp(prefix="cmd-ipc-bench-")
@@ -801,11 +806,7 @@ class _Bench:
         finally:
             lsock.close()
             if proc is not None:
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                reap(proc, 5)
             with contextlib.suppress(OSError):
                 os.unlink(path)
             with contextlib.suppress(OSError):

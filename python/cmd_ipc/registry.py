@@ -924,6 +924,16 @@ class CommandRegistry:
         data = _encode_request(command_id, request)
         if timeout is not None and not timeout > 0:
             raise ValueError("timeout must be a positive number of seconds")
+        return await self._execute_encoded(loop, command_id, data, timeout)
+
+    async def _execute_encoded(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        command_id: str,
+        data: bytes | None,
+        timeout: float | None,
+    ) -> Any:
+        """:meth:`execute_command` of a request already checked and encoded."""
         fut: asyncio.Future[Any] = loop.create_future()
         call, actions = self._node.execute(command_id, data, "msgpack", timeout, loop.time())
         self._outcomes[call] = _settle(fut)
@@ -972,8 +982,8 @@ class CommandRegistry:
                 ``return_exceptions``; every call has finished by then.
             TypeError: A request is not a mapping or cannot be serialised (nothing is sent).
         """
-        reqs = self._check_many(requests, timeout, window)
         loop = self._bind_loop()
+        reqs = self._check_many(requests, timeout, window)
         if self._node.route_of(command_id) in self._native:
             out = await loop.run_in_executor(
                 None, self._call_many_native, command_id, reqs, timeout, window
@@ -1001,15 +1011,21 @@ class CommandRegistry:
         Raises:
             RuntimeError: Called on the registry's own loop thread, or without a running loop.
         """
+        # The checks of execute_command_sync, in the same order.
+        if self._fork_generation != _FORK_GENERATION[0]:
+            self._check_process()
         if self._loop_thread == threading.get_ident():
             raise RuntimeError(
                 "execute_many_sync on the registry's own event loop thread would deadlock; "
                 "use `await registry.execute_many(...)`"
             )
+        if self._closed:
+            raise RuntimeError(f"registry {self.id!r} is closed")
         reqs = self._check_many(requests, timeout, window)
-        out = self._call_many_native(command_id, reqs, timeout, window)
-        if out is not None:
-            return _many_results(*out, return_exceptions)
+        if self._node.route_of(command_id) in self._native:
+            out = self._call_many_native(command_id, reqs, timeout, window)
+            if out is not None:
+                return _many_results(*out, return_exceptions)
         return cast(
             "list[Any]",
             self._blocking(
@@ -1022,10 +1038,7 @@ class CommandRegistry:
     def _check_many(
         self, requests: Iterable[Mapping[str, Any] | None], timeout: float | None, window: int
     ) -> list[Any]:
-        if self._fork_generation != _FORK_GENERATION[0]:
-            self._check_process()
-        if self._closed:
-            raise RuntimeError(f"registry {self.id!r} is closed")
+        """Checks a batch's arguments; returns its requests as a list."""
         if timeout is not None and not timeout > 0:
             raise ValueError("timeout must be a positive number of seconds")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -1060,15 +1073,16 @@ class CommandRegistry:
         return_exceptions: bool,
     ) -> list[Any]:
         """The batch through :meth:`execute_command`, ``window`` lanes at a time."""
-        for r in requests:  # every request is checked before anything is sent
-            _encode_request(command_id, r)
+        loop = self._bind_loop()
+        # Every request is checked (encoded) before anything is sent.
+        encoded = [_encode_request(command_id, r) for r in requests]
         results: list[Any] = [None] * len(requests)
-        todo = iter(enumerate(requests))
+        todo = iter(enumerate(encoded))
 
         async def lane() -> None:
-            for i, request in todo:
+            for i, data in todo:
                 try:
-                    results[i] = await self.execute_command(command_id, request, timeout=timeout)
+                    results[i] = await self._execute_encoded(loop, command_id, data, timeout)
                 except CommandError as e:
                     results[i] = e
 
@@ -1154,11 +1168,15 @@ class CommandRegistry:
             TypeError: ``fn`` is not callable, or its annotation cannot be resolved or
                 described.
         """
+        self._listen(event_id, fn, caller_locals() if validate else None)
+        return functools.partial(self.remove_event_listener, event_id, fn)
+
+    def _listen(self, event_id: str, fn: Listener, localns: dict[str, Any] | None) -> None:
+        """Adds a listener; ``localns`` (the registering code's names) given: validated."""
         if not callable(fn):
             raise TypeError("listener must be callable")
-        convert = listener_converter(event_id, fn, caller_locals()) if validate else None
+        convert = listener_converter(event_id, fn, localns) if localns is not None else None
         self._listeners.setdefault(event_id, []).append((fn, convert))
-        return functools.partial(self.remove_event_listener, event_id, fn)
 
     def remove_event_listener(self, event_id: str, fn: Listener) -> None:
         """Removes a listener added with :meth:`add_event_listener` (no error if absent)."""
@@ -1191,10 +1209,7 @@ class CommandRegistry:
         localns = caller_locals() if validate else None
 
         def decorator(fn: F) -> F:
-            if not callable(fn):
-                raise TypeError("listener must be callable")
-            convert = listener_converter(event_id, fn, localns) if validate else None
-            self._listeners.setdefault(event_id, []).append((fn, convert))
+            self._listen(event_id, fn, localns)
             return fn
 
         return decorator

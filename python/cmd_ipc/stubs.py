@@ -259,7 +259,7 @@ def generate(commands: Sequence[Mapping[str, Any]], *, source: str = "") -> str:
             names.append(fname + suffix)
     code = "\n\n\n".join([*mod.defs, *funcs])
     typing_names = [
-        n for n in ("Any", "Literal", "Optional", "Union") if re.search(rf"\b{n}\[|\b{n}\b", code)
+        n for n in ("Any", "Literal", "Optional", "Union") if re.search(rf"\b{n}\b", code)
     ]
     ext = [n for n in ("NotRequired", "TypeAlias", "TypedDict") if re.search(rf"\b{n}\b", code)]
     doc = _docstring(
