@@ -42,7 +42,7 @@ from cmd_ipc import CommandRegistry
 BATCH = 2000
 ROUNDS = 10
 REQ = {"a": 1, "b": 2}
-TARGETS = "cmd_ipc._bench_targets"
+TARGETS = "cmd_ipc.bench.targets"
 PIN = os.environ.get("CMD_IPC_BENCH_PIN", "") not in ("", "0")
 CHILD_CPU = 1 if PIN else None
 #: Per-call microseconds by row, read by the terminal summary in conftest.py.
@@ -110,7 +110,7 @@ def _bench_on_loop(
         for _ in range(BATCH):
             await one_call()
 
-    benchmark.pedantic(lambda: registry._blocking(batch), rounds=ROUNDS, warmup_rounds=1)
+    benchmark.pedantic(lambda: registry.run_blocking(batch), rounds=ROUNDS, warmup_rounds=1)
     _record(benchmark, name)
 
 
@@ -159,7 +159,7 @@ def test_baseline_streams(benchmark: Any, registry: CommandRegistry) -> None:
         async def connect() -> None:
             conn["rw"] = await asyncio.open_unix_connection(path)
 
-        registry._blocking(connect)
+        registry.run_blocking(connect)
         reader, writer = conn["rw"]
 
         async def one_call() -> Any:
@@ -176,7 +176,7 @@ def test_baseline_streams(benchmark: Any, registry: CommandRegistry) -> None:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-        registry._blocking(close)
+        registry.run_blocking(close)
     finally:
         proc.wait(10)
         os.unlink(path)
@@ -225,7 +225,7 @@ def test_hop_sibling(benchmark: Any, registry: CommandRegistry) -> None:
         times: list[float] = []
 
         def batch() -> None:
-            out = registry._blocking(
+            out = registry.run_blocking(
                 lambda: registry.execute_command(
                     "bench.call_many", {"command": "calc.add", "n": BATCH}, timeout=20
                 )

@@ -2,7 +2,7 @@
 ``pytest benches --benchmark-only``; ``cmd-ipc bench`` measures the same rows with
 percentiles.
 
-One server child (:mod:`cmd_ipc._bench_remote`) serves a bare aiohttp ``POST /bare`` (the
+One server child (:mod:`cmd_ipc.bench.remote`) serves a bare aiohttp ``POST /bare`` (the
 baseline), the cmd-ipc HTTP endpoint and a WebSocket server on one registry. Each benchmark
 round makes ``BATCH`` sequential calls of ``add({"a": 1, "b": 2})``:
 
@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 from bench_support import per_call_us
 from cmd_ipc import CommandRegistry, HTTPChannel, WebSocketChannel
-from cmd_ipc._bench_remote import REQ, start_server, stop_server
+from cmd_ipc.bench.remote import REQ, start_server, stop_server
 
 BATCH = 200
 PIN = os.environ.get("CMD_IPC_BENCH_PIN", "") not in ("", "0")

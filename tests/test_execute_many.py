@@ -104,13 +104,7 @@ def test_timeouts_apply_to_each_call() -> None:
 def test_worker_killed_mid_batch_fails_what_was_waiting(transport: Transport) -> None:
     with CommandRegistry("main") as r:
         closed: list[str] = []
-        on_closed = r._native_closed
-
-        def count_closed(channel_id: str, reason: str) -> None:
-            closed.append(channel_id)
-            on_closed(channel_id, reason)
-
-        r._native_closed = count_closed  # type: ignore[method-assign]
+        r.add_close_listener(lambda channel_id, _reason: closed.append(channel_id))
         worker = r.spawn_worker_sync("worker-1", "worker_targets:calc", transport=transport)
         assert worker.pid is not None
         pid = worker.pid

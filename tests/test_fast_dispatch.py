@@ -40,13 +40,13 @@ async def test_plain_handler_is_dispatched_without_the_python_action_loop(
     root, worker = pair
     await worker.register_command("calc.add", lambda a, b: a + b)
     runs: list[Any] = []
-    original = worker._run
+    original = worker._dispatch.run
 
     def spy(*args: Any) -> None:
         runs.append(args)
         original(*args)
 
-    worker._run = spy  # type: ignore[method-assign]
+    worker._dispatch.run = spy  # type: ignore[method-assign]
     assert await root.execute_command("calc.add", {"a": 2, "b": 3}) == 5
     assert await root.execute_command("calc.add", {"a": b"x", "b": b"y"}) == b"xy"
     assert runs == []

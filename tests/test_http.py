@@ -1027,3 +1027,76 @@ async def test_events_do_not_reach_http_clients_and_do_not_disturb_answers(
         api.emit_event("news", {"type": "execute.command.response", "thid": "x", "i": i})
         assert await client.execute_command("calc.add", {"a": i, "b": 0}) == i
     assert heard == []
+
+
+# ------------------------------------------------------------------------------ decoding once
+
+
+#: Frames as the registry encodes them (``transcode`` re-encodes), and as another encoder may
+#: order or escape them: the head is read where it can be, else the frame is read in full.
+HEAD_FRAMES = [
+    {"id": "r1", "type": "execute.command.response", "thid": "q1", "response": {"ok": True}},
+    {"id": "r2", "type": "execute.command.response", "thid": 'q"2\\', "response": {"ok": True}},
+    {"id": "r3", "type": "list.commands.response", "thid": "ünï", "commands": []},
+    {"id": "e1", "type": "event", "eventId": "news", "payload": {"thid": "q1"}},
+    {"id": "q3", "type": "execute.command.request", "commandId": "a.b", "request": {"n": 1}},
+    {"id": "l1", "type": "list.commands.request"},
+]
+
+
+@pytest.mark.parametrize("message", HEAD_FRAMES, ids=lambda m: str(m["id"]))
+def test_a_registry_frame_is_read_by_its_head(message: dict[str, Any]) -> None:
+    from cmd_ipc import _core
+    from cmd_ipc.channels.http import _trusted_head
+
+    encoded = _core.transcode(json.dumps(message).encode(), "json", "json")
+    reordered = json.dumps(dict(reversed(message.items()))).encode()
+    for frame in (encoded, reordered):
+        assert _trusted_head(frame) == _core.inspect_message(frame, "json")
+
+
+def test_a_command_prefix_is_cut_in_place() -> None:
+    from cmd_ipc import _core
+    from cmd_ipc.channels.http import _strip_command_prefix
+
+    def frame(command_id: str, *, reverse: bool = False) -> bytes:
+        m = {"id": "q", "type": "execute.command.request", "commandId": command_id}
+        m["request"] = {"x": 1.5e300, "s": "api.calc"}
+        if reverse:
+            return json.dumps(dict(reversed(m.items()))).encode()
+        return _core.transcode(json.dumps(m).encode(), "json", "json")
+
+    assert _strip_command_prefix(frame("api.calc.add"), "api") == frame("calc.add")
+    assert _strip_command_prefix(frame("other.add"), "api") == frame("other.add")
+    assert _strip_command_prefix(frame("ä.add"), "ä") == frame("add")
+    # Heads that do not show the commandId plainly: the caller parses the frame.
+    assert _strip_command_prefix(frame('a"pi.add'), 'a"pi') is None
+    assert _strip_command_prefix(frame("api.add", reverse=True), "api") is None
+
+
+@pytest.mark.parametrize("prefix", [None, "remote", 'we"ird'])
+async def test_each_message_is_decoded_once_by_the_http_layer(
+    registries: Make, servers: Serve, monkeypatch: pytest.MonkeyPatch, prefix: str | None
+) -> None:
+    """A call validates the POSTed body (server) and the answer line (client), once each: the
+    frames the registries encoded are not decoded again (their registries decode what
+    reaches them, in Rust, once)."""
+    from cmd_ipc import _core
+
+    api, runs = await api_with_commands(registries)
+    server = await servers(api)
+    client = registries("client")
+    await client.register_channel(HTTPChannel("api", server.url, command_prefix=prefix))
+    inspected: list[bytes] = []
+    inspect = _core.inspect_message
+
+    def counting(data: bytes, *args: Any, **kwargs: Any) -> Any:
+        inspected.append(bytes(data))
+        return inspect(data, *args, **kwargs)
+
+    monkeypatch.setattr(_core, "inspect_message", counting)
+    command = "calc.add" if prefix is None else f"{prefix}.calc.add"
+    assert await client.execute_command(command, {"a": 1, "b": 2}) == 3
+    assert runs["calc.add"] == 1
+    kinds = [json.loads(data)["type"] for data in inspected]
+    assert kinds == ["execute.command.request", "execute.command.response"]

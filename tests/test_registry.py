@@ -695,7 +695,11 @@ def test_decorator_and_emit_from_another_thread_run_on_the_loop_thread() -> None
         registry.add_event_listener("ping", lambda p: seen.append((p, threading.get_ident())))
         assert registry.execute_command_sync("calc.add", {"a": 1, "b": 2}) == 3
         registry.emit_event("ping", 1)
-        loop_thread = registry._loop_thread
+
+        async def thread_of_loop() -> int:
+            return threading.get_ident()
+
+        loop_thread = registry.run_blocking(thread_of_loop)
         assert registry.unregister_command("calc.add")
     assert seen == [(1, loop_thread)]
     assert loop_thread != threading.get_ident()

@@ -59,7 +59,7 @@ ALL_TYPES = {
 def wire(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
     """Validates every text message a WebSocket channel receives (so everything that
     crossed between two of ours, whichever way it was written or read); yields them."""
-    from cmd_ipc.websocket import _WebSocketBase
+    from cmd_ipc.channels.websocket import _WebSocketBase
 
     seen: list[dict[str, Any]] = []
     original = _WebSocketBase._deliver
@@ -571,7 +571,7 @@ async def test_bursts_keep_their_order_across_direct_and_queued_writes(
     """A frame is written at once while nothing waits to be written, else queued for the
     writer task (a full socket). Order holds across both: here the first 100 frames are
     forced through the queue, and those sent right after must wait behind them."""
-    import cmd_ipc.websocket as ws_module
+    import cmd_ipc.channels.websocket as ws_module
 
     hub, _, server = await hub_tree(registries, start)
     edge, _ = await join(registries, server.url)

@@ -677,7 +677,7 @@ def test_blocking_calls_from_many_threads_and_the_loop_at_once(transport: Transp
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             threads = [pool.submit(caller, t) for t in range(4)]
-            on_loop = r._blocking(awaited, timeout=60)
+            on_loop = r.run_blocking(awaited, timeout=60)
             results = [f.result(timeout=60) for f in threads]
         assert results == [[t + i for i in range(300)] for t in range(4)]
         assert on_loop == [i - 1 for i in range(300)]

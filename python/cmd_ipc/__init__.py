@@ -27,6 +27,7 @@ from cmd_ipc.channels.native import NativeChannel
 from cmd_ipc.commands import command
 from cmd_ipc.errors import (
     ChannelDisconnectedError,
+    CmdIpcError,
     CommandError,
     CommandTimeoutError,
     DuplicateCommandError,
@@ -34,20 +35,21 @@ from cmd_ipc.errors import (
     InvalidRequestError,
     NotFoundError,
     ProtocolError,
+    WorkerError,
 )
 from cmd_ipc.registry import CommandRegistry
-from cmd_ipc.workers import RestartPolicy, Worker, WorkerError
+from cmd_ipc.workers import RestartPolicy, Worker
 
 if TYPE_CHECKING:
+    from cmd_ipc.channels.http import HTTPChannel
     from cmd_ipc.channels.stdio import StdioChannel
-    from cmd_ipc.http import HTTPChannel
-    from cmd_ipc.websocket import WebSocketChannel
+    from cmd_ipc.channels.websocket import WebSocketChannel
 
 #: Names imported on first use: their optional dependencies (aiohttp, websockets) load only
 #: when a program uses them.
 _LAZY = {
-    "HTTPChannel": "cmd_ipc.http",
-    "WebSocketChannel": "cmd_ipc.websocket",
+    "HTTPChannel": "cmd_ipc.channels.http",
+    "WebSocketChannel": "cmd_ipc.channels.websocket",
     "StdioChannel": "cmd_ipc.channels.stdio",
 }
 
@@ -66,6 +68,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Channel",
     "ChannelDisconnectedError",
+    "CmdIpcError",
     "CommandError",
     "CommandRegistry",
     "CommandTimeoutError",

@@ -3,45 +3,122 @@
 Everything here is low level: applications use :class:`cmd_ipc.CommandRegistry`, which drives
 a :class:`Node` and carries out its actions.
 
-Actions are tuples, the first item naming the kind:
+Actions are tuples whose first item is an ``ACTION_*`` constant (a small int, defined once in
+Rust):
 
-* ``("send", channel_id, frame)``: send ``frame`` (bytes, in the channel's encoding).
-* ``("run", job, handler_id, command_id, request, encoding)``: run a local handler with the
-  still-encoded ``request`` (``None`` when absent), then report with ``complete_job_ok`` or
-  ``complete_job_err``.
-* ``("result", call, value, encoding)``: the local call ``call`` succeeded.
-* ``("error", call, code, message)``: the local call ``call`` failed with a spec code.
-* ``("registered", call, code, message)``: a local registration finished (``code`` is
+* ``(ACTION_SEND, channel_id, frame)``: send ``frame`` (bytes, in the channel's encoding).
+* ``(ACTION_RUN, job, handler_id, command_id, request, encoding)``: run a local handler with
+  the still-encoded ``request`` (``None`` when absent), then report with ``complete_job_ok``
+  or ``complete_job_err``.
+* ``(ACTION_RESULT, call, value, encoding)``: the local call ``call`` succeeded.
+* ``(ACTION_ERROR, call, code, message)``: the local call ``call`` failed with a spec code.
+* ``(ACTION_REGISTERED, call, code, message)``: a local registration finished (``code`` is
   ``None`` on success).
-* ``("event", event_id, payload, encoding)``: deliver an event to local listeners.
-* ``("dropped", channel_id, kind, reason)``: a message was dropped (counted in the stats).
-* ``("closed", channel_id, reason)``: a native channel closed and was detached.
-* ``("want_write", channel_id)``: a native pipe channel has unsent bytes; call
+* ``(ACTION_EVENT, event_id, payload, encoding)``: deliver an event to local listeners.
+* ``(ACTION_WANT_WRITE, channel_id)``: a native pipe channel has unsent bytes; call
   ``flush_native`` when its socket is writable.
+* ``(ACTION_LISTED, channel_id)``: the channel's peer answered with its command list (its
+  commands are routable now).
+* ``(ACTION_CLOSED, channel_id, reason)``: a native channel closed and was detached.
+* ``(ACTION_DROPPED, channel_id, kind, reason)``: a message was dropped (counted in the
+  stats); ``kind`` is a string (``"invalid"``, ``"spoofed"``, ``"unknown_thid"``,
+  ``"duplicate_event"``, ``"undeliverable"``, ``"unencodable"``, ``"rejected"``).
+* ``(ACTION_FAST_FAILED, job, handler_id, request, exception)``: a handler called directly
+  by ``poll_native`` raised; finish the job in Python.
+* ``(ACTION_FAST_AWAIT, job, handler_id, request, awaitable)``: it returned an awaitable
+  (see :func:`needs_await`); await it and finish the job in Python.
+* ``(ACTION_FAST_UNENCODABLE, job, handler_id, request, exception)``: its result could not be
+  packed; finish the job in Python.
+
+Blocking calls (``Node.call_sync`` / ``call_many_sync``) return a triple whose first item is
+an ``OUTCOME_*`` constant.
 """
 
-from typing import Any, final
+from typing import Any, Final, final
 
 __all__ = [
+    "ACTION_CLOSED",
+    "ACTION_DROPPED",
+    "ACTION_ERROR",
+    "ACTION_EVENT",
+    "ACTION_FAST_AWAIT",
+    "ACTION_FAST_FAILED",
+    "ACTION_FAST_UNENCODABLE",
+    "ACTION_LISTED",
+    "ACTION_REGISTERED",
+    "ACTION_RESULT",
+    "ACTION_RUN",
+    "ACTION_SEND",
+    "ACTION_WANT_WRITE",
+    "EXECUTE_ERROR_CODES",
+    "OUTCOME_DONE",
+    "OUTCOME_ENCODE",
+    "OUTCOME_ERROR",
+    "OUTCOME_FALLBACK",
+    "OUTCOME_RESULT",
+    "OUTCOME_VALUE",
     "Node",
-    "ProtocolError",
     "__version__",
     "clock_gaps",
     "create_segment",
     "decode_plain",
     "encode_plain",
     "inspect_message",
+    "is_private",
+    "needs_await",
     "new_id",
     "transcode",
 ]
 
 __version__: str
 
-_Action = tuple[Any, ...]
+ACTION_SEND: Final[int]
+"""``(ACTION_SEND, channel_id, frame)``: send ``frame`` on a channel written in Python."""
+ACTION_RUN: Final[int]
+"""``(ACTION_RUN, job, handler_id, command_id, request, encoding)``: run a local handler."""
+ACTION_RESULT: Final[int]
+"""``(ACTION_RESULT, call, value, encoding)``: a local call succeeded."""
+ACTION_ERROR: Final[int]
+"""``(ACTION_ERROR, call, code, message)``: a local call failed."""
+ACTION_REGISTERED: Final[int]
+"""``(ACTION_REGISTERED, call, code, message)``: a local registration finished."""
+ACTION_EVENT: Final[int]
+"""``(ACTION_EVENT, event_id, payload, encoding)``: deliver an event locally."""
+ACTION_WANT_WRITE: Final[int]
+"""``(ACTION_WANT_WRITE, channel_id)``: flush a native pipe channel once writable."""
+ACTION_LISTED: Final[int]
+"""``(ACTION_LISTED, channel_id)``: the peer's command list arrived."""
+ACTION_CLOSED: Final[int]
+"""``(ACTION_CLOSED, channel_id, reason)``: a native channel closed."""
+ACTION_DROPPED: Final[int]
+"""``(ACTION_DROPPED, channel_id, kind, reason)``: a message was dropped."""
+ACTION_FAST_FAILED: Final[int]
+"""``(ACTION_FAST_FAILED, job, handler_id, request, exception)``: a direct call raised."""
+ACTION_FAST_AWAIT: Final[int]
+"""``(ACTION_FAST_AWAIT, job, handler_id, request, awaitable)``: a direct call must be
+awaited."""
+ACTION_FAST_UNENCODABLE: Final[int]
+"""``(ACTION_FAST_UNENCODABLE, job, handler_id, request, exception)``: a direct call's
+result could not be packed."""
 
-class ProtocolError(ValueError):
-    """A frame or value that breaks the protocol or its limits; ``args`` are
-    ``(code, message)``."""
+OUTCOME_VALUE: Final[int]
+"""``(OUTCOME_VALUE, value, None)``: the result, decoded in Rust."""
+OUTCOME_RESULT: Final[int]
+"""``(OUTCOME_RESULT, data, encoding)``: the result, to decode in Python."""
+OUTCOME_ERROR: Final[int]
+"""``(OUTCOME_ERROR, code, message)``: the call failed with a spec code."""
+OUTCOME_ENCODE: Final[int]
+"""``(OUTCOME_ENCODE, None, None)``: encode the request(s) in Python and call again."""
+OUTCOME_FALLBACK: Final[int]
+"""``(OUTCOME_FALLBACK, None, None)``: not behind a native channel; use the event loop."""
+OUTCOME_DONE: Final[int]
+"""``(OUTCOME_DONE, values, others)``: a batch of ``call_many_sync`` finished."""
+
+EXECUTE_ERROR_CODES: Final[frozenset[str]]
+"""The spec error codes an ``execute.command.response`` may carry (not
+``duplicate_command``)."""
+
+_Action = tuple[Any, ...]
 
 @final
 class Node:
@@ -66,12 +143,6 @@ class Node:
         spin_us: int = 50,
     ) -> Node: ...
     @property
-    def id(self) -> str:
-        """This registry's id."""
-    @property
-    def router_channel(self) -> str | None:
-        """The channel to the parent, if any."""
-    @property
     def wake_fd(self) -> int:
         """Readable when another thread queued actions (take them with ``take_queued``)."""
     def add_native_channel(
@@ -85,8 +156,6 @@ class Node:
         """Attaches a native channel over duplicates of the given descriptors."""
     def native_fd(self, channel: str) -> int | None:
         """The socket descriptor to watch for a native channel."""
-    def is_native(self, channel: str) -> bool:
-        """Whether ``channel`` is a native channel."""
     def poll_native(
         self, channel: str, spin_us: int = 0, budget: int = 64
     ) -> tuple[list[_Action], bool, bool, bool]:
@@ -95,10 +164,14 @@ class Node:
         blocking caller reads it: stop watching it for a moment."""
     def set_fast_handler(self, handler: int, fn_: Any | None) -> None:
         """Lets the read loop call ``fn_(**request)`` directly for a plain sync handler;
-        ``None`` removes it. Failures come back as ``("fast_failed" | "fast_await" |
-        "fast_unencodable", job, handler, request, value)`` actions."""
+        ``None`` removes it. Unusual outcomes come back as ``(ACTION_FAST_FAILED |
+        ACTION_FAST_AWAIT | ACTION_FAST_UNENCODABLE, job, handler, request, value)``
+        actions."""
     def set_fast_codec(self, unpack: Any, pack: Any) -> None:
         """The msgpack ``unpack(bytes)`` and ``pack(obj)`` callables for direct dispatch."""
+    def clear_handlers(self) -> None:
+        """Drops every fast handler and the fast codec pair (on close), so that nothing here
+        keeps a handler, or the registry it closes over, alive."""
     def native_busy(self, channel: str) -> bool:
         """Whether a blocking caller is reading the native channel now."""
     def flush_native(self, channel: str) -> bool:
@@ -115,14 +188,14 @@ class Node:
         request: object,
         ttl: float | None,
         encoded: bool = False,
-    ) -> tuple[str, Any, Any]:
+    ) -> tuple[int, Any, Any]:
         """A blocking call over a native channel (GIL released). ``request``: ``None``, a
         ``dict`` (encoded in Rust when it holds plain values) or, with ``encoded``, msgpack
-        ``bytes`` (anything else gives ``"encode"``). Returns
-        ``("value", result, None)``, ``("result", data, encoding)`` (decode in Python),
-        ``("error", code, message)``, ``("encode", None, None)`` (encode the request in
-        Python and call again with bytes) or ``("fallback", None, None)`` (the command is
-        not behind a native channel)."""
+        ``bytes`` (anything else gives ``OUTCOME_ENCODE``). Returns
+        ``(OUTCOME_VALUE, result, None)``, ``(OUTCOME_RESULT, data, encoding)`` (decode in
+        Python), ``(OUTCOME_ERROR, code, message)``, ``(OUTCOME_ENCODE, None, None)`` (encode
+        the request in Python and call again with bytes) or ``(OUTCOME_FALLBACK, None,
+        None)`` (the command is not behind a native channel)."""
     def call_many_sync(
         self,
         command_id: str,
@@ -130,13 +203,13 @@ class Node:
         ttl: float | None,
         window: int,
         encoded: bool = False,
-    ) -> tuple[str, Any, Any]:
+    ) -> tuple[int, Any, Any]:
         """Blocking calls of one command, one per request (each as for :meth:`call_sync`),
-        pipelined with up to ``window`` in flight (GIL released). Returns ``("done", values,
-        others)``: ``values`` holds the results decoded in Rust, ``others`` lists
-        ``(index, "result", data, encoding)`` to decode in Python and ``(index, "error",
-        code, message)`` for failures; or ``("encode", None, None)`` / ``("fallback", None,
-        None)`` as for :meth:`call_sync`."""
+        pipelined with up to ``window`` in flight (GIL released). Returns ``(OUTCOME_DONE,
+        values, others)``: ``values`` holds the results decoded in Rust, ``others`` lists
+        ``(index, OUTCOME_RESULT, data, encoding)`` to decode in Python and ``(index,
+        OUTCOME_ERROR, code, message)`` for failures; or ``(OUTCOME_ENCODE, None, None)`` /
+        ``(OUTCOME_FALLBACK, None, None)`` as for :meth:`call_sync`."""
     def add_channel(self, channel: str, encoding: str) -> list[_Action]:
         """Attaches a channel (``"json"`` or ``"msgpack"``); queues a list request on it."""
     def close_channel(self, channel: str) -> list[_Action]:
@@ -145,7 +218,7 @@ class Node:
         """Whether a channel of this id is attached."""
     def handle_frame(self, channel: str, frame: bytes, now: float) -> list[_Action]:
         """Decodes and handles one frame from ``channel``; invalid frames become
-        ``dropped`` actions (and an ``invalid_request`` answer when possible)."""
+        ``ACTION_DROPPED`` actions (and an ``invalid_request`` answer when possible)."""
     def execute(
         self,
         command_id: str,
@@ -205,7 +278,8 @@ def inspect_message(
     ``(type, id, thid)`` (``thid`` is ``None`` for requests and events).
 
     Raises:
-        ProtocolError: The input is malformed, not a spec-v1 message, too large or too deep.
+        cmd_ipc.errors.ProtocolError: The input is malformed, not a spec-v1 message, too
+            large or too deep.
     """
 
 def transcode(
@@ -219,7 +293,8 @@ def transcode(
     """Decodes one message in ``source`` encoding (with limits) and encodes it in ``target``.
 
     Raises:
-        ProtocolError: The input is malformed, not a spec-v1 message, too large or too deep.
+        cmd_ipc.errors.ProtocolError: The input is malformed, not a spec-v1 message, too
+            large or too deep.
     """
 
 def create_segment(ring_capacity: int = 1048576) -> int:
@@ -242,3 +317,13 @@ def clock_gaps(seconds: float, threshold_us: float) -> tuple[int, float]:
     """Reads the monotonic clock in a tight loop for ``seconds`` (GIL released); returns how
     many times two readings were more than ``threshold_us`` apart, and the longest gap in
     µs: the pauses the machine imposes on the thread."""
+
+def is_private(command_id: str) -> bool:
+    """Whether a command or event id is private (starts with ``_``): never advertised,
+    escalated or broadcast, and ``not_found`` when called from another registry. The
+    router's own rule."""
+
+def needs_await(obj: object) -> bool:
+    """Whether a handler's result must be awaited: it is not a plain value (``None``,
+    ``bool``, ``int``, ``float``, ``str``, ``bytes``, ``list``, ``tuple``, ``dict``, or a
+    subclass) and has ``__await__``. The test the direct-dispatch path applies itself."""

@@ -52,7 +52,7 @@ async def serve(boot: dict[str, Any]) -> int:
     async def handle(msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         op = msg.get("op")
         if op == "stop":
-            registry._stopping_worker = True
+            registry.expect_close(parent)
             stop.set()
             return {"ok": True}
         if op == "connect":
@@ -61,7 +61,9 @@ async def serve(boot: dict[str, Any]) -> int:
             desc["shm_fd"] = fds[1] if len(fds) > 1 else None
             channel = NativeChannel.from_description(desc)
             await registry.register_channel(channel)
-            registry._sibling_links.add(channel.id)
+            # A sibling that goes away is reported by the parent (stopped, or a WARNING
+            # for a death), not here.
+            registry.expect_close(channel.id, "peer closed the channel")
             # Answer once the peer's commands are known here: calls go direct from then on.
             await registry.wait_listed(channel.id)
             return {"ok": True}

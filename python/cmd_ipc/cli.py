@@ -2,9 +2,9 @@
 
 Sub-commands: ``serve``, ``list``, ``call``, ``stubs``, ``bench`` and ``demo``; each has
 ``--help``. A TARGET is where commands live: an HTTP URL (``http://host:port``, served by
-:mod:`cmd_ipc.http`), a WebSocket URL (``ws://host:port``, served by
-:mod:`cmd_ipc.websocket`), or ``package.module:setup``, a function that registers commands
-on a registry, run in this process.
+:mod:`cmd_ipc.server.http`), a WebSocket URL (``ws://host:port``, served by
+:mod:`cmd_ipc.server.websocket`), or ``package.module:setup``, a function that registers
+commands on a registry, run in this process.
 
 Human output is a table (with colour when stdout is a terminal); ``--json`` prints JSON for
 scripts. ``call`` exits with 0 on success and, on failure, prints the error code and message
@@ -102,13 +102,13 @@ async def open_target(
     registry = CommandRegistry("cmd-ipc-cli", request_ttl=timeout)
     try:
         if target.startswith(("http://", "https://")):
-            from cmd_ipc.http import HTTPChannel
+            from cmd_ipc.channels.http import HTTPChannel
 
             await registry.register_channel(
                 HTTPChannel("remote", target, token=token, timeout=timeout)
             )
         elif target.startswith(("ws://", "wss://")):
-            from cmd_ipc.websocket import WebSocketChannel
+            from cmd_ipc.channels.websocket import WebSocketChannel
 
             await registry.register_channel(
                 WebSocketChannel("remote", target, token=token, reconnect=False)
@@ -269,13 +269,13 @@ async def _serve(args: argparse.Namespace) -> int:
         urls: dict[str, str] = {}
         try:
             if http_at is not None:
-                from cmd_ipc.http import serve
+                from cmd_ipc.server.http import serve
 
                 server = await serve(registry, http_at[0], http_at[1], token=args.token)
                 closers.append(server)
                 urls["http"] = server.url
             if ws_at is not None:
-                from cmd_ipc.websocket import serve_websocket
+                from cmd_ipc.server.websocket import serve_websocket
 
                 ws = await serve_websocket(registry, ws_at[0], ws_at[1], token=args.token)
                 closers.append(ws)

@@ -1,25 +1,32 @@
-"""The exceptions of cmd-ipc.
+"""The exceptions of cmd-ipc: one tree, rooted at :class:`CmdIpcError`.
 
 Every failure of a command call is a :class:`CommandError` carrying the stable spec code in
 ``.code``, raised the same way whether the failure happened in this process or in a registry
 several hops away::
 
-    CommandError (Exception)                    .code
-    ├── NotFoundError                           "not_found"
-    ├── InvalidRequestError                     "invalid_request"
-    ├── InternalError                           "internal_error"
-    ├── CommandTimeoutError (also TimeoutError) "timeout"
-    ├── ChannelDisconnectedError
-    │                  (also ConnectionError)   "channel_disconnected"
-    └── DuplicateCommandError                   "duplicate_command"
+    CmdIpcError (Exception)                         .code
+    ├── CommandError                                (see below)
+    │   ├── NotFoundError                           "not_found"
+    │   ├── InvalidRequestError                     "invalid_request"
+    │   ├── InternalError                           "internal_error"
+    │   ├── CommandTimeoutError (also TimeoutError) "timeout"
+    │   ├── ChannelDisconnectedError
+    │   │                  (also ConnectionError)   "channel_disconnected"
+    │   └── DuplicateCommandError                   "duplicate_command"
+    ├── ProtocolError (also ValueError)             "message_too_large", "message_too_deep",
+    │                                               "malformed_message", "invalid_message",
+    │                                               "unencodable_value"
+    └── WorkerError (also RuntimeError)
 
 A handler that raises an ordinary exception makes its caller see :class:`InternalError` with
 the exception's type and message; the traceback is logged (logger ``cmd_ipc``) in the process
 where the handler ran and never crosses the wire. A handler may raise a :class:`CommandError`
 subclass itself to answer with that code (for example :class:`InvalidRequestError`).
 
-Frames that break the protocol or its limits raise :class:`ProtocolError` (a ``ValueError``)
-where they are checked locally; from a peer they are dropped, logged and counted instead.
+Frames that break the protocol or its limits raise :class:`ProtocolError` (a ``ValueError``,
+raised by the Rust core: ``args == (code, message)``) where they are checked locally; from a
+peer they are dropped, logged and counted instead. A worker process that cannot be started
+raises :class:`WorkerError`.
 
 Example:
     >>> try:
@@ -33,10 +40,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from cmd_ipc._core import ProtocolError
-
 __all__ = [
     "ChannelDisconnectedError",
+    "CmdIpcError",
     "CommandError",
     "CommandTimeoutError",
     "DuplicateCommandError",
@@ -44,11 +50,16 @@ __all__ = [
     "InvalidRequestError",
     "NotFoundError",
     "ProtocolError",
+    "WorkerError",
     "error_from_code",
 ]
 
 
-class CommandError(Exception):
+class CmdIpcError(Exception):
+    """Base class of every exception cmd-ipc raises on purpose."""
+
+
+class CommandError(CmdIpcError):
     """Base class of every command failure.
 
     Attributes:
@@ -100,6 +111,38 @@ class DuplicateCommandError(CommandError):
     """The command id is already owned by another handler somewhere in the tree."""
 
     code = "duplicate_command"
+
+
+class ProtocolError(CmdIpcError, ValueError):
+    """A frame or value that breaks the protocol or its limits (raised by the Rust core).
+
+    ``args`` are ``(code, message)``.
+
+    Attributes:
+        code: A stable code: ``"message_too_large"``, ``"message_too_deep"``,
+            ``"malformed_message"``, ``"invalid_message"`` or ``"unencodable_value"``.
+        message: The human-readable explanation.
+
+    Example:
+        >>> from cmd_ipc import _core
+        >>> try:
+        ...     _core.transcode(b"[", "json", "json")
+        ... except ProtocolError as e:
+        ...     print(e.code)
+        malformed_message
+    """
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.message}" if self.message else f"[{self.code}]"
+
+
+class WorkerError(CmdIpcError, RuntimeError):
+    """A worker could not be started (its target failed, or the process died early)."""
 
 
 _BY_CODE: dict[str, type[CommandError]] = {

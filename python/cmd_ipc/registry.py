@@ -1,217 +1,63 @@
 """The :class:`CommandRegistry`: the Python face of one registry in a cmd-ipc tree.
 
-Every routing decision is taken by the Rust router (``cmd_ipc._core.Router``); this module
-keeps what must be Python (handlers, listeners, waiting callers, channels written in Python)
-and carries out the router's actions on an asyncio event loop.
+Every routing decision is taken by the Rust router (``cmd_ipc._core.Node``). This module is a
+facade over collaborators that each get what they need injected and never see the registry:
+
+* :mod:`cmd_ipc._driver` -- the event loop side: actions, timers, native reads, waiting calls;
+* :mod:`cmd_ipc._dispatch` -- the handler table and the runs of handlers (jobs);
+* :mod:`cmd_ipc._events` -- the listener table and event delivery;
+* :mod:`cmd_ipc._sync` -- the background loop and the blocking (native) calls;
+* :mod:`cmd_ipc._payload` -- encoding of application values;
+* :mod:`cmd_ipc.workers` -- the worker table (spawn, connect, stop, restart).
+
+What stays here is the public API, registration, calls, and the channels' lifecycle.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
-import inspect
-import json
 import logging
-import os
 import threading
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-import msgpack
-
 from cmd_ipc import _core
+from cmd_ipc._channels import ChannelTable
+from cmd_ipc._dispatch import Dispatcher
+from cmd_ipc._driver import FORK_GENERATION, Driver, settle
+from cmd_ipc._events import Listeners
+from cmd_ipc._payload import (
+    Handler,
+    Listener,
+    command_def,
+    encode,
+    encode_request,
+    many_results,
+    unpack,
+)
+from cmd_ipc._registration import Registrations
+from cmd_ipc._sync import (
+    FALLBACK,
+    BackgroundLoop,
+    call_many_native,
+    call_native,
+    check_many,
+    check_timeout,
+    in_lanes,
+    run_blocking,
+)
 from cmd_ipc.channels.base import Channel
 from cmd_ipc.channels.native import DEFAULT_RING_SIZE, NativeChannel, Transport
-from cmd_ipc.commands import (
-    Boundary,
-    Prepared,
-    caller_locals,
-    listener_converter,
-    prepare,
-    service_commands,
-    to_wire,
-)
-from cmd_ipc.errors import (
-    ChannelDisconnectedError,
-    CommandError,
-    DuplicateCommandError,
-    InternalError,
-    error_from_code,
-)
-from cmd_ipc.workers import RestartPolicy, Worker
-from cmd_ipc.workers import connect_workers as _connect_workers
-from cmd_ipc.workers import spawn_worker as _spawn_worker
+from cmd_ipc.commands import caller_locals, prepare
+from cmd_ipc.errors import ChannelDisconnectedError
+from cmd_ipc.workers import RestartPolicy, Worker, WorkerHost, WorkerTable
 
 __all__ = ["CommandRegistry", "Handler", "Listener"]
 
 logger = logging.getLogger("cmd_ipc")
 
-#: A command handler: ``def``/``async def`` taking the request's fields as keyword arguments.
-Handler = Callable[..., Any]
-#: An event listener: ``def``/``async def`` taking the payload.
-Listener = Callable[[Any], Any]
 F = TypeVar("F", bound=Callable[..., Any])
-
-_Outcome = Callable[[Any, BaseException | None], None]
-
-#: Result types that are never awaitable (skips the slower ``inspect.isawaitable``).
-_PLAIN = frozenset({int, float, str, bytes, bool, dict, list, tuple, type(None)})
-
-#: Seconds the loop waits before watching again a native channel a blocking caller reads.
-_RESUME_AFTER = 0.001
-
-#: Bumped in a forked child, so registries inherited from the parent refuse to work there.
-_FORK_GENERATION = [0]
-
-
-def _after_fork_in_child() -> None:
-    _FORK_GENERATION[0] += 1
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-#: What to do about a rejected registration (ids are unique in a tree).
-_DUPLICATE_HINT = (
-    "command ids are unique in a tree: choose another id, or unregister the other command first"
-)
-
-#: The error codes an execute response may carry (spec-v1).
-_EXECUTE_CODES = frozenset(
-    {"not_found", "invalid_request", "internal_error", "timeout", "channel_disconnected"}
-)
-
-
-def _unpack(data: bytes) -> Any:
-    """msgpack decoding of a value (maps may have non-string keys)."""
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
-
-
-def _decode(data: bytes | None, encoding: str | None) -> Any:
-    if data is None:
-        return None
-    if encoding == "json":
-        return json.loads(data)
-    value = _core.decode_plain(data, _NOT_PLAIN)
-    return _unpack(data) if value is _NOT_PLAIN else value
-
-
-_NOT_PLAIN = object()
-
-
-def _many_results(
-    values: list[Any], others: list[tuple[Any, ...]], return_exceptions: bool
-) -> list[Any]:
-    """A native batch's results: ``values`` with the results Rust could not decode decoded,
-    and failures raised (the first) or put in place."""
-    for i, kind, a, b in others:
-        if kind == "result":
-            values[i] = _decode(a, b)
-        else:
-            error = error_from_code(a, b)
-            if not return_exceptions:
-                raise error
-            values[i] = error
-    return values
-
-
-_packers = threading.local()
-
-
-def _encode(value: Any) -> bytes:
-    """msgpack encoding of a value: plain values in Rust, others with one reusable packer
-    per thread (``packb`` builds a new packer per call, which costs more than the packing of
-    a small request)."""
-    data = _core.encode_plain(value)
-    if data is not None:
-        return data
-    # Taken out while packing: `to_wire` may run user code (pydantic serializers) that
-    # encodes again on this thread; such a nested call gets a packer of its own.
-    packer = _packers.__dict__.pop("packer", None)
-    if packer is None:
-        # `to_wire` only sees what msgpack cannot carry (models, datetimes, enums...). A
-        # failed pack leaves the packer empty (autoreset), ready for the next value.
-        packer = msgpack.Packer(use_bin_type=True, default=to_wire, autoreset=True)
-    data = cast(bytes, packer.pack(value))
-    if len(data) <= _KEEP_PACKER_UNDER:
-        # A packer keeps its buffer at its largest: one that packed a big value is dropped.
-        _packers.packer = packer
-    return data
-
-
-def _encode_request(command_id: str, request: Any) -> bytes | None:
-    """The msgpack encoding of a call's request (``None`` for no request).
-
-    Raises:
-        TypeError: ``request`` is not a mapping, or cannot be serialised.
-    """
-    if request is None:
-        return None
-    if not isinstance(request, (dict, Mapping)):
-        raise TypeError(f"request must be a mapping or None, not {type(request).__name__}")
-    try:
-        return _encode(request if isinstance(request, dict) else dict(request))
-    except Exception as e:
-        raise TypeError(f"request for {command_id!r} cannot be serialised: {e}") from e
-
-
-#: Largest encoding after which a thread's packer is kept for reuse.
-_KEEP_PACKER_UNDER = 1 << 20
-
-
-@dataclass
-class _HandlerEntry:
-    command_id: str
-    fn: Handler
-    is_async: bool
-    whole_request: bool
-    signature: inspect.Signature | None
-    #: Validates the request into the handler's arguments (typed commands only).
-    check: Callable[[Any], Any] | None = None
-    #: Serialises the result through the return annotation (typed commands only).
-    dump: Callable[[Any], Any] | None = None
-
-    def invoke(self, request: Any) -> Any:
-        if self.whole_request:
-            return self.fn({} if request is None else request)
-        if request is None:
-            return self.fn()
-        return self.fn(**request)
-
-    def binding_error(self, request: Any) -> str | None:
-        """Why ``request`` does not fit the handler's parameters, if it does not."""
-        if self.signature is None or self.whole_request:
-            return None
-        try:
-            self.signature.bind(**(request or {}))
-        except TypeError as e:
-            return str(e)
-        return None
-
-
-def _make_entry(command_id: str, fn: Handler, boundary: Boundary | None) -> _HandlerEntry:
-    if not callable(fn):
-        raise TypeError(f"handler for {command_id!r} must be callable, got {fn!r}")
-    try:
-        sig: inspect.Signature | None = inspect.signature(fn)
-    except (TypeError, ValueError):
-        sig = None
-    whole = False
-    if sig is not None:
-        params = list(sig.parameters.values())
-        whole = len(params) == 1 and params[0].kind is inspect.Parameter.POSITIONAL_ONLY
-    return _HandlerEntry(
-        command_id=command_id,
-        fn=fn,
-        is_async=inspect.iscoroutinefunction(fn),
-        whole_request=whole,
-        signature=sig,
-        check=boundary.check if boundary is not None else None,
-        dump=boundary.dump if boundary is not None else None,
-    )
 
 
 class CommandRegistry:
@@ -278,366 +124,75 @@ class CommandRegistry:
             max_depth=max_depth,
             spin_us=spin_us,
         )
-        self.spin_us = spin_us
-        self._node.set_fast_codec(
-            _unpack,
-            _encode,
-        )
-        self._fork_generation = _FORK_GENERATION[0]
-        self._loop_thread: int | None = None
-        self._background: threading.Thread | None = None
-        self._native: dict[str, NativeChannel] = {}
-        self._native_fds: dict[str, int] = {}
-        self._close_listeners: list[Callable[[str, str], None]] = []
-        self._pending_registrations: set[asyncio.Future[None]] = set()
-        self._spin_scheduled = False
-        #: Channels whose peer answered our command list request, and who waits for that.
-        self._listed: set[str] = set()
-        self._listed_waiters: dict[str, asyncio.Event] = {}
-        #: Set in a worker process told to stop, so losing the parent is not a warning.
-        self._stopping_worker = False
-        #: In a worker: channels to sibling workers (connect_workers). A sibling that goes
-        #: away is reported by the parent (stopped, or a WARNING for a death), not here.
-        self._sibling_links: set[str] = set()
-        self._workers: dict[str, Worker] = {}
-        #: Whether the router channel was attached once (a second attach re-announces).
-        self._router_seen = False
+        self._node.set_fast_codec(unpack, encode)
         self.id = id
         self.router_channel = router_channel
         self.request_ttl = request_ttl
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._channels: dict[str, Channel | NativeChannel] = {}
-        self._handlers: dict[int, _HandlerEntry] = {}
-        self._handler_of: dict[str, int] = {}
-        #: Services by id(): the object (kept alive) and the handlers registered for it.
-        self._services: dict[int, tuple[object, list[tuple[str, Handler]]]] = {}
-        self._next_handler = 1
-        self._outcomes: dict[int, _Outcome] = {}
-        #: Listeners by event id, each with the converter of its typed payload (or None).
-        self._listeners: dict[str, list[tuple[Listener, Callable[[Any], Any] | None]]] = {}
-        self._deferred: dict[str, tuple[int, str | None, Mapping[str, Any] | None]] = {}
-        self._tasks: set[asyncio.Future[Any]] = set()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self.spin_us = spin_us
+        driver = self._driver = Driver(self._node, id, spin_us)
+        self._dispatch = Dispatcher(self._node, id, complete=driver.complete, spawn=driver.spawn)
+        self._listeners = Listeners(driver.spawn)
+        self._workers = WorkerTable(
+            WorkerHost(
+                id=id,
+                request_ttl=request_ttl,
+                spin_us=spin_us,
+                register_channel=self.register_channel,
+                close_channel=self.close_channel,
+                has_channel=lambda channel_id: channel_id in self._channels.by_id,
+                is_closed=lambda: self.closed,
+                expect_close=self.expect_close,
+                add_close_listener=self.add_close_listener,
+            )
+        )
+        self._background: BackgroundLoop | None = None
+        self._channels = ChannelTable(
+            self._node,
+            driver,
+            id,
+            router_channel=router_channel,
+            request_ttl=request_ttl,
+            on_router=self._router_attached,
+        )
+        self._registrations = Registrations(
+            self._node, driver, self._dispatch, id, router_missing=self._router_missing
+        )
+        #: Whether the router channel was attached once (a second attach re-announces).
+        self._router_seen = False
         self._closed = False
+        dispatch, listeners = self._dispatch, self._listeners
+        driver.on(_core.ACTION_RUN, lambda a: dispatch.run(a[1], a[2], a[3], a[4], a[5]))
+        driver.on(_core.ACTION_EVENT, lambda a: listeners.deliver(a[1], a[2], a[3]))
+        fast = lambda a: dispatch.finish_fast(a[0], a[1], a[2], a[3], a[4])  # noqa: E731
+        for kind in (
+            _core.ACTION_FAST_FAILED,
+            _core.ACTION_FAST_AWAIT,
+            _core.ACTION_FAST_UNENCODABLE,
+        ):
+            driver.on(kind, fast)
+        driver.on(_core.ACTION_DROPPED, self._log_dropped)
 
     def __repr__(self) -> str:
-        return f"<CommandRegistry id={self.id!r} channels={sorted(self._channels)}>"
+        return f"<CommandRegistry id={self.id!r} channels={sorted(self._channels.by_id)}>"
 
-    # ------------------------------------------------------------------ loop and actions
+    # ------------------------------------------------------------------ actions of the facade
 
-    def _off_loop_thread(self) -> bool:
-        loop = self._loop
-        return (
-            loop is not None
-            and self._loop_thread is not None
-            and threading.get_ident() != self._loop_thread
-            and loop.is_running()
+    def _log_dropped(self, act: tuple[Any, ...]) -> None:
+        _, channel_id, kind, reason = act
+        quiet = kind == "duplicate_event" or (
+            kind == "undeliverable"
+            and (self._closed or self._channels.expected(self.router_channel))
         )
-
-    def _call_on_loop(self, fn: Callable[[], Any]) -> Any:
-        """Runs ``fn`` on the loop's thread and returns its result (or raises its error)."""
-        assert self._loop is not None
-        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                done.set_result(fn())
-            except BaseException as e:
-                done.set_exception(e)
-
-        self._loop.call_soon_threadsafe(run)
-        return done.result()
-
-    def _check_process(self) -> None:
-        if self._fork_generation != _FORK_GENERATION[0]:
-            raise RuntimeError(
-                f"registry {self.id!r} was created before os.fork(); a forked child cannot use "
-                "it (its channels and threads belong to the parent): create a new registry "
-                "in the child"
-            )
+        level = logging.DEBUG if quiet else logging.WARNING
+        logger.log(level, "registry %r dropped a message from %r: %s", self.id, channel_id, reason)
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
-        self._check_process()
-        loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-            self._loop_thread = threading.get_ident()
-            loop.add_reader(self._node.wake_fd, self._on_wake)
-        elif self._loop is not loop:
-            raise RuntimeError(
-                f"registry {self.id!r} is bound to another event loop; "
-                "use it only from the loop it started on"
-            )
-        if self._closed:
-            raise RuntimeError(f"registry {self.id!r} is closed")
-        return loop
-
-    def _now(self) -> float:
-        return self._loop.time() if self._loop is not None else time.monotonic()
-
-    def _apply(self, actions: list[Any]) -> None:
-        """Carries out the router's actions, in order."""
-        for act in actions:
-            kind = act[0]
-            if kind == "send":
-                channel = self._channels.get(act[1])
-                if channel is not None and not isinstance(channel, NativeChannel):
-                    channel.send(act[2])
-            elif kind == "run":
-                self._run(act[1], act[2], act[3], act[4], act[5])
-            elif kind == "result":
-                outcome = self._outcomes.pop(act[1], None)
-                if outcome is not None:
-                    try:
-                        value = _decode(act[2], act[3])
-                    except Exception as e:
-                        outcome(None, InternalError(f"undecodable result: {e}"))
-                    else:
-                        outcome(value, None)
-            elif kind in ("error", "registered"):
-                outcome = self._outcomes.pop(act[1], None)
-                if outcome is not None:
-                    err = None if act[2] is None else error_from_code(act[2], act[3])
-                    outcome(None, err)
-            elif kind == "event":
-                self._deliver_event(act[1], act[2], act[3])
-            elif kind == "fast_failed" or kind == "fast_await" or kind == "fast_unencodable":
-                self._finish_fast(kind, act[1], act[2], act[3], act[4])
-            elif kind == "closed":
-                self._native_closed(act[1], act[2])
-            elif kind == "listed":
-                self._listed.add(act[1])
-                waiter = self._listed_waiters.pop(act[1], None)
-                if waiter is not None:
-                    waiter.set()
-            elif kind == "want_write":
-                fd = self._native_fds.get(act[1])
-                if fd is not None and self._loop is not None:
-                    self._loop.add_writer(fd, self._on_native_writable, act[1])
-            elif kind == "dropped":
-                quiet = act[2] == "duplicate_event" or (
-                    act[2] == "undeliverable" and (self._closed or self._stopping_worker)
-                )
-                level = logging.DEBUG if quiet else logging.WARNING
-                logger.log(
-                    level, "registry %r dropped a message from %r: %s", self.id, act[1], act[3]
-                )
-        self._arm_timer()
-
-    def _arm_timer(self) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        deadline = self._node.next_deadline()
-        if deadline is None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = self._timer_at = None
-            return
-        if self._timer_at is not None and self._timer_at <= deadline:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = deadline
-        self._timer = loop.call_at(deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        at = self._timer_at or 0.0
-        self._timer = self._timer_at = None
-        if self._loop is None:
-            return
-        # call_at may fire up to one clock tick early: never tick before the deadline.
-        self._apply(self._node.tick(max(self._loop.time(), at)))
-
-    def _finish_fast(self, kind: str, job: int, hid: int, request: Any, value: Any) -> None:
-        """A handler the read loop called directly needs Python to finish: it raised, it
-        returned an awaitable, or its result could not be serialised."""
-        entry = self._handlers.get(hid)
-        if entry is None:
-            self._finish_err(job, "internal_error", "handler removed while running")
-        elif kind == "fast_failed":
-            self._handler_failed(job, entry, request, value)
-        elif kind == "fast_await":
-            self._spawn(self._await_result(job, entry, request, value))
-        else:
-            self._finish_err(
-                job,
-                "internal_error",
-                f"result of {entry.command_id!r} cannot be serialised: {value}",
-            )
-
-    def _spawn(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    # ------------------------------------------------------------------ handlers
-
-    def _run(
-        self, job: int, handler_id: int, command_id: str, data: bytes | None, enc: str | None
-    ) -> None:
-        entry = self._handlers.get(handler_id)
-        if entry is None:
-            self._finish_err(job, "not_found", f"command {command_id!r} is no longer registered")
-            return
-        try:
-            request = _decode(data, enc)
-        except Exception as e:
-            self._finish_err(job, "invalid_request", f"undecodable request: {e}")
-            return
-        if entry.check is not None:
-            try:
-                request = entry.check(request)  # the handler never runs on a bad request
-            except Exception as e:
-                self._handler_failed(job, entry, request, e)
-                return
-        if entry.is_async:
-            self._spawn(self._run_async(job, entry, request))
-            return
-        try:
-            if type(request) is dict and not entry.whole_request:
-                result = entry.fn(**request)
-            else:
-                result = entry.invoke(request)
-        except Exception as e:
-            self._handler_failed(job, entry, request, e)
-            return
-        if type(result) not in _PLAIN and inspect.isawaitable(result):
-            self._spawn(self._await_result(job, entry, request, result))
-        else:
-            self._finish_ok(job, entry, result)
-
-    async def _run_async(self, job: int, entry: _HandlerEntry, request: Any) -> None:
-        try:
-            awaitable = entry.invoke(request)
-        except Exception as e:
-            self._handler_failed(job, entry, request, e)
-            return
-        await self._await_result(job, entry, request, awaitable)
-
-    async def _await_result(
-        self, job: int, entry: _HandlerEntry, request: Any, awaitable: Awaitable[Any]
-    ) -> None:
-        try:
-            result = await awaitable
-        except asyncio.CancelledError:
-            self._finish_err(job, "internal_error", f"handler of {entry.command_id!r} cancelled")
-            raise
-        except Exception as e:
-            self._handler_failed(job, entry, request, e)
-            return
-        self._finish_ok(job, entry, result)
-
-    def _handler_failed(self, job: int, entry: _HandlerEntry, request: Any, e: Exception) -> None:
-        if isinstance(e, CommandError):
-            if e.code in _EXECUTE_CODES:
-                self._finish_err(job, e.code, e.message)
-            else:
-                # `duplicate_command` cannot travel in an execute response (so a remote caller
-                # would see internal_error) and a user-defined code is unknown to the router:
-                # answer internal_error here too, the same way locally and remotely.
-                self._finish_err(job, "internal_error", f"{type(e).__name__}: {e}")
-            return
-        if isinstance(e, TypeError):
-            why = entry.binding_error(request)
-            if why is not None:
-                self._finish_err(
-                    job, "invalid_request", f"invalid request for {entry.command_id!r}: {why}"
-                )
-                return
-        # exc_info=e: a handler the read loop called directly failed outside this frame.
-        logger.error("handler of %r in registry %r failed", entry.command_id, self.id, exc_info=e)
-        self._finish_err(job, "internal_error", f"{type(e).__name__}: {e}")
-
-    def _finish_ok(self, job: int, entry: _HandlerEntry, result: Any) -> None:
-        if result is None and entry.dump is None:
-            data = None
-        else:
-            try:
-                if entry.dump is not None:
-                    result = entry.dump(result)
-                data = None if result is None else _encode(result)
-            except Exception as e:
-                self._finish_err(
-                    job,
-                    "internal_error",
-                    f"result of {entry.command_id!r} cannot be serialised: {e}",
-                )
-                return
-        try:
-            actions = self._node.complete_job_ok(job, data, "msgpack")
-        except KeyError:
-            return  # the job ended already (its call timed out or was cancelled)
-        if actions:  # a reply over a native channel was sent by Rust: usually nothing left
-            self._apply(actions)
-
-    def _finish_err(self, job: int, code: str, message: str) -> None:
-        self._complete(lambda: self._node.complete_job_err(job, code, message))
-
-    def _complete(self, fn: Callable[[], list[Any]]) -> None:
-        try:
-            actions = fn()
-        except KeyError:
-            return  # the job ended already (its call timed out or was cancelled)
-        self._apply(actions)
+        return self._driver.bind()
 
     # ------------------------------------------------------------------ registration
 
-    def _add_handler(self, command_id: str, fn: Handler, boundary: Boundary | None = None) -> int:
-        entry = _make_entry(command_id, fn, boundary)
-        hid = self._next_handler
-        self._next_handler += 1
-        self._handlers[hid] = entry
-        if not (entry.is_async or entry.whole_request or entry.check or entry.dump):
-            # A plain sync handler: a native channel's read loop may call it directly.
-            self._node.set_fast_handler(hid, fn)
-        return hid
-
-    def _drop_handler(self, hid: int) -> None:
-        self._handlers.pop(hid, None)
-        self._node.set_fast_handler(hid, None)
-
-    def _start_registration(
-        self,
-        command_id: str,
-        hid: int,
-        description: str | None,
-        schema: Mapping[str, Any] | None,
-        outcome: _Outcome,
-    ) -> None:
-        if not isinstance(command_id, str) or not command_id:
-            raise ValueError("a command id must be a non-empty string")
-        req = resp = None
-        if schema is not None:
-            unknown = set(schema) - {"request", "response"}
-            if unknown:
-                raise ValueError(f"schema may only have 'request' and 'response', not {unknown}")
-            if schema.get("request") is not None:
-                req = json.dumps(schema["request"]).encode()
-            if schema.get("response") is not None:
-                resp = json.dumps(schema["response"]).encode()
-
-        def done(value: Any, err: BaseException | None) -> None:
-            if err is None:
-                old = self._handler_of.get(command_id)
-                if old is not None and old != hid:
-                    self._drop_handler(old)
-                self._handler_of[command_id] = hid
-            else:
-                self._drop_handler(hid)
-                if isinstance(err, DuplicateCommandError):
-                    err = DuplicateCommandError(f"{err.message}; {_DUPLICATE_HINT}")
-            outcome(value, err)
-
-        call, actions = self._node.register_local(
-            command_id, hid, self._now(), description, req, resp
-        )
-        self._outcomes[call] = done
-        self._apply(actions)
-
     def _router_missing(self) -> bool:
-        return self.router_channel is not None and self.router_channel not in self._channels
+        return self.router_channel is not None and self.router_channel not in self._channels.by_id
 
     def command(
         self,
@@ -691,10 +246,10 @@ class CommandRegistry:
         localns = caller_locals() if validate else None
 
         def decorator(fn: F) -> F:
-            self._check_process()
-            if self._off_loop_thread():
+            self._driver.check_process()
+            if self._driver.off_loop_thread():
                 # Registration touches the loop's state: do it on the loop's thread.
-                return cast(F, self._call_on_loop(lambda: decorator(fn)))
+                return cast(F, self._driver.call_on_loop(lambda: decorator(fn)))
             typed = prepare(
                 command_id,
                 fn,
@@ -703,36 +258,7 @@ class CommandRegistry:
                 validate=validate,
                 localns=localns,
             )
-            hid = self._add_handler(command_id, fn, typed.boundary)
-            if self._router_missing() and not command_id.startswith("_"):
-                self._deferred[command_id] = (hid, typed.description, typed.schema)
-                return fn
-            result: list[BaseException | None] = []
-            later: list[asyncio.Future[None]] = []
-
-            def done(_: Any, err: BaseException | None) -> None:
-                if not result:
-                    result.append(err)
-                    return
-                if err is not None:
-                    logger.error("registration of %r failed: %s", command_id, err)
-                if later and not later[0].done():
-                    if err is None:
-                        later[0].set_result(None)
-                    else:
-                        later[0].set_exception(err)
-
-            self._start_registration(command_id, hid, typed.description, typed.schema, done)
-            if result and result[0] is not None:
-                raise result[0]
-            if not result:
-                # Escalated: the ack comes later; `ready()` waits for it.
-                result.append(None)
-                if self._loop is not None:
-                    fut: asyncio.Future[None] = self._loop.create_future()
-                    later.append(fut)
-                    self._pending_registrations.add(fut)
-                    fut.add_done_callback(self._pending_registrations.discard)
+            self._registrations.declare(command_id, fn, typed)
             return fn
 
         return decorator
@@ -745,15 +271,7 @@ class CommandRegistry:
             DuplicateCommandError: One of them was rejected (the first failure is raised).
         """
         self._bind_loop()
-        if self._deferred and not self._router_missing():
-            await self._flush_deferred()
-        pending = list(self._pending_registrations)
-        if not pending:
-            return
-        results = await asyncio.gather(*pending, return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+        await self._registrations.ready()
 
     async def register_command(
         self,
@@ -794,14 +312,7 @@ class CommandRegistry:
             validate=validate,
             localns=caller_locals(),
         )
-        await self._register(command_id, handler, typed)
-
-    async def _register(self, command_id: str, handler: Handler, typed: Prepared) -> None:
-        loop = self._bind_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        hid = self._add_handler(command_id, handler, typed.boundary)
-        self._start_registration(command_id, hid, typed.description, typed.schema, _settle(fut))
-        await fut
+        await self._registrations.register(command_id, handler, typed)
 
     def unregister_command(self, command_id: str) -> bool:
         """Removes a local command; returns whether it was registered here.
@@ -809,14 +320,12 @@ class CommandRegistry:
         The spec has no unregister message: registries that learned the command keep routing
         to this one, which then answers ``not_found``.
         """
-        self._check_process()
-        if self._off_loop_thread():
-            return cast(bool, self._call_on_loop(lambda: self.unregister_command(command_id)))
-        self._deferred.pop(command_id, None)
-        hid = self._handler_of.pop(command_id, None)
-        if hid is not None:
-            self._drop_handler(hid)
-        return self._node.unregister_local(command_id)
+        self._driver.check_process()
+        if self._driver.off_loop_thread():
+            return cast(
+                bool, self._driver.call_on_loop(lambda: self.unregister_command(command_id))
+            )
+        return self._registrations.unregister(command_id)
 
     async def register_service(self, service: object) -> list[str]:
         """Registers every method of ``service`` marked with :func:`cmd_ipc.command`, bound
@@ -848,33 +357,8 @@ class CommandRegistry:
             ['math.add']
             3
         """
-        return await self._register_service(service, caller_locals())
-
-    async def _register_service(self, service: object, localns: Mapping[str, Any]) -> list[str]:
         self._bind_loop()
-        if id(service) in self._services:
-            raise ValueError(f"{service!r} is already registered in registry {self.id!r}")
-        methods = service_commands(service)
-        if not methods:
-            raise ValueError(
-                f"{type(service).__qualname__} has no method marked with @cmd_ipc.command(...)"
-            )
-        # Derive every schema first: a method pydantic cannot describe registers nothing.
-        typed = [
-            (m.command_id, fn, prepare(m.command_id, fn, localns=localns)) for m, fn in methods
-        ]
-        results = await asyncio.gather(
-            *(self._register(cid, fn, t) for cid, fn, t in typed), return_exceptions=True
-        )
-        ids = [cid for cid, _, _ in typed]
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            for cid, r in zip(ids, results, strict=True):
-                if not isinstance(r, BaseException):
-                    self.unregister_command(cid)
-            raise failures[0]
-        self._services[id(service)] = (service, [(cid, fn) for cid, fn, _ in typed])
-        return ids
+        return await self._registrations.register_service(service, caller_locals())
 
     def unregister_service(self, service: object) -> list[str]:
         """Unregisters the commands :meth:`register_service` registered for ``service``
@@ -883,14 +367,12 @@ class CommandRegistry:
         Returns:
             The ids removed; empty if ``service`` was not registered here.
         """
-        _, handlers = self._services.pop(id(service), (None, []))
-        removed = []
-        for cid, fn in handlers:
-            entry = self._handlers.get(self._handler_of.get(cid, -1))
-            if entry is not None and entry.fn is fn:
-                self.unregister_command(cid)
-                removed.append(cid)
-        return removed
+        self._driver.check_process()
+        if self._driver.off_loop_thread():
+            return cast(
+                "list[str]", self._driver.call_on_loop(lambda: self.unregister_service(service))
+            )
+        return self._registrations.unregister_service(service)
 
     # ------------------------------------------------------------------ calls
 
@@ -921,9 +403,8 @@ class CommandRegistry:
             TypeError: ``request`` is not a mapping or cannot be serialised.
         """
         loop = self._bind_loop()
-        data = _encode_request(command_id, request)
-        if timeout is not None and not timeout > 0:
-            raise ValueError("timeout must be a positive number of seconds")
+        data = encode_request(command_id, request)
+        check_timeout(timeout)
         return await self._execute_encoded(loop, command_id, data, timeout)
 
     async def _execute_encoded(
@@ -936,20 +417,19 @@ class CommandRegistry:
         """:meth:`execute_command` of a request already checked and encoded."""
         fut: asyncio.Future[Any] = loop.create_future()
         call, actions = self._node.execute(command_id, data, "msgpack", timeout, loop.time())
-        self._outcomes[call] = _settle(fut)
-        self._apply(actions)
-        if self._native and not fut.done() and not self._spin_scheduled:
+        driver = self._driver
+        driver.expect(call, settle(fut))
+        driver.apply(actions)
+        if driver.has_native and not fut.done():
             # The reply will come back on a native channel: read it as soon as the loop is
             # idle (spinning briefly) rather than after a doorbell wake-up.
             route = self._node.route_of(command_id)
-            if route in self._native:
-                self._spin_scheduled = True
-                loop.call_soon(self._spin_native, route)
+            if route is not None and driver.is_native(route):
+                driver.read_soon(route)
         try:
             return await fut
         except asyncio.CancelledError:
-            self._outcomes.pop(call, None)
-            self._node.cancel_call(call)
+            driver.forget(call)
             raise
 
     async def execute_many(
@@ -983,13 +463,13 @@ class CommandRegistry:
             TypeError: A request is not a mapping or cannot be serialised (nothing is sent).
         """
         loop = self._bind_loop()
-        reqs = self._check_many(requests, timeout, window)
-        if self._node.route_of(command_id) in self._native:
+        reqs = check_many(requests, timeout, window)
+        if self._driver.is_native(self._node.route_of(command_id)):
             out = await loop.run_in_executor(
-                None, self._call_many_native, command_id, reqs, timeout, window
+                None, call_many_native, self._node, command_id, reqs, timeout, window
             )
             if out is not None:
-                return _many_results(*out, return_exceptions)
+                return many_results(*out, return_exceptions)
         return await self._execute_many_loop(command_id, reqs, timeout, window, return_exceptions)
 
     def execute_many_sync(
@@ -1011,58 +491,20 @@ class CommandRegistry:
         Raises:
             RuntimeError: Called on the registry's own loop thread, or without a running loop.
         """
-        # The checks of execute_command_sync, in the same order.
-        if self._fork_generation != _FORK_GENERATION[0]:
-            self._check_process()
-        if self._loop_thread == threading.get_ident():
-            raise RuntimeError(
-                "execute_many_sync on the registry's own event loop thread would deadlock; "
-                "use `await registry.execute_many(...)`"
-            )
-        if self._closed:
-            raise RuntimeError(f"registry {self.id!r} is closed")
-        reqs = self._check_many(requests, timeout, window)
-        if self._node.route_of(command_id) in self._native:
-            out = self._call_many_native(command_id, reqs, timeout, window)
+        self._check_blocking_call("execute_many_sync", "execute_many")
+        reqs = check_many(requests, timeout, window)
+        if self._driver.is_native(self._node.route_of(command_id)):
+            out = call_many_native(self._node, command_id, reqs, timeout, window)
             if out is not None:
-                return _many_results(*out, return_exceptions)
+                return many_results(*out, return_exceptions)
         return cast(
             "list[Any]",
-            self._blocking(
+            self.run_blocking(
                 lambda: self._execute_many_loop(
                     command_id, reqs, timeout, window, return_exceptions
                 )
             ),
         )
-
-    def _check_many(
-        self, requests: Iterable[Mapping[str, Any] | None], timeout: float | None, window: int
-    ) -> list[Any]:
-        """Checks a batch's arguments; returns its requests as a list."""
-        if timeout is not None and not timeout > 0:
-            raise ValueError("timeout must be a positive number of seconds")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a positive int, got {window!r}")
-        if isinstance(requests, (Mapping, str, bytes)):
-            raise TypeError(
-                "requests must be an iterable of requests (one per call), not a single "
-                f"{type(requests).__name__}"
-            )
-        return requests if type(requests) is list else list(requests)
-
-    def _call_many_native(
-        self, command_id: str, requests: list[Any], timeout: float | None, window: int
-    ) -> tuple[list[Any], list[tuple[Any, ...]]] | None:
-        """The pipelined batch over a native channel (Rust); ``None`` if not native."""
-        kind, values, others = self._node.call_many_sync(command_id, requests, timeout, window)
-        if kind == "encode":  # some request is not plain: encode them all here
-            encoded = [_encode_request(command_id, r) for r in requests]
-            kind, values, others = self._node.call_many_sync(
-                command_id, encoded, timeout, window, True
-            )
-        if kind == "fallback":
-            return None
-        return values, others
 
     async def _execute_many_loop(
         self,
@@ -1075,29 +517,11 @@ class CommandRegistry:
         """The batch through :meth:`execute_command`, ``window`` lanes at a time."""
         loop = self._bind_loop()
         # Every request is checked (encoded) before anything is sent.
-        encoded = [_encode_request(command_id, r) for r in requests]
-        results: list[Any] = [None] * len(requests)
-        todo = iter(enumerate(encoded))
-
-        async def lane() -> None:
-            for i, data in todo:
-                try:
-                    results[i] = await self._execute_encoded(loop, command_id, data, timeout)
-                except CommandError as e:
-                    results[i] = e
-
-        lanes = [asyncio.ensure_future(lane()) for _ in range(min(window, len(requests)))]
-        try:
-            await asyncio.gather(*lanes)
-        except BaseException:
-            for t in lanes:  # an unexpected failure (or a cancel) stops the other lanes too
-                t.cancel()
-            raise
-        if not return_exceptions:
-            for r in results:
-                if isinstance(r, CommandError):
-                    raise r
-        return results
+        encoded = [encode_request(command_id, r) for r in requests]
+        results = await in_lanes(
+            lambda data: self._execute_encoded(loop, command_id, data, timeout), encoded, window
+        )
+        return many_results(results, [], return_exceptions)
 
     def list_commands(self) -> list[dict[str, Any]]:
         """Every command this registry can route to, as spec command definitions.
@@ -1107,20 +531,7 @@ class CommandRegistry:
             sorted by id: local commands (private ones included, they are callable here),
             commands registered by child registries, and commands peers advertised.
         """
-        out: list[dict[str, Any]] = []
-        for cid, desc, req, resp in self._node.list_commands():
-            d: dict[str, Any] = {"id": cid}
-            if desc is not None:
-                d["description"] = desc
-            if req is not None or resp is not None:
-                schema: dict[str, Any] = {}
-                if req is not None:
-                    schema["request"] = json.loads(req)
-                if resp is not None:
-                    schema["response"] = json.loads(resp)
-                d["schema"] = schema
-            out.append(d)
-        return out
+        return [command_def(*row) for row in self._node.list_commands()]
 
     def route_of(self, command_id: str) -> str | None:
         """Where a call of ``command_id`` would go from here: ``"local"``, a channel id, or
@@ -1137,20 +548,20 @@ class CommandRegistry:
         (or contain) pydantic models, dataclasses, enums, datetimes...: they travel as
         JSON-compatible data (:func:`cmd_ipc.commands.to_wire`).
         """
-        self._check_process()
+        self._driver.check_process()
         if self._closed:
             raise RuntimeError(f"registry {self.id!r} is closed")
-        if self._off_loop_thread():
+        if self._driver.off_loop_thread():
             # Called from another thread while the loop runs (the blocking API): emit on
             # the loop's thread, where listeners and channels live.
-            self._call_on_loop(lambda: self.emit_event(event_id, payload))
+            self._driver.call_on_loop(lambda: self.emit_event(event_id, payload))
             return
         try:
-            data = None if payload is None else _encode(payload)
+            data = None if payload is None else encode(payload)
         except Exception as e:
             raise TypeError(f"payload of {event_id!r} cannot be serialised: {e}") from e
-        _, actions = self._node.emit_event(event_id, data, "msgpack", self._now())
-        self._apply(actions)
+        _, actions = self._node.emit_event(event_id, data, "msgpack", self._driver.now())
+        self._driver.apply(actions)
 
     def add_event_listener(
         self, event_id: str, fn: Listener, *, validate: bool = False
@@ -1168,27 +579,12 @@ class CommandRegistry:
             TypeError: ``fn`` is not callable, or its annotation cannot be resolved or
                 described.
         """
-        self._listen(event_id, fn, caller_locals() if validate else None)
+        self._listeners.add(event_id, fn, caller_locals() if validate else None)
         return functools.partial(self.remove_event_listener, event_id, fn)
-
-    def _listen(self, event_id: str, fn: Listener, localns: dict[str, Any] | None) -> None:
-        """Adds a listener; ``localns`` (the registering code's names) given: validated."""
-        if not callable(fn):
-            raise TypeError("listener must be callable")
-        convert = listener_converter(event_id, fn, localns) if localns is not None else None
-        self._listeners.setdefault(event_id, []).append((fn, convert))
 
     def remove_event_listener(self, event_id: str, fn: Listener) -> None:
         """Removes a listener added with :meth:`add_event_listener` (no error if absent)."""
-        entries = self._listeners.get(event_id)
-        if not entries:
-            return
-        for i, (listener, _) in enumerate(entries):
-            if listener == fn:
-                del entries[i]
-                break
-        if not entries:
-            del self._listeners[event_id]
+        self._listeners.remove(event_id, fn)
 
     def on(self, event_id: str, *, validate: bool = True) -> Callable[[F], F]:
         """Decorator form of :meth:`add_event_listener`, validating typed payloads by default.
@@ -1209,41 +605,10 @@ class CommandRegistry:
         localns = caller_locals() if validate else None
 
         def decorator(fn: F) -> F:
-            self._listen(event_id, fn, localns)
+            self._listeners.add(event_id, fn, localns)
             return fn
 
         return decorator
-
-    def _deliver_event(self, event_id: str, data: bytes | None, enc: str | None) -> None:
-        fns = self._listeners.get(event_id)
-        if not fns:
-            return
-        try:
-            payload = _decode(data, enc)
-        except Exception as e:
-            logger.warning("undecodable payload for event %r: %s", event_id, e)
-            return
-        for fn, convert in list(fns):
-            arg = payload
-            if convert is not None:
-                try:
-                    arg = convert(payload)
-                except Exception as e:  # a ValueError with the field errors, usually
-                    name = getattr(fn, "__qualname__", repr(fn))
-                    logger.warning(
-                        "listener %s of event %r not called: the payload does not match its "
-                        "type: %s",
-                        name,
-                        event_id,
-                        e,
-                    )
-                    continue
-            try:
-                result = fn(arg)
-                if inspect.isawaitable(result):
-                    self._spawn(_log_failure(result, event_id))
-            except Exception:
-                logger.exception("listener of event %r failed", event_id)
 
     # ------------------------------------------------------------------ channels
 
@@ -1258,223 +623,36 @@ class CommandRegistry:
             ValueError: A channel with the same id is already attached.
             DuplicateCommandError: A deferred command was rejected by the tree.
         """
-        loop = self._bind_loop()
-        if channel.id in self._channels:
-            raise ValueError(f"registry {self.id!r} already has a channel {channel.id!r}")
-        if isinstance(channel, NativeChannel):
-            self._attach_native(loop, channel)
-            self._router_back(channel.id)
-            if channel.id == self.router_channel and self._deferred:
-                await self._flush_deferred()
-            return
-        actions = self._node.add_channel(channel.id, channel.encoding)
-        self._channels[channel.id] = channel
-        try:
-            await channel.start(
-                functools.partial(self._on_frame, channel.id, channel),
-                functools.partial(self._on_close, channel.id, channel),
-            )
-        except BaseException:
-            self._channels.pop(channel.id, None)
-            if self._node.has_channel(channel.id):
-                self._apply(self._node.close_channel(channel.id))
-            raise
-        self._apply(actions)
-        self._router_back(channel.id)
-        if channel.id == self.router_channel and self._deferred:
-            await self._flush_deferred()
-        if channel.wait_for_commands and not await self.wait_listed(
-            channel.id, timeout=self.request_ttl
-        ):
-            if channel.id not in self._channels:
-                raise ChannelDisconnectedError(
-                    f"channel {channel.id!r} closed before its peer listed its commands"
-                )
-            logger.warning(
-                "peer of channel %r did not list its commands within %ss",
-                channel.id,
-                self.request_ttl,
-            )
+        self._bind_loop()
+        await self._channels.attach(channel)
 
-    def _router_back(self, channel_id: str) -> None:
+    async def _router_attached(self) -> None:
         """A router channel attached again after a disconnect forgot what this subtree had
-        registered through it: announce it again (rejections are logged)."""
-        if channel_id != self.router_channel:
-            return
+        registered through it: announce it again (rejections are logged). Commands declared
+        while it was missing are registered now."""
         if self._router_seen:
-            n, actions = self._node.reannounce(self._now())
+            n, actions = self._node.reannounce(self._driver.now())
             if n:
-                logger.info("registry %r re-registered %d commands with %r", self.id, n, channel_id)
-            self._apply(actions)
+                logger.info(
+                    "registry %r re-registered %d commands with %r", self.id, n, self.router_channel
+                )
+            self._driver.apply(actions)
         self._router_seen = True
+        await self._registrations.flush_deferred()
 
-    async def _flush_deferred(self) -> None:
-        loop = self._bind_loop()
-        waits: list[asyncio.Future[None]] = []
-        deferred, self._deferred = self._deferred, {}
-        for command_id, (hid, description, schema) in deferred.items():
-            fut: asyncio.Future[None] = loop.create_future()
-            self._start_registration(command_id, hid, description, schema, _settle(fut))
-            waits.append(fut)
-        results = await asyncio.gather(*waits, return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        for e in errors[1:]:
-            logger.error("registration failed: %s", e)
-        if errors:
-            raise errors[0]
-
-    def _on_frame(self, channel_id: str, channel: Channel, frame: bytes) -> None:
-        if self._channels.get(channel_id) is not channel:
-            return
-        try:
-            actions = self._node.handle_frame(channel_id, frame, self._now())
-        except KeyError:
-            return
-        self._apply(actions)
-
-    def _on_close(self, channel_id: str, channel: Channel, reason: str | None) -> None:
-        if self._channels.get(channel_id) is not channel:
-            return
-        del self._channels[channel_id]
-        self._listed.discard(channel_id)
-        if reason:
-            logger.info("channel %r of registry %r closed: %s", channel_id, self.id, reason)
-        self._apply(self._node.close_channel(channel_id))
-        self._notify_closed(channel_id, reason or "closed")
-        if reason is not None and not self._closed and channel.reconnects:
-            self._spawn(self._reattach(channel))
-
-    async def _reattach(self, channel: Channel) -> None:
-        """Waits for a reconnecting channel to connect again, then attaches it again (which
-        re-registers this subtree's commands if it is the router channel)."""
-        try:
-            if not await channel.reconnect():
-                return
-            if self._closed or channel.id in self._channels:
-                # Nobody to give the new connection to (or the id was taken meanwhile).
-                await channel.close()
-                return
-            await self.register_channel(channel)
-        except asyncio.CancelledError:
-            # The registry is closing: the channel goes with it.
-            await asyncio.shield(channel.close())
-            raise
-        except Exception as e:
-            logger.warning(
-                "registry %r could not re-attach channel %r (it stays closed): %s",
-                self.id,
-                channel.id,
-                e,
-            )
-            await channel.close()
-
-    def _attach_native(self, loop: asyncio.AbstractEventLoop, channel: NativeChannel) -> None:
-        actions = self._node.add_native_channel(
-            channel.id, channel.sock_fd, channel.encoding, channel.shm_fd, channel.side
-        )
-        # The node holds its own duplicates of the descriptors.
-        channel.close_fds()
-        fd = self._node.native_fd(channel.id)
-        self._channels[channel.id] = channel
-        self._native[channel.id] = channel
-        if fd is not None:
-            self._native_fds[channel.id] = fd
-            loop.add_reader(fd, self._on_native, channel.id)
-        self._apply(actions)
-        # Frames may already be waiting (the peer may have spoken first).
-        self._on_native(channel.id)
-
-    def _on_native(self, channel_id: str) -> None:
-        """The channel's socket is readable: read and route in Rust, then carry out what
-        Python must (the poll spins briefly for the next frame before parking)."""
-        ready = getattr(self._loop, "_ready", None)
-        while channel_id in self._native:
-            # Spin for the next frame only when the loop has nothing else to run: a spin
-            # while a resumed caller waits would only delay it.
-            spin = self.spin_us if ready is not None and not ready else 0
-            actions, again, want_write, busy = self._node.poll_native(channel_id, spin)
-            if busy:
-                # A blocking caller is reading this channel: step aside (a level-triggered
-                # watch would spin on its bytes) and look again shortly. Frames that arrive
-                # meanwhile are read and routed by that caller.
-                fd = self._native_fds.get(channel_id)
-                if fd is not None and self._loop is not None:
-                    self._loop.remove_reader(fd)
-                    self._loop.call_later(_RESUME_AFTER, self._resume_native, channel_id)
-                return
-            if actions:
-                self._apply(actions)
-            if want_write and self._loop is not None:
-                fd = self._native_fds.get(channel_id)
-                if fd is not None:
-                    self._loop.add_writer(fd, self._on_native_writable, channel_id)
-            if not again:
-                break
-
-    def _spin_native(self, channel_id: str) -> None:
-        self._spin_scheduled = False
-        if channel_id in self._native:
-            self._on_native(channel_id)
-
-    def _on_native_writable(self, channel_id: str) -> None:
-        if not self._node.flush_native(channel_id) and self._loop is not None:
-            fd = self._native_fds.get(channel_id)
-            if fd is not None:
-                self._loop.remove_writer(fd)
-
-    def _resume_native(self, channel_id: str) -> None:
-        fd = self._native_fds.get(channel_id)
-        if fd is None or self._loop is None:
-            return
-        if self._node.native_busy(channel_id):
-            self._loop.call_later(_RESUME_AFTER, self._resume_native, channel_id)
-            return
-        self._loop.add_reader(fd, self._on_native, channel_id)
-        self._on_native(channel_id)
-
-    def _on_wake(self) -> None:
-        """Actions queued by another thread (a blocking caller that read a frame)."""
-        self._apply(self._node.take_queued())
-
-    def _native_closed(self, channel_id: str, reason: str) -> None:
-        channel = self._native.pop(channel_id, None)
-        if channel is None:
-            return
-        self._channels.pop(channel_id, None)
-        self._listed.discard(channel_id)
-        fd = self._native_fds.pop(channel_id, None)
-        if fd is not None and self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(fd)
-            self._loop.remove_writer(fd)
-        worker = self._workers.get(channel_id)
-        expected = (
-            reason == "closed locally"
-            or self._closed
-            or (worker is not None and worker._stopping)
-            or (channel_id == self.router_channel and self._stopping_worker)
-            or (channel_id in self._sibling_links and reason == "peer closed the channel")
-        )
-        self._sibling_links.discard(channel_id)
-        level = logging.INFO if expected else logging.WARNING
-        logger.log(level, "channel %r of registry %r closed: %s", channel_id, self.id, reason)
-        self._notify_closed(channel_id, reason)
-
-    def _notify_closed(self, channel_id: str, reason: str) -> None:
-        waiter = self._listed_waiters.pop(channel_id, None)
-        if waiter is not None:
-            waiter.set()
-        for fn in list(self._close_listeners):
-            try:
-                fn(channel_id, reason)
-            except Exception:
-                logger.exception("channel close listener failed")
+    def expect_close(self, channel_id: str, reason: str | None = None) -> None:
+        """Marks the coming close of ``channel_id`` as asked for, so it is logged at INFO
+        rather than as a WARNING (workers being stopped, a parent that told this worker to
+        stop). With ``reason``, only a close for that reason is expected (a sibling link
+        whose peer goes away: the parent reports that death). Holds until a channel of that
+        id is attached again; no-op for an unknown channel."""
+        self._channels.expect_close(channel_id, reason)
 
     def add_close_listener(self, fn: Callable[[str, str], None]) -> Callable[[], None]:
         """Calls ``fn(channel_id, reason)`` when a channel closes (for whatever reason);
         returns an unsubscribe callable. (Worker supervision and reconnecting channels use
         it.)"""
-        self._close_listeners.append(fn)
-        return functools.partial(self._close_listeners.remove, fn)
+        return self._channels.add_close_listener(fn)
 
     async def wait_listed(self, channel_id: str, timeout: float = 5.0) -> bool:
         """Waits until the peer behind ``channel_id`` answered the command list request sent
@@ -1482,17 +660,7 @@ class CommandRegistry:
         False if that did not happen within ``timeout`` seconds (the peer may not answer) or
         the channel closed first."""
         self._bind_loop()
-        if channel_id in self._listed:
-            return True
-        if channel_id not in self._channels:
-            return False
-        waiter = self._listed_waiters.setdefault(channel_id, asyncio.Event())
-        try:
-            await asyncio.wait_for(waiter.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        # Woken by the list response, or by the channel's close.
-        return channel_id in self._listed
+        return await self._channels.wait_listed(channel_id, timeout)
 
     async def close_channel(self, channel_id: str) -> None:
         """Closes one channel by id; calls waiting on it fail with ``channel_disconnected``.
@@ -1501,18 +669,12 @@ class CommandRegistry:
             KeyError: No channel of that id is attached.
         """
         self._bind_loop()
-        channel = self._channels.get(channel_id)
-        if channel is None:
-            raise KeyError(f"registry {self.id!r} has no channel {channel_id!r}")
-        if isinstance(channel, NativeChannel):
-            self._apply(self._node.close_native(channel_id))
-        else:
-            await channel.close()
+        await self._channels.close_channel(channel_id)
 
     @property
     def channels(self) -> dict[str, Channel | NativeChannel]:
         """The attached channels by id (a copy)."""
-        return dict(self._channels)
+        return dict(self._channels.by_id)
 
     # ------------------------------------------------------------------ workers
 
@@ -1553,8 +715,7 @@ class CommandRegistry:
             WorkerError: The target failed, or the child exited or stalled before ready.
         """
         self._bind_loop()
-        worker = await _spawn_worker(
-            self,
+        return await self._workers.spawn(
             worker_id,
             target,
             transport=transport,
@@ -1564,8 +725,6 @@ class CommandRegistry:
             ready_timeout=ready_timeout,
             cpu=cpu,
         )
-        self._workers[worker_id] = worker
-        return worker
 
     async def connect_workers(
         self, worker_a: Worker, worker_b: Worker, *, ring_size: int = DEFAULT_RING_SIZE
@@ -1576,63 +735,63 @@ class CommandRegistry:
         directly from then on, instead of through this registry.
         """
         self._bind_loop()
-        await _connect_workers(worker_a, worker_b, ring_size=ring_size)
+        await self._workers.connect(worker_a, worker_b, ring_size=ring_size)
 
     @property
     def workers(self) -> dict[str, Worker]:
         """Workers spawned by this registry and not stopped, by id (a copy)."""
-        return dict(self._workers)
+        return self._workers.snapshot()
 
     # ------------------------------------------------------------------ blocking API
 
     def __enter__(self) -> CommandRegistry:
         """Runs the registry's event loop on a background thread, for the ``*_sync``
         methods: ``with CommandRegistry("main") as registry: ...``."""
-        self._check_process()
-        if self._loop is not None:
+        self._driver.check_process()
+        if self._driver.loop is not None:
             raise RuntimeError(f"registry {self.id!r} already runs on an event loop")
-        loop = asyncio.new_event_loop()
-        started = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            loop.call_soon(started.set)
-            loop.run_forever()
-
-        thread = threading.Thread(target=run, name=f"cmd-ipc-{self.id}", daemon=True)
-        thread.start()
-        started.wait()
-        self._background = thread
-        asyncio.run_coroutine_threadsafe(self.__aenter__(), loop).result()
+        background = BackgroundLoop(f"cmd-ipc-{self.id}")
+        background.start()
+        self._background = background
+        background.run(self.__aenter__())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        loop, thread = self._loop, self._background
-        if loop is None or thread is None:
+        background = self._background
+        if background is None:
             return
         try:
-            asyncio.run_coroutine_threadsafe(self.close(), loop).result(30)
+            background.run(self.close(), 30)
         finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(30)
-            loop.close()
+            background.stop(30)
             self._background = None
 
-    def _blocking(self, make: Callable[[], Awaitable[Any]], timeout: float | None = None) -> Any:
-        self._check_process()
-        loop = self._loop
-        if loop is None or loop.is_closed():
+    def run_blocking(self, make: Callable[[], Awaitable[Any]], timeout: float | None = None) -> Any:
+        """Runs the coroutine ``make()`` on the registry's loop from another thread and
+        returns its result: the building block of the ``*_sync`` methods, for your own
+        coroutines that use the registry too.
+
+        Raises:
+            RuntimeError: No running loop (use ``with CommandRegistry(...)``), or called on
+                the loop's own thread (it would deadlock).
+        """
+        driver = self._driver
+        driver.check_process()
+        on_loop = threading.get_ident() == driver.loop_thread
+        return run_blocking(driver.loop, on_loop, self.id, make, timeout)
+
+    def _check_blocking_call(self, name: str, async_name: str) -> None:
+        """The checks of a native blocking call, written for its hot path."""
+        driver = self._driver
+        if driver.fork_generation != FORK_GENERATION[0]:
+            driver.check_process()
+        if driver.loop_thread == threading.get_ident():
             raise RuntimeError(
-                f"registry {self.id!r} has no running event loop: use "
-                "`with CommandRegistry(...) as registry:` for the blocking API"
+                f"{name} on the registry's own event loop thread would deadlock; "
+                f"use `await registry.{async_name}(...)`"
             )
-        if threading.get_ident() == self._loop_thread:
-            raise RuntimeError(
-                "a blocking call on the registry's own event loop thread would deadlock; "
-                "use the `await` form instead"
-            )
-        coro = make()
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)  # type: ignore[arg-type]
+        if self._closed:
+            raise RuntimeError(f"registry {self.id!r} is closed")
 
     def execute_command_sync(
         self,
@@ -1652,10 +811,11 @@ class CommandRegistry:
             RuntimeError: Called on the registry's own loop thread (it would deadlock), or
                 without a running loop.
         """
-        # The hot path of the library: the checks are written out (no helper calls).
-        if self._fork_generation != _FORK_GENERATION[0]:
-            self._check_process()
-        if self._loop_thread == threading.get_ident():
+        # The hot path of the library: the checks of _check_blocking_call, written out.
+        driver = self._driver
+        if driver.fork_generation != FORK_GENERATION[0]:
+            driver.check_process()
+        if driver.loop_thread == threading.get_ident():
             raise RuntimeError(
                 "execute_command_sync on the registry's own event loop thread would deadlock; "
                 "use `await registry.execute_command(...)`"
@@ -1663,21 +823,11 @@ class CommandRegistry:
         if self._closed:
             raise RuntimeError(f"registry {self.id!r} is closed")
         if timeout is not None and not timeout > 0:
-            raise ValueError("timeout must be a positive number of seconds")
-        # A dict of plain values is encoded, and a plain result decoded, in Rust.
-        kind, value, extra = self._node.call_sync(command_id, request, timeout)
-        if kind == "value":
+            check_timeout(timeout)
+        value = call_native(self._node, command_id, request, timeout)
+        if value is not FALLBACK:
             return value
-        if kind == "encode":  # not a dict of plain values: checked and encoded here
-            data = _encode_request(command_id, request)
-            kind, value, extra = self._node.call_sync(command_id, data, timeout, True)
-            if kind == "value":
-                return value
-        if kind == "result":
-            return _decode(value, extra)
-        if kind == "error":
-            raise error_from_code(value, extra)
-        return self._blocking(lambda: self.execute_command(command_id, request, timeout=timeout))
+        return self.run_blocking(lambda: self.execute_command(command_id, request, timeout=timeout))
 
     def register_command_sync(
         self,
@@ -1697,28 +847,33 @@ class CommandRegistry:
             validate=validate,
             localns=caller_locals(),
         )
-        self._blocking(lambda: self._register(command_id, handler, typed))
+        self.run_blocking(lambda: self._registrations.register(command_id, handler, typed))
 
     def register_service_sync(self, service: object) -> list[str]:
         """Blocking :meth:`register_service`."""
         localns = caller_locals()
-        return cast("list[str]", self._blocking(lambda: self._register_service(service, localns)))
+        return cast(
+            "list[str]",
+            self.run_blocking(lambda: self._registrations.register_service(service, localns)),
+        )
 
     def register_channel_sync(self, channel: Channel | NativeChannel) -> None:
         """Blocking :meth:`register_channel`."""
-        self._blocking(lambda: self.register_channel(channel))
+        self.run_blocking(lambda: self.register_channel(channel))
 
     def spawn_worker_sync(self, worker_id: str, target: str, **kwargs: Any) -> Worker:
         """Blocking :meth:`spawn_worker` (same arguments)."""
-        return cast(Worker, self._blocking(lambda: self.spawn_worker(worker_id, target, **kwargs)))
+        return cast(
+            Worker, self.run_blocking(lambda: self.spawn_worker(worker_id, target, **kwargs))
+        )
 
     def connect_workers_sync(self, worker_a: Worker, worker_b: Worker, **kwargs: Any) -> None:
         """Blocking :meth:`connect_workers`."""
-        self._blocking(lambda: self.connect_workers(worker_a, worker_b, **kwargs))
+        self.run_blocking(lambda: self.connect_workers(worker_a, worker_b, **kwargs))
 
     def stop_worker_sync(self, worker: Worker, timeout: float = 5.0) -> int | None:
         """Blocking :meth:`Worker.stop`."""
-        return cast("int | None", self._blocking(lambda: worker.stop(timeout)))
+        return cast("int | None", self.run_blocking(lambda: worker.stop(timeout)))
 
     # ------------------------------------------------------------------ stats and lifecycle
 
@@ -1742,37 +897,22 @@ class CommandRegistry:
         return self._closed
 
     async def close(self) -> None:
-        """Closes every channel (failing calls waiting on them) and cancels running handlers.
+        """Closes every channel (failing calls waiting on them), stops the workers, and
+        cancels running handlers.
 
         Idempotent. Calls still waiting fail with ``channel_disconnected``.
         """
         if self._closed:
             return
-        workers = list(self._workers.values())
-        if workers:
-            await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
-        self._closed = True
-        if self._native:
-            self._apply(self._node.close_all_native())
-        for channel in list(self._channels.values()):
-            if isinstance(channel, NativeChannel):
-                continue
-            try:
-                await channel.close()
-            except Exception:
-                logger.exception("closing channel %r failed", channel.id)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = self._timer_at = None
-        outcomes, self._outcomes = self._outcomes, {}
-        for outcome in outcomes.values():
-            outcome(None, ChannelDisconnectedError(f"registry {self.id!r} closed"))
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self._node.wake_fd)
+        await self._workers.stop_all()
+        self._closed = self._driver.closed = True
+        await self._channels.close_all()
+        await self._driver.cancel_tasks()
+        self._driver.fail_all(ChannelDisconnectedError(f"registry {self.id!r} closed"))
+        self._driver.unbind()
+        # Handlers may close over this registry: let them go (and the registry with them).
+        self._dispatch.clear()
+        self._registrations.clear()
 
     async def __aenter__(self) -> CommandRegistry:
         self._bind_loop()
@@ -1780,22 +920,3 @@ class CommandRegistry:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-def _settle(fut: asyncio.Future[Any]) -> _Outcome:
-    def outcome(value: Any, err: BaseException | None) -> None:
-        if fut.done():
-            return
-        if err is None:
-            fut.set_result(value)
-        else:
-            fut.set_exception(err)
-
-    return outcome
-
-
-async def _log_failure(awaitable: Awaitable[Any], event_id: str) -> None:
-    try:
-        await awaitable
-    except Exception:
-        logger.exception("listener of event %r failed", event_id)

@@ -28,25 +28,50 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cmd_ipc.channels.native import DEFAULT_RING_SIZE, NativeChannel, Transport
+from cmd_ipc.errors import WorkerError
 
-if TYPE_CHECKING:
-    from cmd_ipc.registry import CommandRegistry
-
-__all__ = ["RestartPolicy", "Worker", "WorkerError"]
+__all__ = ["RestartPolicy", "Worker", "WorkerError", "WorkerHost", "WorkerTable"]
 
 logger = logging.getLogger("cmd_ipc")
 
 BOOT_ENV = "CMD_IPC_WORKER_BOOT"
 _MAX_CONTROL = 65536
+#: Seconds a restart waits for the dead worker's channel to be detached.
+_DETACH_TIMEOUT = 5.0
 
 
-class WorkerError(RuntimeError):
-    """A worker could not be started (its target failed, or the process died early)."""
+@dataclass(frozen=True)
+class WorkerHost:
+    """What workers need of the registry that spawns them, given by that registry (workers
+    never see the registry itself).
+
+    Attributes:
+        id: The parent registry's id (the workers' ``router_channel``).
+        request_ttl: The parent's request TTL, inherited by workers.
+        spin_us: The parent's native read spin, inherited by workers.
+        register_channel: Attaches a worker's channel.
+        close_channel: Closes a channel by id.
+        has_channel: Whether a channel of that id is attached.
+        is_closed: Whether the registry closed.
+        expect_close: Marks a channel's coming close as asked for (logged at INFO).
+        add_close_listener: ``fn(channel_id, reason)`` on every close; returns an
+            unsubscribe callable.
+    """
+
+    id: str
+    request_ttl: float
+    spin_us: int
+    register_channel: Callable[[NativeChannel], Coroutine[Any, Any, None]]
+    close_channel: Callable[[str], Coroutine[Any, Any, None]]
+    has_channel: Callable[[str], bool]
+    is_closed: Callable[[], bool]
+    expect_close: Callable[[str], None]
+    add_close_listener: Callable[[Callable[[str, str], None]], Callable[[], None]]
 
 
 @dataclass(frozen=True)
@@ -88,7 +113,7 @@ def _recv_control(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]
 
 class Worker:
     """A worker process of a registry, as returned by
-    :meth:`CommandRegistry.spawn_worker`.
+    :meth:`CommandRegistry.spawn_worker` (made by its :class:`WorkerTable`).
 
     Attributes:
         id: The worker's registry id (and the channel id under which the parent knows it).
@@ -99,7 +124,7 @@ class Worker:
 
     def __init__(
         self,
-        registry: CommandRegistry,
+        table: WorkerTable,
         worker_id: str,
         target: str,
         *,
@@ -115,7 +140,8 @@ class Worker:
         self.transport: Transport = transport
         self.restart = restart
         self.restarts = 0
-        self._registry = registry
+        self._table = table
+        self._host = table.host
         self._ring_size = ring_size
         self._env = env
         self._ready_timeout = ready_timeout
@@ -152,19 +178,19 @@ class Worker:
     # ------------------------------------------------------------------ start
 
     async def _start(self) -> None:
-        registry = self._registry
+        host = self._host
         parent_end, child_end = NativeChannel.pair(
-            self.id, registry.id, transport=self.transport, ring_size=self._ring_size
+            self.id, host.id, transport=self.transport, ring_size=self._ring_size
         )
         ctl_parent, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         boot = {
             "id": self.id,
-            "parent": registry.id,
+            "parent": host.id,
             "target": self.target,
             "channel": child_end.describe(),
             "control_fd": ctl_child.fileno(),
-            "request_ttl": registry.request_ttl,
-            "spin_us": registry.spin_us,
+            "request_ttl": host.request_ttl,
+            "spin_us": host.spin_us,
             "cpu": self._cpu,
         }
         env = dict(os.environ if self._env is None else self._env)
@@ -195,7 +221,7 @@ class Worker:
         except (AttributeError, OSError):  # pragma: no cover - Linux < 5.3
             self._pidfd = None
             self._loop.create_task(self._poll_exit())
-        await registry.register_channel(parent_end)
+        await host.register_channel(parent_end)
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), self._ready_timeout)
         except asyncio.TimeoutError:
@@ -308,10 +334,10 @@ class Worker:
             return
         logger.warning("worker %r (pid %s) exited with status %s", self.id, self.pid, code)
         # The data channel saw end-of-file already; make sure it is gone before a restart.
-        if self.id in self._registry.channels:
-            self._loop.create_task(self._registry.close_channel(self.id))
+        if self._host.has_channel(self.id):
+            self._loop.create_task(self._host.close_channel(self.id))
         policy = self.restart
-        if policy is None or self._registry.closed:
+        if policy is None or self._host.is_closed():
             return
         if policy.max_restarts is not None and self.restarts >= policy.max_restarts:
             logger.error("worker %r: giving up after %d restarts", self.id, self.restarts)
@@ -319,18 +345,38 @@ class Worker:
         self._restart_task = self._loop.create_task(self._restart(policy.delay(self.restarts)))
 
     async def _restart(self, delay: float) -> None:
-        await asyncio.sleep(delay)
-        if self._stopping or self._registry.closed:
+        await asyncio.sleep(delay)  # the policy's backoff
+        if self._stopping or self._host.is_closed():
             return
         self.restarts += 1
         # Wait for the old channel to be detached, then start afresh under the same id.
-        while self.id in self._registry.channels:
-            await asyncio.sleep(0.01)
+        await self._detached()
         try:
             await self._start()
             logger.info("worker %r restarted (pid %s)", self.id, self.pid)
         except Exception as e:
             logger.error("restart of worker %r failed: %s", self.id, e)
+
+    async def _detached(self) -> None:
+        """Returns once no channel of this worker's id is attached (bounded)."""
+        gone = asyncio.Event()
+
+        def on_close(channel_id: str, _reason: str) -> None:
+            if channel_id == self.id:
+                gone.set()
+
+        unsubscribe = self._host.add_close_listener(on_close)
+        try:
+            if self._host.has_channel(self.id):
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(gone.wait(), _DETACH_TIMEOUT)
+        finally:
+            unsubscribe()
+
+    def _stop_expected(self) -> None:
+        """From now on this worker's exit and its channel's close are asked for."""
+        self._stopping = True
+        self._host.expect_close(self.id)
 
     async def wait(self) -> int | None:
         """Waits until the current process exits; returns its exit status."""
@@ -338,7 +384,7 @@ class Worker:
         return self.returncode
 
     async def _kill(self) -> None:
-        self._stopping = True
+        self._stop_expected()
         if self.alive and self._proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.send_signal(signal.SIGKILL)
@@ -352,7 +398,7 @@ class Worker:
         Returns:
             The exit status.
         """
-        self._stopping = True
+        self._stop_expected()
         if self._restart_task is not None:
             self._restart_task.cancel()
         if self.alive:
@@ -365,51 +411,95 @@ class Worker:
                 await self._kill()
         elif self._proc is not None and not self._exited.is_set():
             await self._exited.wait()
-        if self.id in self._registry.channels:
-            await self._registry.close_channel(self.id)
-        if self._registry._workers.get(self.id) is self:
-            del self._registry._workers[self.id]
+        if self._host.has_channel(self.id):
+            await self._host.close_channel(self.id)
+        self._table.discard(self)
         return self.returncode
 
 
-async def spawn_worker(
-    registry: CommandRegistry, worker_id: str, target: str, **options: Any
-) -> Worker:
-    """Implementation of :meth:`CommandRegistry.spawn_worker` (``options`` are its keyword
-    arguments, passed on to :class:`Worker`)."""
-    if not isinstance(worker_id, str) or not worker_id:
-        raise ValueError("worker_id must be a non-empty string")
-    if ":" not in target:
-        raise ValueError(f"target must look like 'package.module:function', got {target!r}")
-    transport = options.get("transport")
-    if transport not in ("shm", "pipe"):
-        raise ValueError(f"unknown transport {transport!r}: expected 'shm' or 'pipe'")
-    if worker_id in registry.channels:
-        raise ValueError(f"registry {registry.id!r} already has a channel {worker_id!r}")
-    worker = Worker(registry, worker_id, target, **options)
-    await worker._start()
-    return worker
+class WorkerTable:
+    """The workers of one registry: spawns, connects and stops them.
 
+    Args:
+        host: What the workers need of their registry.
+    """
 
-async def connect_workers(a: Worker, b: Worker, *, ring_size: int = DEFAULT_RING_SIZE) -> None:
-    """Implementation of :meth:`CommandRegistry.connect_workers`."""
-    if a is b:
-        raise ValueError("cannot connect a worker to itself")
-    if not (a.alive and b.alive):
-        raise WorkerError("both workers must be running")
-    # a's end is named after b (the peer it reaches), and the reverse.
-    end_a, end_b = NativeChannel.pair(b.id, a.id, transport="shm", ring_size=ring_size)
-    try:
-        await asyncio.gather(a._connect(end_a), b._connect(end_b))
-    finally:
-        end_a.close_fds()
-        end_b.close_fds()
+    def __init__(self, host: WorkerHost) -> None:
+        self.host = host
+        self._workers: dict[str, Worker] = {}
+
+    def snapshot(self) -> dict[str, Worker]:
+        """Workers spawned and not stopped, by id (a copy)."""
+        return dict(self._workers)
+
+    def discard(self, worker: Worker) -> None:
+        """Forgets a stopped worker."""
+        if self._workers.get(worker.id) is worker:
+            del self._workers[worker.id]
+
+    async def spawn(
+        self,
+        worker_id: str,
+        target: str,
+        *,
+        transport: Transport,
+        ring_size: int,
+        restart: RestartPolicy | None,
+        env: dict[str, str] | None,
+        ready_timeout: float,
+        cpu: int | None,
+    ) -> Worker:
+        """Starts a worker (see :meth:`CommandRegistry.spawn_worker`)."""
+        if not isinstance(worker_id, str) or not worker_id:
+            raise ValueError("worker_id must be a non-empty string")
+        if ":" not in target:
+            raise ValueError(f"target must look like 'package.module:function', got {target!r}")
+        if transport not in ("shm", "pipe"):
+            raise ValueError(f"unknown transport {transport!r}: expected 'shm' or 'pipe'")
+        if self.host.has_channel(worker_id):
+            raise ValueError(f"registry {self.host.id!r} already has a channel {worker_id!r}")
+        worker = Worker(
+            self,
+            worker_id,
+            target,
+            transport=transport,
+            ring_size=ring_size,
+            restart=restart,
+            env=env,
+            ready_timeout=ready_timeout,
+            cpu=cpu,
+        )
+        await worker._start()
+        self._workers[worker_id] = worker
+        return worker
+
+    async def stop_all(self) -> None:
+        """Stops every worker (failures are not raised: the workers are gone either way)."""
+        workers = list(self._workers.values())
+        if workers:
+            await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+
+    @staticmethod
+    async def connect(a: Worker, b: Worker, *, ring_size: int = DEFAULT_RING_SIZE) -> None:
+        """Opens a direct channel between two workers (see
+        :meth:`CommandRegistry.connect_workers`)."""
+        if a is b:
+            raise ValueError("cannot connect a worker to itself")
+        if not (a.alive and b.alive):
+            raise WorkerError("both workers must be running")
+        # a's end is named after b (the peer it reaches), and the reverse.
+        end_a, end_b = NativeChannel.pair(b.id, a.id, transport="shm", ring_size=ring_size)
+        try:
+            await asyncio.gather(a._connect(end_a), b._connect(end_b))
+        finally:
+            end_a.close_fds()
+            end_b.close_fds()
 
 
 # ---------------------------------------------------------------------------- child side
 
 
-def _load_target(target: str) -> Callable[[CommandRegistry], Any]:
+def _load_target(target: str) -> Callable[[Any], Any]:
     import importlib
 
     module_name, _, attr = target.partition(":")

@@ -11,11 +11,21 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use cmd_ipc_core::codec::{self, Limits};
-use cmd_ipc_core::message::{new_id, CommandDef, Encoding, Message, Payload};
+use cmd_ipc_core::ids::{IdSource, SeededIds};
+use cmd_ipc_core::message::{CommandDef, Encoding, Message, Payload};
 use cmd_ipc_core::router::{Action, Config, Router};
 
+thread_local! {
+    /// Ids of the inputs (the peers' ids), from the generator the router uses itself.
+    static IDS: std::cell::RefCell<SeededIds> = std::cell::RefCell::new(SeededIds::new(2));
+}
+
+fn new_id() -> String {
+    IDS.with(|ids| ids.borrow_mut().next_id())
+}
+
 fn setup() -> Router {
-    let mut r = Router::new(Config::new("mid"));
+    let mut r = Router::new(Config::new("mid"), Box::new(SeededIds::new(1)));
     r.add_channel("a", Encoding::Msgpack).unwrap();
     r.add_channel("b", Encoding::Msgpack).unwrap();
     r.handle_message(
@@ -128,7 +138,7 @@ fn main() {
         }
     });
 
-    // Baseline: the bare table work of a forward (insert then remove a fresh uuid key).
+    // Baseline: the bare table work of a forward (insert then remove a fresh id).
     let mut table: HashMap<String, u64> = HashMap::new();
     let baseline = rate(budget, 2, || {
         let k = new_id();
@@ -145,7 +155,7 @@ fn main() {
         frames
     );
     println!(
-        "baseline uuid+HashMap insert/remove:  {:>12.0} /s  (router at {:.2}x of baseline)",
+        "baseline id+HashMap insert/remove:    {:>12.0} /s  (router at {:.2}x of baseline)",
         baseline,
         decisions / baseline
     );

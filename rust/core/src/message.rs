@@ -146,6 +146,16 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The codes an `execute.command.response` may carry (the five of the spec; not
+    /// `duplicate_command`).
+    pub const EXECUTE: [ErrorCode; 5] = [
+        ErrorCode::NotFound,
+        ErrorCode::InvalidRequest,
+        ErrorCode::InternalError,
+        ErrorCode::Timeout,
+        ErrorCode::ChannelDisconnected,
+    ];
+
     /// The stable wire code.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -177,14 +187,7 @@ impl ErrorCode {
 
     /// Parses a code allowed in an `execute.command.response` (the five of the spec).
     pub fn from_wire(code: &str) -> Option<Self> {
-        Some(match code {
-            "not_found" => ErrorCode::NotFound,
-            "invalid_request" => ErrorCode::InvalidRequest,
-            "internal_error" => ErrorCode::InternalError,
-            "timeout" => ErrorCode::Timeout,
-            "channel_disconnected" => ErrorCode::ChannelDisconnected,
-            _ => return None,
-        })
+        Self::EXECUTE.into_iter().find(|c| c.as_str() == code)
     }
 }
 
@@ -311,9 +314,4 @@ impl Message {
             Message::Event { .. } => "event",
         }
     }
-}
-
-/// A fresh RFC 4122 version-4 message id.
-pub fn new_id() -> String {
-    uuid::Uuid::new_v4().to_string()
 }

@@ -4,7 +4,8 @@
 //! event, a channel added or closed, the time) and carries out the [`Action`]s it queues (send a
 //! message, run a local handler, complete a local caller, deliver an event). Time is a number
 //! of microseconds on the driver's monotonic clock; the driver asks [`Router::next_deadline`]
-//! when to call [`Router::tick`].
+//! when to call [`Router::tick`]. Message ids come from the injected [`IdSource`], so a run
+//! is a function of its inputs: replayed with the same source, it gives the same actions.
 //!
 //! Rules (each has a test below):
 //! * routing priority: local handler, then a channel that advertised the command, then the
@@ -30,15 +31,18 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
-/// Hash maps keyed by ids that peers choose: aHash is fast and keyed per process, so a peer
-/// cannot aim collisions at it.
-pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
-use std::sync::Arc;
+// A shared, immutable name (an atomic count, no lock): the crate uses nothing of std::sync.
+use alloc::sync::Arc;
+
+/// Hash maps keyed by ids that peers choose: aHash is fast, and keyed by the injected
+/// [`IdSource`], so a peer cannot aim collisions at it.
+type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 
 use crate::codec::{self, Limits};
 use crate::error::{CodecError, UsageError};
+use crate::ids::IdSource;
 use crate::message::{
-    is_private, new_id, CommandDef, Encoding, ErrorCode, ExecError, ExecResult, Message, Payload,
+    is_private, CommandDef, Encoding, ErrorCode, ExecError, ExecResult, Message, Payload,
     RegisterError,
 };
 
@@ -160,20 +164,6 @@ pub enum Action {
     },
     /// A channel's peer answered with its command list (its commands are routable now).
     Listed {
-        /// The channel.
-        channel: ChannelId,
-    },
-    /// A native channel closed and was detached (produced by [`crate::node::Node`], never by
-    /// the router itself).
-    Closed {
-        /// The channel.
-        channel: ChannelId,
-        /// Why.
-        reason: String,
-    },
-    /// A native stream channel has unsent bytes: wait for its socket to be writable and
-    /// flush it (produced by [`crate::node::Node`]).
-    WantWrite {
         /// The channel.
         channel: ChannelId,
     },
@@ -318,32 +308,43 @@ pub struct Router {
     forwarded: u64,
     dropped: u64,
     actions: Vec<Action>,
+    ids: Box<dyn IdSource>,
 }
 
 impl Router {
-    /// A router with no channels and no commands.
-    pub fn new(config: Config) -> Self {
+    /// A router with no channels and no commands, taking its message ids and hash keys
+    /// from `ids` (see [`crate::ids`]): the same config, source and inputs give the same
+    /// actions.
+    pub fn new(config: Config, mut ids: Box<dyn IdSource>) -> Self {
         let router_channel = config.router_channel.as_deref().map(Arc::from);
+        let [k0, k1, k2, k3] = ids.hash_keys();
+        let keys = ahash::RandomState::with_seeds(k0, k1, k2, k3);
         Router {
             config,
             router_channel,
-            channels: HashMap::default(),
-            routes: HashMap::default(),
-            calls: HashMap::default(),
-            forwards: HashMap::default(),
-            registrations: HashMap::default(),
-            jobs: HashMap::default(),
+            channels: HashMap::with_hasher(keys.clone()),
+            routes: HashMap::with_hasher(keys.clone()),
+            calls: HashMap::with_hasher(keys.clone()),
+            forwards: HashMap::with_hasher(keys.clone()),
+            registrations: HashMap::with_hasher(keys.clone()),
+            jobs: HashMap::with_hasher(keys.clone()),
             local_jobs: 0,
-            local_deadlines: HashMap::default(),
+            local_deadlines: HashMap::with_hasher(keys.clone()),
             timers: BinaryHeap::new(),
             timer_seq: 0,
-            seen_events: HashMap::default(),
+            seen_events: HashMap::with_hasher(keys.clone()),
             seen_order: VecDeque::new(),
             next_token: 1,
             forwarded: 0,
             dropped: 0,
             actions: Vec::new(),
+            ids,
         }
+    }
+
+    /// A fresh message id from the injected source.
+    fn new_id(&mut self) -> String {
+        self.ids.next_id()
     }
 
     /// The configuration.
@@ -371,9 +372,11 @@ impl Router {
         self.channels.contains_key(channel)
     }
 
-    /// Names of attached channels.
+    /// Names of attached channels, sorted.
     pub fn channel_ids(&self) -> Vec<ChannelId> {
-        self.channels.keys().cloned().collect()
+        let mut ids: Vec<ChannelId> = self.channels.keys().cloned().collect();
+        ids.sort_unstable();
+        ids
     }
 
     fn token(&mut self) -> u64 {
@@ -460,7 +463,8 @@ impl Router {
                 stats: ChannelStats::default(),
             },
         );
-        self.send(&id, Message::ListRequest { id: new_id() });
+        let msg_id = self.new_id();
+        self.send(&id, Message::ListRequest { id: msg_id });
         Ok(())
     }
 
@@ -493,20 +497,23 @@ impl Router {
                 result: Err(disconnected("the call")),
             });
         }
-        let dead_forwards: Vec<String> = self
+        let mut dead_forwards: Vec<String> = self
             .forwards
             .iter()
             .filter(|(_, f)| f.target == id || f.origin == id)
             .map(|(k, _)| k.clone())
             .collect();
+        // In a fixed order (the table's order depends on its keys): a run replays exactly.
+        dead_forwards.sort_unstable();
         for key in dead_forwards {
             if let Some(f) = self.forwards.remove(&key) {
                 if f.target == id && self.channels.contains_key(&f.origin) {
                     let err = disconnected("a forwarded request");
+                    let msg_id = self.new_id();
                     self.send(
                         &f.origin,
                         Message::ExecuteResponse {
-                            id: new_id(),
+                            id: msg_id,
                             thid: f.origin_id,
                             response: Err(err),
                         },
@@ -514,7 +521,7 @@ impl Router {
                 }
             }
         }
-        let dead_regs: Vec<String> = self
+        let mut dead_regs: Vec<String> = self
             .registrations
             .iter()
             .filter(|(_, r)| {
@@ -522,6 +529,7 @@ impl Router {
             })
             .map(|(k, _)| k.clone())
             .collect();
+        dead_regs.sort_unstable();
         for key in dead_regs {
             if let Some(r) = self.registrations.remove(&key) {
                 // A child's registration has no wire error for this case; the child's own
@@ -647,7 +655,7 @@ impl Router {
                 return call;
             }
         };
-        let id = new_id();
+        let id = self.new_id();
         let deadline = now.saturating_add(ttl.unwrap_or(self.config.request_ttl));
         self.arm(deadline, TimerKind::Call, id.clone());
         self.calls.insert(
@@ -747,10 +755,11 @@ impl Router {
                         )),
                         other => other,
                     };
+                    let msg_id = self.new_id();
                     self.send(
                         &channel,
                         Message::ExecuteResponse {
-                            id: new_id(),
+                            id: msg_id,
                             thid,
                             response: result,
                         },
@@ -860,7 +869,7 @@ impl Router {
     }
 
     fn escalate(&mut self, def: CommandDef, for_: RegFor, router: ChannelId, now: Micros) {
-        let id = new_id();
+        let id = self.new_id();
         let deadline = now.saturating_add(self.config.request_ttl);
         self.arm(deadline, TimerKind::Registration, id.clone());
         self.send(
@@ -900,7 +909,7 @@ impl Router {
     /// Emits an event: delivered locally once, and flooded to every channel unless private.
     /// Returns the message id used.
     pub fn emit_event(&mut self, event_id: &str, payload: Option<Payload>, now: Micros) -> String {
-        let id = new_id();
+        let id = self.new_id();
         self.remember_event(&id, now);
         self.actions.push(Action::DeliverEvent {
             event_id: event_id.to_string(),
@@ -999,10 +1008,11 @@ impl Router {
                     c.stats.received += 1;
                 }
                 if let Some(request_id) = codec::sniff_execute_request(frame, encoding, &err) {
+                    let msg_id = self.new_id();
                     self.send(
                         &id,
                         Message::ExecuteResponse {
-                            id: new_id(),
+                            id: msg_id,
                             thid: request_id,
                             response: Err(ExecError::new(
                                 ErrorCode::InvalidRequest,
@@ -1065,10 +1075,11 @@ impl Router {
     }
 
     fn reply_error(&mut self, to: &ChannelId, thid: String, err: ExecError) {
+        let msg_id = self.new_id();
         self.send(
             to,
             Message::ExecuteResponse {
-                id: new_id(),
+                id: msg_id,
                 thid,
                 response: Err(err),
             },
@@ -1133,7 +1144,7 @@ impl Router {
                 return self.reply_error(from, id, err);
             }
         };
-        let out_id = new_id();
+        let out_id = self.new_id();
         let deadline = now.saturating_add(self.config.request_ttl);
         self.arm(deadline, TimerKind::Forward, out_id.clone());
         self.forwards.insert(
@@ -1184,10 +1195,11 @@ impl Router {
             if let Some(f) = self.forwards.remove(&thid) {
                 if self.channels.contains_key(&f.origin) {
                     let response = self.adapt_result(response, &f.origin);
+                    let msg_id = self.new_id();
                     self.send(
                         &f.origin,
                         Message::ExecuteResponse {
-                            id: new_id(),
+                            id: msg_id,
                             thid: f.origin_id,
                             response,
                         },
@@ -1211,10 +1223,11 @@ impl Router {
         now: Micros,
     ) {
         if self.owner_conflict(&command.id, Some(from)).is_some() {
+            let msg_id = self.new_id();
             return self.send(
                 from,
                 Message::RegisterResponse {
-                    id: new_id(),
+                    id: msg_id,
                     thid: id,
                     response: Err(RegisterError::DuplicateCommand),
                 },
@@ -1238,10 +1251,11 @@ impl Router {
             }
             _ => {
                 self.accept_child_registration(from, command);
+                let msg_id = self.new_id();
                 self.send(
                     from,
                     Message::RegisterResponse {
-                        id: new_id(),
+                        id: msg_id,
                         thid: id,
                         response: Ok(()),
                     },
@@ -1338,10 +1352,11 @@ impl Router {
                         Ok(())
                     }
                 };
+                let msg_id = self.new_id();
                 self.send(
                     &channel,
                     Message::RegisterResponse {
-                        id: new_id(),
+                        id: msg_id,
                         thid: request_id,
                         response,
                     },
@@ -1371,10 +1386,11 @@ impl Router {
 
     fn on_list_request(&mut self, from: &ChannelId, id: String) {
         let commands = self.subtree_except(from);
+        let msg_id = self.new_id();
         self.send(
             from,
             Message::ListResponse {
-                id: new_id(),
+                id: msg_id,
                 thid: id,
                 commands,
             },

@@ -1,22 +1,30 @@
-//! `cmd_ipc._core`: the Python binding of the cmd-ipc core. Declarations and conversions only;
-//! every protocol rule lives in the `cmd-ipc-core` crate.
+//! `cmd_ipc._core`: the Python binding of the cmd-ipc crates. Declarations and conversions
+//! only: every protocol rule lives in `cmd-ipc-core`, the native channels and the threaded
+//! node in `cmd-ipc-native`.
 
-use pyo3::create_exception;
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, TryLockError};
+
 use pyo3::exceptions::{PyKeyError, PyValueError};
+use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use pyo3::PyTraverseError;
 
 use cmd_ipc_core::codec::{self, Limits};
 use cmd_ipc_core::error::{CodecError, UsageError};
 use cmd_ipc_core::message::{
-    new_id as core_new_id, CommandDef, CommandSchema, Encoding, ErrorCode, ExecError, ExecResult,
-    Message, Payload,
+    CommandDef, CommandSchema, Encoding, ErrorCode, ExecError, ExecResult, Message, Payload,
 };
-use cmd_ipc_core::node::{Node as CoreNode, SyncOutcome};
 use cmd_ipc_core::router::{Action, Config, Micros, Router as CoreRouter};
-use cmd_ipc_core::transport::Endpoint;
+use cmd_ipc_native::node::{Node as CoreNode, NodeAction, SyncOutcome};
+use cmd_ipc_native::transport::Endpoint;
+use cmd_ipc_native::{ids, RandomIds};
 
 mod convert;
+mod seam;
+
+use seam::{ActionKind as A, CallOutcome as O};
 
 /// Rust-side allocations only (Python objects keep Python's allocator). The hot path makes
 /// many small short-lived ones (ids, frames, payloads), which mimalloc serves several times
@@ -24,12 +32,9 @@ mod convert;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-create_exception!(
-    _core,
-    ProtocolError,
-    PyValueError,
-    "A frame or value that breaks the protocol or its limits; args are (code, message)."
-);
+// Defined in Python (`cmd_ipc.errors`, the one exception tree), raised from here; the module
+// is imported the first time one is raised.
+pyo3::import_exception!(cmd_ipc.errors, ProtocolError);
 
 // ------------------------------------------------------------------------------------------
 // The one conversion point from Rust errors to Python exceptions.
@@ -131,7 +136,7 @@ fn sync_result<'py>(py: Python<'py>, r: ExecResult) -> SyncResult<'py> {
 fn actions_to_py<'py>(
     py: Python<'py>,
     node: &Node,
-    actions: Vec<Action>,
+    actions: Vec<NodeAction>,
 ) -> PyResult<Bound<'py, PyList>> {
     // Look the encodings up under the lock, then build Python objects without it.
     let encodings: Vec<Option<Encoding>> = {
@@ -139,22 +144,37 @@ fn actions_to_py<'py>(
         actions
             .iter()
             .map(|a| match a {
-                Action::Send { channel, .. } => st.router.channel_encoding(channel),
+                NodeAction::Router(Action::Send { channel, .. }) => {
+                    st.router.channel_encoding(channel)
+                }
                 _ => None,
             })
             .collect()
     };
     let list = PyList::empty(py);
     for (a, enc) in actions.into_iter().zip(encodings) {
+        let a = match a {
+            NodeAction::Router(a) => a,
+            NodeAction::WantWrite { channel } => {
+                list.append((A::WantWrite, &*channel))?;
+                continue;
+            }
+            NodeAction::Closed { channel, reason } => {
+                list.append((A::Closed, &*channel, reason))?;
+                continue;
+            }
+        };
         let item: Bound<'py, PyTuple> = match a {
             Action::Send { channel, message } => {
                 let Some(enc) = enc else {
                     continue;
                 };
                 match codec::encode(&message, enc) {
-                    Ok(frame) => ("send", &*channel, PyBytes::new(py, &frame)).into_pyobject(py)?,
+                    Ok(frame) => {
+                        (A::Send, &*channel, PyBytes::new(py, &frame)).into_pyobject(py)?
+                    }
                     Err(e) => (
-                        "dropped",
+                        A::Dropped,
                         &*channel,
                         "unencodable",
                         format!(
@@ -172,33 +192,29 @@ fn actions_to_py<'py>(
                 request,
             } => {
                 let (data, enc) = py_payload(py, &request);
-                ("run", job, handler, command_id, data, enc).into_pyobject(py)?
+                (A::Run, job, handler, command_id, data, enc).into_pyobject(py)?
             }
             Action::CallDone { call, result } => match result {
                 Ok(p) => {
                     let (data, enc) = py_payload(py, &p);
-                    ("result", call, data, enc).into_pyobject(py)?
+                    (A::Result, call, data, enc).into_pyobject(py)?
                 }
-                Err(e) => ("error", call, e.code.as_str(), e.message).into_pyobject(py)?,
+                Err(e) => (A::Error, call, e.code.as_str(), e.message).into_pyobject(py)?,
             },
             Action::RegisterDone { call, result } => match result {
-                Ok(()) => ("registered", call, py.None(), py.None()).into_pyobject(py)?,
-                Err(e) => ("registered", call, e.code.as_str(), e.message).into_pyobject(py)?,
+                Ok(()) => (A::Registered, call, py.None(), py.None()).into_pyobject(py)?,
+                Err(e) => (A::Registered, call, e.code.as_str(), e.message).into_pyobject(py)?,
             },
             Action::DeliverEvent { event_id, payload } => {
                 let (data, enc) = py_payload(py, &payload);
-                ("event", event_id, data, enc).into_pyobject(py)?
+                (A::Event, event_id, data, enc).into_pyobject(py)?
             }
-            Action::WantWrite { channel } => ("want_write", &*channel).into_pyobject(py)?,
-            Action::Listed { channel } => ("listed", &*channel).into_pyobject(py)?,
-            Action::Closed { channel, reason } => {
-                ("closed", &*channel, reason).into_pyobject(py)?
-            }
+            Action::Listed { channel } => (A::Listed, &*channel).into_pyobject(py)?,
             Action::Dropped {
                 channel,
                 kind,
                 reason,
-            } => ("dropped", channel.as_deref(), kind.as_str(), reason).into_pyobject(py)?,
+            } => (A::Dropped, channel.as_deref(), kind.as_str(), reason).into_pyobject(py)?,
         };
         list.append(item)?;
     }
@@ -208,21 +224,29 @@ fn actions_to_py<'py>(
 type PyActions<'py> = PyResult<Bound<'py, PyList>>;
 
 /// A registry's native half: the sans-I/O router plus the native channels (see the
-/// `cmd-ipc-core` crate's `node` module). Safe to call from several threads.
+/// `cmd-ipc-native` crate's `node` module). Safe to call from several threads.
 #[pyclass(module = "cmd_ipc._core", frozen)]
 struct Node {
     inner: CoreNode,
-    /// Plain sync handlers the read loop may call directly (the binding's table, never the
-    /// router's), by handler id, and the msgpack (unpack, pack) callables to use with them.
-    fast: std::sync::Mutex<std::collections::HashMap<u64, Py<PyAny>>>,
-    fast_codec: std::sync::OnceLock<(Py<PyAny>, Py<PyAny>)>,
+    /// The Python objects this node holds (the only ones): visible to Python's garbage
+    /// collector (`__traverse__`), emptied by `__clear__` and `clear_handlers`.
+    fast: Mutex<FastTable>,
+}
+
+/// Plain sync handlers the read loop may call directly (the binding's table, never the
+/// router's), by handler id, and the msgpack (unpack, pack) callables to use with them.
+#[derive(Default)]
+struct FastTable {
+    handlers: HashMap<u64, Py<PyAny>>,
+    codec: Option<(Py<PyAny>, Py<PyAny>)>,
 }
 
 /// What a directly dispatched handler run came to.
 enum Fast<'py> {
-    /// Finished: complete the job with this result.
-    Done(Option<Payload>),
-    /// Python must finish it: ("fast_failed" | "fast_await" | "fast_unencodable", ...).
+    /// Finished: complete job `.0` with result `.1`.
+    Done(u64, Option<Payload>),
+    /// Python must finish it: `(ACTION_FAST_FAILED | ACTION_FAST_AWAIT |
+    /// ACTION_FAST_UNENCODABLE, ...)`.
     Python(Bound<'py, PyTuple>),
     /// Not handled here: give the action to Python as usual.
     Decline(Action),
@@ -236,8 +260,14 @@ impl std::ops::Deref for Node {
 }
 
 impl Node {
-    fn fast_table(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Py<PyAny>>> {
+    fn fast_table(&self) -> MutexGuard<'_, FastTable> {
         self.fast.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Empties the fast table; the objects are released after the lock (releasing one may
+    /// run Python code, which may call back into this node).
+    fn take_fast(&self) -> FastTable {
+        std::mem::take(&mut *self.fast_table())
     }
 
     /// Runs a handler action in place if its handler is a registered plain sync handler and
@@ -253,11 +283,14 @@ impl Node {
             return Ok(Fast::Decline(action));
         };
         let (job, handler) = (*job, *handler);
-        let (Some(fn_), Some((unpack, pack))) = (
-            self.fast_table().get(&handler).map(|f| f.clone_ref(py)),
-            self.fast_codec.get(),
-        ) else {
-            return Ok(Fast::Decline(action));
+        let (fn_, unpack, pack) = {
+            let t = self.fast_table();
+            match (t.handlers.get(&handler), &t.codec) {
+                (Some(f), Some((unpack, pack))) => {
+                    (f.clone_ref(py), unpack.clone_ref(py), pack.clone_ref(py))
+                }
+                _ => return Ok(Fast::Decline(action)),
+            }
         };
         let request_obj = match request {
             None => None,
@@ -283,40 +316,34 @@ impl Node {
             Err(e) => {
                 let exc = e.into_value(py).into_bound(py).into_any();
                 return Ok(Fast::Python(
-                    ("fast_failed", job, handler, req, exc).into_pyobject(py)?,
+                    (A::FastFailed, job, handler, req, exc).into_pyobject(py)?,
                 ));
             }
         };
         if result.is_none() {
-            return Ok(Fast::Done(None));
+            return Ok(Fast::Done(job, None));
         }
         if let Some(data) = convert::encode(&result) {
-            return Ok(Fast::Done(Some(Payload::new(Encoding::Msgpack, data))));
+            return Ok(Fast::Done(job, Some(Payload::new(Encoding::Msgpack, data))));
         }
-        // Plain values first: `hasattr` on them would raise and catch an AttributeError.
-        let plain = result.is_instance_of::<PyInt>()
-            || result.is_instance_of::<PyFloat>()
-            || result.is_instance_of::<PyString>()
-            || result.is_instance_of::<PyDict>()
-            || result.is_instance_of::<PyList>()
-            || result.is_instance_of::<PyBytes>();
-        if !plain && result.hasattr("__await__")? {
+        // The one plain-result test, shared with Python's job runner (`_core.needs_await`).
+        if seam::awaitable(&result)? {
             return Ok(Fast::Python(
-                ("fast_await", job, handler, req, result).into_pyobject(py)?,
+                (A::FastAwait, job, handler, req, result).into_pyobject(py)?,
             ));
         }
         match pack.bind(py).call1((result,)) {
             Ok(b) => match b.cast::<PyBytes>() {
-                Ok(bytes) => Ok(Fast::Done(Some(Payload::new(
-                    Encoding::Msgpack,
-                    bytes.as_bytes().to_vec(),
-                )))),
+                Ok(bytes) => Ok(Fast::Done(
+                    job,
+                    Some(Payload::new(Encoding::Msgpack, bytes.as_bytes().to_vec())),
+                )),
                 Err(_) => Ok(Fast::Decline(action)),
             },
             Err(e) => {
                 let exc = e.into_value(py).into_bound(py).into_any();
                 Ok(Fast::Python(
-                    ("fast_unencodable", job, handler, req, exc).into_pyobject(py)?,
+                    (A::FastUnencodable, job, handler, req, exc).into_pyobject(py)?,
                 ))
             }
         }
@@ -382,23 +409,43 @@ impl Node {
             max_message_size,
             max_depth,
         };
-        let mut inner = CoreNode::new(config).map_err(PyErr::from)?;
+        let mut inner = CoreNode::new(config, Box::new(RandomIds)).map_err(PyErr::from)?;
         inner.spin_us = spin_us;
         Ok(Node {
             inner,
-            fast: std::sync::Mutex::new(std::collections::HashMap::new()),
-            fast_codec: std::sync::OnceLock::new(),
+            fast: Mutex::new(FastTable::default()),
         })
     }
 
-    #[getter]
-    fn id(&self) -> String {
-        self.lock().router.config().id.clone()
+    /// Tells Python's garbage collector about the callables held here (a handler that closes
+    /// over its registry makes a cycle through this node). `try_lock`, not `lock`: a
+    /// collection may start on a thread that holds the table's lock (an allocation while
+    /// it is held), which would then wait for itself. Skipping the visit only hides edges
+    /// for that one collection, which keeps the objects alive (never frees one too early).
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        let t = match self.fast.try_lock() {
+            Ok(t) => t,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return Ok(()),
+        };
+        for f in t.handlers.values() {
+            visit.call(f)?;
+        }
+        if let Some((unpack, pack)) = &t.codec {
+            visit.call(unpack)?;
+            visit.call(pack)?;
+        }
+        Ok(())
     }
 
-    #[getter]
-    fn router_channel(&self) -> Option<String> {
-        self.lock().router.config().router_channel.clone()
+    fn __clear__(&self) {
+        drop(self.take_fast());
+    }
+
+    /// Drops every fast handler and the fast codec pair (a registry's `close()`), so that
+    /// nothing here keeps a handler, or the registry it closes over, alive.
+    fn clear_handlers(&self) {
+        drop(self.take_fast());
     }
 
     #[getter]
@@ -435,10 +482,6 @@ impl Node {
         self.inner.endpoint_fd(channel)
     }
 
-    fn is_native(&self, channel: &str) -> bool {
-        self.inner.is_native(channel)
-    }
-
     /// Reads a native channel (GIL released); returns (actions, again, want_write, busy).
     /// Requests for plain sync handlers (see `set_fast_handler`) are served right here, up
     /// to `budget` read passes, without returning to Python in between.
@@ -451,10 +494,10 @@ impl Node {
         budget: u32,
     ) -> PyResult<(Bound<'py, PyList>, bool, bool, bool)> {
         let node = &self.inner;
-        let mut for_python: Vec<Action> = Vec::new();
+        let mut for_python: Vec<NodeAction> = Vec::new();
         let mut extra: Vec<Bound<'py, PyTuple>> = Vec::new();
         let (mut again, mut want_write, mut busy) = (false, false, false);
-        let has_fast = !self.fast_table().is_empty();
+        let has_fast = !self.fast_table().handlers.is_empty();
         for pass in 0..budget.max(1) {
             // The socket is read once per call (after the loop's wake-up), not per request.
             let poll = py.detach(|| node.poll_endpoint(channel, spin_us, pass == 0));
@@ -467,17 +510,17 @@ impl Node {
             }
             let mut done: Vec<(u64, Option<Payload>)> = Vec::new();
             for a in poll.actions {
-                let job = match &a {
-                    Action::RunHandler { job, .. } => *job,
-                    _ => {
-                        for_python.push(a);
+                let a = match a {
+                    NodeAction::Router(a @ Action::RunHandler { .. }) => a,
+                    other => {
+                        for_python.push(other);
                         continue;
                     }
                 };
                 match self.run_fast(py, a)? {
-                    Fast::Done(result) => done.push((job, result)),
+                    Fast::Done(job, result) => done.push((job, result)),
                     Fast::Python(t) => extra.push(t),
-                    Fast::Decline(a) => for_python.push(a),
+                    Fast::Decline(a) => for_python.push(a.into()),
                 }
             }
             if !done.is_empty() {
@@ -502,20 +545,19 @@ impl Node {
     /// Lets the read loop call `fn(**request)` directly for handler `handler` (a plain,
     /// untyped, synchronous handler taking keyword arguments); `None` removes it.
     fn set_fast_handler(&self, handler: u64, fn_: Option<Py<PyAny>>) {
-        let mut t = self.fast_table();
-        match fn_ {
-            Some(f) => {
-                t.insert(handler, f);
+        // The replaced callable is released after the lock (see `take_fast`).
+        let _old = {
+            let mut t = self.fast_table();
+            match fn_ {
+                Some(f) => t.handlers.insert(handler, f),
+                None => t.handlers.remove(&handler),
             }
-            None => {
-                t.remove(&handler);
-            }
-        }
+        };
     }
 
     /// The msgpack `unpack(bytes)` and `pack(obj)` callables used for direct dispatch.
     fn set_fast_codec(&self, unpack: Py<PyAny>, pack: Py<PyAny>) {
-        let _ = self.fast_codec.set((unpack, pack));
+        let _old = self.fast_table().codec.replace((unpack, pack));
     }
 
     fn native_busy(&self, channel: &str) -> bool {
@@ -562,7 +604,7 @@ impl Node {
         use cmd_ipc_core::router::InboundError;
         let (r, list) = self.run(py, |r| r.handle_frame(channel, frame, to_micros(now)))?;
         match r {
-            // A codec error is already reported as a "dropped" action.
+            // A codec error is already reported as an ACTION_DROPPED action.
             Ok(()) | Err(InboundError::Codec(_)) => Ok(list),
             Err(InboundError::Usage(e)) => Err(usage_err(e)),
         }
@@ -585,10 +627,11 @@ impl Node {
     }
 
     /// A blocking call (GIL released). `request` is `None`, a `dict` (encoded here when it
-    /// holds plain values), or, with `encoded`, msgpack `bytes` the caller encoded. Returns `("value", obj,
-    /// None)` (the result, decoded here), `("result", data, encoding)` (for Python to
-    /// decode), `("error", code, message)`, `("encode", None, None)` (the request is not
-    /// plain: encode it in Python and call again with bytes), or `("fallback", None, None)`
+    /// holds plain values), or, with `encoded`, msgpack `bytes` the caller encoded. Returns
+    /// `(OUTCOME_VALUE, obj, None)` (the result, decoded here), `(OUTCOME_RESULT, data,
+    /// encoding)` (for Python to decode), `(OUTCOME_ERROR, code, message)`, `(OUTCOME_ENCODE,
+    /// None, None)` (the request is not plain: encode it in Python and call again with
+    /// bytes), or `(OUTCOME_FALLBACK, None, None)`
     /// when the command is not behind a native channel.
     #[pyo3(signature = (command_id, request, ttl, encoded=false))]
     fn call_sync<'py>(
@@ -601,27 +644,28 @@ impl Node {
     ) -> PyResult<Bound<'py, PyTuple>> {
         let none = || py.None().into_bound(py);
         let Some(request) = call_request(request, encoded) else {
-            return ("encode", none(), none()).into_pyobject(py);
+            return (O::Encode, none(), none()).into_pyobject(py);
         };
         let node = &self.inner;
         let outcome = py.detach(|| node.call_sync(command_id, request, ttl.map(to_micros)));
         match outcome {
-            SyncOutcome::Fallback => ("fallback", none(), none()).into_pyobject(py),
+            SyncOutcome::Fallback => (O::Fallback, none(), none()).into_pyobject(py),
             SyncOutcome::Done(r) => match sync_result(py, r) {
-                SyncResult::Value(v) => ("value", v, none()).into_pyobject(py),
-                SyncResult::Raw(data, enc) => ("result", data, enc).into_pyobject(py),
-                SyncResult::Error(code, message) => ("error", code, message).into_pyobject(py),
+                SyncResult::Value(v) => (O::Value, v, none()).into_pyobject(py),
+                SyncResult::Raw(data, enc) => (O::Result, data, enc).into_pyobject(py),
+                SyncResult::Error(code, message) => (O::Error, code, message).into_pyobject(py),
             },
         }
     }
 
     /// Blocking calls of `command_id`, one per item of `requests` (each `None`, a `dict` or
     /// msgpack `bytes`, as for `call_sync`), pipelined with up to `window` in flight (GIL
-    /// released). Returns `("done", values, others)`: `values` holds each result decoded
-    /// here (`None` where `others` says otherwise), `others` lists `(index, "result", data,
-    /// encoding)` for results Python must decode and `(index, "error", code, message)` for
-    /// failed calls. `("encode", None, None)`: a request is not plain (encode them in Python
-    /// and call again with bytes); `("fallback", None, None)`: not behind a native channel.
+    /// released). Returns `(OUTCOME_DONE, values, others)`: `values` holds each result
+    /// decoded here (`None` where `others` says otherwise), `others` lists `(index,
+    /// OUTCOME_RESULT, data, encoding)` for results Python must decode and `(index,
+    /// OUTCOME_ERROR, code, message)` for failed calls. `(OUTCOME_ENCODE, None, None)`: a
+    /// request is not plain (encode them in Python and call again with bytes);
+    /// `(OUTCOME_FALLBACK, None, None)`: not behind a native channel.
     #[pyo3(signature = (command_id, requests, ttl, window, encoded=false))]
     fn call_many_sync<'py>(
         &self,
@@ -636,7 +680,7 @@ impl Node {
         let mut payloads = Vec::with_capacity(requests.len());
         for r in requests.iter() {
             let Some(request) = call_request(&r, encoded) else {
-                return ("encode", none(), none()).into_pyobject(py);
+                return (O::Encode, none(), none()).into_pyobject(py);
             };
             payloads.push(request);
         }
@@ -644,7 +688,7 @@ impl Node {
         let ttl = ttl.map(to_micros);
         let Some(results) = py.detach(|| node.call_many_sync(command_id, payloads, ttl, window))
         else {
-            return ("fallback", none(), none()).into_pyobject(py);
+            return (O::Fallback, none(), none()).into_pyobject(py);
         };
         let values = PyList::empty(py);
         let others = PyList::empty(py);
@@ -652,17 +696,17 @@ impl Node {
             let value = match sync_result(py, r) {
                 SyncResult::Value(v) => v,
                 SyncResult::Raw(data, enc) => {
-                    others.append((i, "result", data, enc))?;
+                    others.append((i, O::Result, data, enc))?;
                     none()
                 }
                 SyncResult::Error(code, message) => {
-                    others.append((i, "error", code, message))?;
+                    others.append((i, O::Error, code, message))?;
                     none()
                 }
             };
             values.append(value)?;
         }
-        ("done", values, others).into_pyobject(py)
+        (O::Done, values, others).into_pyobject(py)
     }
 
     fn cancel_call(&self, call: u64) {
@@ -823,7 +867,7 @@ impl Node {
 #[pyo3(signature = (ring_capacity=1_048_576))]
 fn create_segment(ring_capacity: usize) -> PyResult<i32> {
     use std::os::fd::IntoRawFd;
-    Ok(cmd_ipc_core::transport::create_segment(ring_capacity)?.into_raw_fd())
+    Ok(cmd_ipc_native::transport::create_segment(ring_capacity)?.into_raw_fd())
 }
 
 /// Decodes `data` as one message in `source` encoding (enforcing the limits) and encodes it in
@@ -919,7 +963,7 @@ fn clock_gaps(py: Python<'_>, seconds: f64, threshold_us: f64) -> (u64, f64) {
 /// A fresh UUIDv4 string.
 #[pyfunction]
 fn new_id() -> String {
-    core_new_id()
+    ids::random_id()
 }
 
 #[pymodule]
@@ -932,7 +976,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(clock_gaps, m)?)?;
     m.add_function(wrap_pyfunction!(encode_plain, m)?)?;
     m.add_function(wrap_pyfunction!(decode_plain, m)?)?;
-    m.add("ProtocolError", m.py().get_type::<ProtocolError>())?;
+    seam::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

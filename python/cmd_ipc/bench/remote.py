@@ -1,13 +1,15 @@
 """Remote rows of ``cmd-ipc bench``: HTTPChannel and WebSocketChannel next to a bare aiohttp
 POST, all against one server process on loopback.
 
-The server (``python -m cmd_ipc._bench_remote``) is one aiohttp application with:
+The server (:func:`serve_main`, started by :func:`start_server`) is one aiohttp application
+with:
 
 * ``POST /bare``: the baseline, a plain aiohttp handler answering ``a + b`` as JSON;
-* ``POST /cmd``: :func:`cmd_ipc.http.add_routes` on a registry with ``remote.add``;
+* ``POST /cmd``: :func:`cmd_ipc.server.http.add_routes` on a registry with ``remote.add``;
 
-and a WebSocket server (:func:`cmd_ipc.websocket.serve_websocket`) on the same registry. It
-prints ``{"http": URL, "ws": URL}`` on one line and serves until its stdin closes.
+and a WebSocket server (:func:`cmd_ipc.server.websocket.serve_websocket`) on the same
+registry. It prints ``{"http": URL, "ws": URL}`` on one line and serves until its stdin
+closes.
 
 The client side times sequential calls (one in flight), each row on its own client: a
 keep-alive ``aiohttp.ClientSession`` POST for the baseline, ``execute_command`` through a
@@ -25,17 +27,23 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["measure", "start_server", "stop_server"]
+from cmd_ipc.bench.children import reap
+from cmd_ipc.bench.results import REQ
+from cmd_ipc.bench.timing import time_async
 
-REQ = {"a": 1, "b": 2}
+__all__ = ["REQ", "measure", "serve_main", "start_server", "stop_server"]
+
+#: The server's entry point, run with ``python -c`` (``-m`` would import this module twice:
+#: once as :mod:`cmd_ipc.bench.remote` through the package, once as ``__main__``).
+_SERVER_CODE = "from cmd_ipc.bench.remote import serve_main; serve_main()"
 
 
 async def _serve() -> None:
     from aiohttp import web
 
-    from cmd_ipc.http import add_routes
     from cmd_ipc.registry import CommandRegistry
-    from cmd_ipc.websocket import serve_websocket
+    from cmd_ipc.server.http import add_routes
+    from cmd_ipc.server.websocket import serve_websocket
 
     async def bare(request: web.Request) -> web.Response:
         body = await request.json()
@@ -63,7 +71,7 @@ async def _serve() -> None:
 def start_server(cpu: int | None) -> tuple[subprocess.Popen[str], dict[str, str]]:
     """Starts the server process (pinned to ``cpu`` if given); returns it and its URLs."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cmd_ipc._bench_remote"],
+        [sys.executable, "-c", _SERVER_CODE],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -88,8 +96,6 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
     for stream in (proc.stdin, proc.stdout):
         if stream is not None:
             stream.close()
-    from cmd_ipc.bench import reap
-
     reap(proc, 10)
 
 
@@ -104,10 +110,9 @@ async def measure(urls: dict[str, str], n: int, warmup: int) -> dict[str, tuple[
     """
     import aiohttp
 
-    from cmd_ipc.bench import _time_async
-    from cmd_ipc.http import HTTPChannel
+    from cmd_ipc.channels.http import HTTPChannel
+    from cmd_ipc.channels.websocket import WebSocketChannel
     from cmd_ipc.registry import CommandRegistry
-    from cmd_ipc.websocket import WebSocketChannel
 
     base = urls["http"]
     async with (
@@ -138,12 +143,13 @@ async def measure(urls: dict[str, str], n: int, warmup: int) -> dict[str, tuple[
         while done < n:
             k = min(BLOCK, n - done)
             for name, call in calls.items():
-                block, seconds = await _time_async(call, k, 0)
+                block, seconds = await time_async(call, k, 0)
                 samples[name].extend(block)
                 elapsed[name] += seconds
             done += k
         return {name: (samples[name], elapsed[name]) for name in calls}
 
 
-if __name__ == "__main__":
+def serve_main() -> None:
+    """The server process: serves until its stdin closes."""
     asyncio.run(_serve())

@@ -1,6 +1,6 @@
 """What the processes started by ``cmd-ipc bench`` run (see :mod:`cmd_ipc.bench`).
 
-Worker targets (``"cmd_ipc._bench_targets:<function>"``, each receives the worker's
+Worker targets (``"cmd_ipc.bench.targets:<function>"``, each receives the worker's
 registry):
 
 * :func:`add_worker`: ``calc.add(a, b)``;
@@ -9,7 +9,9 @@ registry):
   call of ``hop.add`` from the bench process is forwarded natively by this worker;
 * :func:`caller_worker`: ``bench.call_many(command, n, warmup)``, which times ``n`` blocking
   calls of ``command`` from this worker (through whatever route its registry picks) and
-  returns ``{"ns": [latency of each call], "elapsed_ns": total}``; ``bench.route_of(command_id)``.
+  returns ``{"ns": [latency of each call], "elapsed_ns": total}``; ``bench.route_of(command_id)``;
+  ``bench.wait_route(command_id, channel_id, timeout)``, the route once that channel's commands
+  are known.
 
 Baseline children (not workers: they know nothing about cmd-ipc):
 
@@ -79,7 +81,7 @@ async def hop_worker(registry: CommandRegistry) -> None:
     """A middle registry: its sub-worker owns ``hop.add``; calls of it pass through here.
     ``bench.hop_pids()`` gives the process ids of both (for the idle-cost measurement)."""
     # The sub-worker inherits this process's CPU affinity.
-    leaf = await registry.spawn_worker(f"{registry.id}-leaf", "cmd_ipc._bench_targets:hop_leaf")
+    leaf = await registry.spawn_worker(f"{registry.id}-leaf", "cmd_ipc.bench.targets:hop_leaf")
 
     @registry.command("bench.hop_pids", validate=False)
     def hop_pids() -> dict[str, int | None]:
@@ -95,7 +97,7 @@ def caller_worker(registry: CommandRegistry) -> None:
         clock = time.perf_counter_ns
         for _ in range(warmup):
             call(command, req, timeout=timeout)
-        # Preallocated (see cmd_ipc.bench._samples): no page faults inside the timed loop.
+        # Preallocated (see cmd_ipc.bench.timing.samples): no page faults inside the timed loop.
         out = array.array("q", bytes(8 * n))
         t_start = clock()
         for i in range(n):
@@ -114,6 +116,12 @@ def caller_worker(registry: CommandRegistry) -> None:
 
     @registry.command("bench.route_of", validate=False)
     def route_of(command_id: str) -> str | None:
+        return registry.route_of(command_id)
+
+    @registry.command("bench.wait_route", validate=False)
+    async def wait_route(command_id: str, channel_id: str, timeout: float = 5.0) -> str | None:
+        # After connect_workers: the direct channel's commands are routed once it is listed.
+        await registry.wait_listed(channel_id, timeout)
         return registry.route_of(command_id)
 
 

@@ -14,7 +14,7 @@
 //! ```
 //!
 //! Side 0 (the creator) writes ring 0 and reads ring 1; side 1 the reverse. The rings carry a
-//! byte stream of length-prefixed frames ([`crate::frame`]), so a frame larger than a ring
+//! byte stream of length-prefixed frames ([`cmd_ipc_core::frame`]), so a frame larger than a ring
 //! simply crosses it in pieces: the writer keeps what does not fit in a local outbox and the
 //! reader, after consuming, rings the doorbell if the writer said it is waiting for space.
 //! Neither side ever blocks on a full ring, so two peers sending large frames to each other
@@ -34,8 +34,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::frame::{self, FrameDecoder, FrameError, Hello, HEADER_LEN, PROTOCOL_VERSION};
-use crate::message::Encoding;
+use cmd_ipc_core::frame::{self, FrameDecoder, FrameError, Hello, HEADER_LEN, PROTOCOL_VERSION};
+use cmd_ipc_core::message::Encoding;
 
 const MAGIC: u64 = 0x3130_4350_4944_4d43; // "CMDIPC01" little-endian
 const DATA_OFFSET: usize = 4096;

@@ -4,32 +4,69 @@
 //! * Every input goes through the router; actions that send on a native channel are
 //!   performed here (encode, write to the ring or socket). A request passing from one native
 //!   channel to another is therefore forwarded without Python.
-//! * Actions that need Python (run a handler, complete an async caller, deliver an event,
-//!   send on a channel written in Python) are returned to the caller, or, when produced by a
-//!   thread other than the event loop's (a blocking caller reading its reply), queued and the
-//!   loop woken through [`Node::wake_fd`].
+//! * Actions that need the driver (run a handler, complete an async caller, deliver an
+//!   event, send on a channel the driver writes, a native channel closed or waiting to be
+//!   writable: [`NodeAction`]) are returned to the caller, or, when produced by a thread
+//!   other than the event loop's (a blocking caller reading its reply), queued and the loop
+//!   woken through [`Node::wake_fd`].
 //! * A blocking caller ([`Node::call_sync`]) writes its request and reads its own reply from
-//!   the channel (spinning, then parking in `poll()`), with no hand-off to another thread
-//!   unless the loop thread happened to be reading at that moment.
+//!   the channel (spinning, then parking on the ring's futex, or in `poll()` on the socket of
+//!   a stream channel), with no hand-off to another thread unless the loop thread happened
+//!   to be reading at that moment. While it holds a channel's reading role the loop steps
+//!   aside ([`Poll::busy`]).
 //!
 //! Lock order: endpoint reader role, then the state lock, then an endpoint's writer lock.
-//! Nothing here ever waits for Python.
+//! Nothing here ever waits for Python. The tests (`tests/node.rs`) drive two nodes over a
+//! real channel from several threads.
 
-use crate::router::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use crate::codec;
-use crate::message::{ErrorCode, ExecError, ExecResult, Payload};
-use crate::router::{Action, Config, DropKind, Micros, Router};
+use cmd_ipc_core::codec;
+use cmd_ipc_core::ids::IdSource;
+use cmd_ipc_core::message::{ErrorCode, ExecError, ExecResult, Payload};
+use cmd_ipc_core::router::{Action, ChannelId, Config, DropKind, InboundError, Micros, Router};
+use cmd_ipc_core::{CodecError, UsageError};
+
 use crate::transport::{self, Endpoint, Reader};
+
+/// Tables keyed by this process's own tokens and channel names (aHash, randomly keyed).
+type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+
+/// What a node hands its driver: a router action it does not carry out itself, or news of a
+/// native channel.
+#[derive(Clone, Debug, PartialEq)]
+pub enum NodeAction {
+    /// A router action for the driver: a send on a channel the driver writes, a handler to
+    /// run, an async caller or registration to complete, an event to deliver, a drop to log.
+    Router(Action),
+    /// A native channel closed and was detached.
+    Closed {
+        /// The channel.
+        channel: ChannelId,
+        /// Why.
+        reason: String,
+    },
+    /// A native stream channel has unsent bytes: wait for its socket to be writable, then
+    /// call [`Node::flush_endpoint`].
+    WantWrite {
+        /// The channel.
+        channel: ChannelId,
+    },
+}
+
+impl From<Action> for NodeAction {
+    fn from(a: Action) -> Self {
+        NodeAction::Router(a)
+    }
+}
 
 /// The router and what is shared between threads.
 pub struct State {
     /// The protocol state machine.
     pub router: Router,
-    queued: Vec<Action>,
+    queued: Vec<NodeAction>,
     sync_calls: HashMap<u64, SyncSlot>,
     /// Finished calls of blocking batches ([`Node::call_many_sync`]), by batch: (index, result).
     batch_done: HashMap<u64, Vec<(usize, ExecResult)>>,
@@ -73,8 +110,8 @@ pub enum SyncOutcome {
 /// What [`Node::poll_endpoint`] did.
 #[derive(Debug, Default)]
 pub struct Poll {
-    /// Actions for Python (an [`Action::Closed`] among them if the channel closed).
-    pub actions: Vec<Action>,
+    /// Actions for Python (a [`NodeAction::Closed`] among them if the channel closed).
+    pub actions: Vec<NodeAction>,
     /// Stopped early to hand work to Python: poll again after carrying it out.
     pub again: bool,
     /// Unsent bytes remain (stream transport): wait for the socket to be writable.
@@ -113,11 +150,12 @@ pub struct Node {
 }
 
 impl Node {
-    /// A node around a fresh router.
-    pub fn new(config: Config) -> io::Result<Node> {
+    /// A node around a fresh router whose message ids and hash keys come from `ids`
+    /// ([`crate::ids::RandomIds`] in production).
+    pub fn new(config: Config, ids: Box<dyn IdSource>) -> io::Result<Node> {
         Ok(Node {
             state: Mutex::new(State {
-                router: Router::new(config),
+                router: Router::new(config, ids),
                 queued: Vec::new(),
                 sync_calls: HashMap::default(),
                 batch_done: HashMap::default(),
@@ -149,14 +187,9 @@ impl Node {
             .cloned()
     }
 
-    /// Whether `id` is a native channel of this node.
-    pub fn is_native(&self, id: &str) -> bool {
-        self.endpoint(id).is_some()
-    }
-
     /// Runs `f` on the router and carries out the resulting actions; returns `f`'s value
     /// and the actions Python must carry out.
-    pub fn with_router<R>(&self, f: impl FnOnce(&mut Router) -> R) -> (R, Vec<Action>) {
+    pub fn with_router<R>(&self, f: impl FnOnce(&mut Router) -> R) -> (R, Vec<NodeAction>) {
         let mut st = self.lock();
         let r = f(&mut st.router);
         let mut py = Vec::new();
@@ -166,7 +199,7 @@ impl Node {
 
     /// Carries out the router's queued actions: native sends here, sync completions to their
     /// waiters, the rest into `py`.
-    fn dispatch(&self, st: &mut State, py: &mut Vec<Action>) {
+    fn dispatch(&self, st: &mut State, py: &mut Vec<NodeAction>) {
         let mut dead: Vec<(String, String)> = Vec::new();
         loop {
             let actions = st.router.take_actions();
@@ -185,23 +218,26 @@ impl Node {
                                     Ok(more) => {
                                         if more
                                             && ep.kind() == transport::Kind::Stream
-                                            && !py.iter().any(|a| matches!(a, Action::WantWrite { channel: c } if *c == channel))
+                                            && !py.iter().any(|a| matches!(a, NodeAction::WantWrite { channel: c } if *c == channel))
                                         {
-                                            py.push(Action::WantWrite { channel });
+                                            py.push(NodeAction::WantWrite { channel });
                                         }
                                     }
                                 },
-                                Err(e) => py.push(Action::Dropped {
-                                    channel: Some(channel),
-                                    kind: DropKind::Unencodable,
-                                    reason: format!(
-                                        "could not encode {}: {e}",
-                                        message.type_name()
-                                    ),
-                                }),
+                                Err(e) => py.push(
+                                    Action::Dropped {
+                                        channel: Some(channel),
+                                        kind: DropKind::Unencodable,
+                                        reason: format!(
+                                            "could not encode {}: {e}",
+                                            message.type_name()
+                                        ),
+                                    }
+                                    .into(),
+                                ),
                             }
                         }
-                        None => py.push(Action::Send { channel, message }),
+                        None => py.push(Action::Send { channel, message }.into()),
                     },
                     Action::CallDone { call, result } => match st.sync_calls.get_mut(&call) {
                         Some(slot) => {
@@ -220,16 +256,16 @@ impl Node {
                                 slot.result = Some(result);
                             }
                         }
-                        None => py.push(Action::CallDone { call, result }),
+                        None => py.push(Action::CallDone { call, result }.into()),
                     },
-                    other => py.push(other),
+                    other => py.push(other.into()),
                 }
             }
             for (id, reason) in dead.drain(..) {
                 if let Some(ep) = self.detach(&id) {
                     ep.close();
                     let _ = st.router.close_channel(&id);
-                    py.push(Action::Closed {
+                    py.push(NodeAction::Closed {
                         channel: Arc::from(id.as_str()),
                         reason,
                     });
@@ -246,7 +282,7 @@ impl Node {
     }
 
     /// Attaches a native endpoint as channel `id` (its hello was sent when it opened).
-    pub fn add_endpoint(&self, id: &str, ep: Endpoint) -> Result<Vec<Action>, crate::UsageError> {
+    pub fn add_endpoint(&self, id: &str, ep: Endpoint) -> Result<Vec<NodeAction>, UsageError> {
         let mut st = self.lock();
         st.router.add_channel(id, ep.encoding())?;
         self.endpoints
@@ -264,14 +300,14 @@ impl Node {
     }
 
     /// Closes a native channel: the peer sees end-of-file; calls waiting on it fail.
-    pub fn close_endpoint(&self, id: &str) -> Vec<Action> {
+    pub fn close_endpoint(&self, id: &str) -> Vec<NodeAction> {
         let mut py = Vec::new();
         if let Some(ep) = self.detach(id) {
             ep.close();
             let mut st = self.lock();
             let _ = st.router.close_channel(id);
             self.dispatch(&mut st, &mut py);
-            py.push(Action::Closed {
+            py.push(NodeAction::Closed {
                 channel: Arc::from(id),
                 reason: "closed locally".to_string(),
             });
@@ -287,7 +323,7 @@ impl Node {
         id: &str,
         ep: &Endpoint,
         reader: &mut Reader,
-        py: &mut Vec<Action>,
+        py: &mut Vec<NodeAction>,
     ) -> Pass {
         self.read_route_with(id, ep, reader, py, true)
     }
@@ -299,7 +335,7 @@ impl Node {
         id: &str,
         ep: &Endpoint,
         reader: &mut Reader,
-        py: &mut Vec<Action>,
+        py: &mut Vec<NodeAction>,
         socket: bool,
     ) -> Pass {
         if ep.is_closed() {
@@ -328,7 +364,7 @@ impl Node {
                 ep.close();
                 let _ = st.router.close_channel(id);
                 self.dispatch(&mut st, py);
-                py.push(Action::Closed {
+                py.push(NodeAction::Closed {
                     channel: Arc::from(id),
                     reason,
                 });
@@ -456,7 +492,7 @@ impl Node {
     }
 
     /// Takes the actions other threads queued for Python.
-    pub fn take_queued(&self) -> Vec<Action> {
+    pub fn take_queued(&self) -> Vec<NodeAction> {
         transport::eventfd_drain(self.waker.as_raw_fd());
         std::mem::take(&mut self.lock().queued)
     }
@@ -470,7 +506,7 @@ impl Node {
     }
 
     /// Queues Python actions produced off the loop thread and wakes the loop if needed.
-    fn hand_to_loop(&self, st: &mut State, py: Vec<Action>) {
+    fn hand_to_loop(&self, st: &mut State, py: Vec<NodeAction>) {
         let earlier = match (st.router.next_deadline(), st.armed) {
             (Some(d), Some(a)) => d < a,
             (Some(_), None) => true,
@@ -781,7 +817,7 @@ impl Node {
     }
 
     /// Sets a channel's doorbell for the event loop, routing what arrived before it was set.
-    fn rearm(&self, id: &str, ep: &Endpoint, reader: &mut Reader, py: &mut Vec<Action>) {
+    fn rearm(&self, id: &str, ep: &Endpoint, reader: &mut Reader, py: &mut Vec<NodeAction>) {
         while !ep.prepare_park() {
             if self.read_route(id, ep, reader, py) == Pass::Closed {
                 break;
@@ -809,7 +845,7 @@ impl Node {
     }
 
     /// Closes every native channel (for shutdown).
-    pub fn close_all(&self) -> Vec<Action> {
+    pub fn close_all(&self) -> Vec<NodeAction> {
         let ids: Vec<Arc<str>> = self
             .endpoints
             .read()
@@ -836,7 +872,7 @@ fn route_frames(
     now: Micros,
 ) -> Option<String> {
     for f in frames {
-        if let Err(crate::router::InboundError::Codec(e @ crate::CodecError::Malformed { .. })) =
+        if let Err(InboundError::Codec(e @ CodecError::Malformed { .. })) =
             router.handle_frame(id, reader.frame(f.clone()), now)
         {
             return Some(format!("[{}] {e}", e.code()));

@@ -1,0 +1,537 @@
+"""HTTP channels: the client channel to a registry served over HTTP, and the channel through
+which a served endpoint hands messages to its registry.
+
+The wire is the TypeScript implementation's HTTPChannel: every message is one
+``POST {base_url}/cmd`` whose body is the JSON message (``Content-Type: application/json``,
+``Accept: application/x-ndjson``); the answer is NDJSON whose first line is the response
+message. Only ``list.commands.request`` and ``execute.command.request`` cross: HTTP carries
+calls from a client to a server, never registrations or events.
+
+* :class:`HTTPChannel` (client): registered in a registry, it lists the server's commands and
+  makes them callable (optionally under a ``command_prefix``), then POSTs every call.
+* The server (``create_app`` / ``add_routes`` / ``serve``) lives in :mod:`cmd_ipc.server.http`.
+
+Each message is decoded once on its way through this module: a frame the registry encoded is
+not parsed again (only its head, ``{"id":…,"type":…,"thid"|"commandId":…``, is read), and an
+answer from the network is validated once before the registry reads it.
+
+Example::
+
+    import asyncio
+    from cmd_ipc import CommandRegistry, HTTPChannel
+    from cmd_ipc.server.http import serve
+
+    async def main() -> None:
+        async with CommandRegistry("api") as api, CommandRegistry("app") as app:
+            await api.register_command("calc.add", lambda a, b: a + b)
+            async with await serve(api, token="s3cret") as server:
+                channel = HTTPChannel("api", server.url, token="s3cret", command_prefix="api")
+                await app.register_channel(channel)
+                print(await app.execute_command("api.calc.add", {"a": 1, "b": 2}))  # 3
+
+    asyncio.run(main())
+
+Logging goes to the ``cmd_ipc.http`` logger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from cmd_ipc._optional import require
+
+require("aiohttp", "http", "HTTPChannel")
+
+import aiohttp  # noqa: E402
+
+from cmd_ipc import _core  # noqa: E402
+from cmd_ipc.channels.base import Channel, OnClose, OnFrame  # noqa: E402
+from cmd_ipc.errors import ChannelDisconnectedError  # noqa: E402
+
+__all__ = ["DEFAULT_MAX_RESPONSE", "HTTPChannel", "HeadersSource"]
+
+logger = logging.getLogger("cmd_ipc.http")
+
+#: Default largest answer the client reads, in bytes (the registry's default message limit).
+DEFAULT_MAX_RESPONSE = 64 * 1024 * 1024
+
+#: Extra headers for each request: a mapping, or a callable (sync or async) returning one,
+#: called for every request (to refresh an access token, for instance).
+HeadersSource = Mapping[str, str] | Callable[[], Mapping[str, str] | Awaitable[Mapping[str, str]]]
+
+_LIST_REQUEST = "list.commands.request"
+_LIST_RESPONSE = "list.commands.response"
+_EXECUTE_REQUEST = "execute.command.request"
+_EXECUTE_RESPONSE = "execute.command.response"
+#: The answer each message type that may cross HTTP gets.
+_ANSWER_TYPE = {_LIST_REQUEST: _LIST_RESPONSE, _EXECUTE_REQUEST: _EXECUTE_RESPONSE}
+#: The message types that carry a ``thid``.
+_RESPONSES = frozenset({"register.command.response", _LIST_RESPONSE, _EXECUTE_RESPONSE})
+_NDJSON = "application/x-ndjson"
+
+#: Depth allowed when reading a frame the registry itself encoded.
+_TRUSTED_DEPTH = 1 << 16
+#: The head of a JSON message as the registry writes it: ``{"id":…,"type":…`` and the member
+#: after them (a response's ``thid``, an execute request's ``commandId``), when these strings
+#: hold no escape. A frame that does not start so is read in full instead.
+_HEAD = re.compile(rb'\{"id":"([^"\\]*)","type":"([a-z.]+)"(?:,"(thid|commandId)":"([^"\\]*)")?')
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _trusted_head(frame: bytes) -> tuple[str, str, str | None]:
+    """``(type, id, thid)`` of a frame the registry encoded (valid, within its limits), as
+    :func:`cmd_ipc._core.inspect_message` gives them, read from the frame's head: the rest (a
+    payload of any size) is not decoded again.
+
+    Raises:
+        ProtocolError: Never for the registry's own frames (the full read's error).
+    """
+    m = _HEAD.match(frame)
+    if m is not None:
+        kind = m[2].decode()
+        if kind not in _RESPONSES:
+            return kind, m[1].decode(), None
+        if m[3] == b"thid":
+            return kind, m[1].decode(), m[4].decode()
+    return _core.inspect_message(
+        frame, "json", max_message_size=len(frame), max_depth=_TRUSTED_DEPTH
+    )
+
+
+def _strip_command_prefix(frame: bytes, prefix: str) -> bytes | None:
+    """``frame``, an execute request the registry encoded, with ``prefix.`` cut from the start
+    of its ``commandId`` in place (the rest of the bytes as they are); ``None`` when its head
+    does not show the ``commandId`` (then the frame must be parsed)."""
+    m = _HEAD.match(frame)
+    if m is None or m[3] != b"commandId":
+        return None
+    lead = prefix.encode() + b"."
+    if not m[4].startswith(lead):
+        return frame
+    start = m.start(4)
+    return frame[:start] + frame[start + len(lead) :]
+
+
+def _error_response(thid: str, code: str, message: str) -> dict[str, Any]:
+    """An ``execute.command.response`` failing the request ``thid`` (valid per spec-v1)."""
+    return {
+        "id": _core.new_id(),
+        "type": _EXECUTE_RESPONSE,
+        "thid": thid,
+        "response": {"ok": False, "error": {"code": code, "message": message}},
+    }
+
+
+# ---------------------------------------------------------------------------------- client
+
+
+class _Failure(Exception):
+    """One POST failed; ``code`` is the spec error code its call fails with."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class HTTPChannel(Channel):
+    """A channel to a remote registry served over HTTP (:func:`cmd_ipc.server.http.serve`, or
+    the TypeScript HTTPChannel in server mode).
+
+    Registering it lists the server's commands and makes them routable through this channel:
+    ``await registry.register_channel(HTTPChannel(...))`` returns once they are callable, and
+    raises :class:`~cmd_ipc.ChannelDisconnectedError` (with the cause) if the server cannot be
+    reached or refuses the request. Each call is then one ``POST {base_url}/cmd``, sent
+    concurrently with the others over one keep-alive connection pool.
+
+    HTTP only carries calls from this side to the server: command lists and executes. Events
+    and registrations are not sent (a registry cannot use an HTTPChannel as its
+    ``router_channel``), and the server never calls this side.
+
+    A call fails at once, not at the request TTL, when its POST does: a connection failure
+    with ``channel_disconnected``, an answer that is not 2xx or has no valid first NDJSON
+    line with ``internal_error`` (naming the HTTP status), no answer within ``timeout`` with
+    ``timeout``. The channel stays registered: the next call tries the server again. Only a
+    failed command listing (at registration) closes it.
+
+    Args:
+        id: The channel id (the name of the remote service in the registry).
+        base_url: The server's base URL, ``http(s)://host:port[/prefix]``.
+        command_prefix: Makes the server's ``cmd`` callable here as ``"<prefix>.cmd"``
+            (the prefix is removed again on the wire).
+        token: Sent as ``Authorization: Bearer <token>``.
+        headers: Extra request headers: a mapping, or a callable (sync or async) returning
+            one, called for every request.
+        timeout: Seconds each POST may take, from connecting to reading the answer.
+        session: An ``aiohttp.ClientSession`` to share (it stays open when the channel
+            closes); by default the channel opens its own and closes it on :meth:`close`.
+        middlewares: aiohttp client middlewares (``async def mw(request, handler)``) run
+            around every POST of this channel, in order (retries, signing, logging...);
+            when given, they replace those of a shared ``session`` for this channel.
+        path: The path of the endpoint under ``base_url``.
+        max_response_size: Largest answer line read, in bytes.
+
+    Example::
+
+        channel = HTTPChannel("billing", "https://billing.internal", token=token,
+                              command_prefix="billing", timeout=10)
+        await registry.register_channel(channel)
+        await registry.execute_command("billing.invoice.create", {"amount": 12})
+    """
+
+    wait_for_commands = True
+
+    def __init__(
+        self,
+        id: str,
+        base_url: str,
+        *,
+        command_prefix: str | None = None,
+        token: str | None = None,
+        headers: HeadersSource | None = None,
+        timeout: float = 30.0,
+        session: aiohttp.ClientSession | None = None,
+        middlewares: Sequence[aiohttp.ClientMiddlewareType] = (),
+        path: str = "/cmd",
+        max_response_size: int = DEFAULT_MAX_RESPONSE,
+    ) -> None:
+        super().__init__(id, "json")
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must be an http:// or https:// URL, not {base_url!r}")
+        if command_prefix is not None and (
+            not isinstance(command_prefix, str) or not command_prefix.strip(".")
+        ):
+            raise ValueError("command_prefix must be a non-empty string")
+        if not timeout > 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        if max_response_size <= 0:
+            raise ValueError("max_response_size must be positive")
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/" + path.lstrip("/")
+        self.command_prefix = command_prefix.strip(".") if command_prefix else None
+        self.timeout = float(timeout)
+        self._client_timeout = aiohttp.ClientTimeout(total=self.timeout)
+        self.max_response_size = max_response_size
+        self._token = token
+        self._headers = headers
+        self._middlewares = tuple(middlewares)
+        self._session = session
+        self._owns_session = session is None
+        self._on_frame: OnFrame | None = None
+        self._on_close: OnClose | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._close_reported = False
+
+    def __repr__(self) -> str:
+        return f"<HTTPChannel id={self.id!r} url={self.url!r}>"
+
+    # ----------------------------------------------------------------- Channel contract
+
+    async def start(self, on_frame: OnFrame, on_close: OnClose) -> None:
+        """Checks that the server answers a command listing, then accepts frames.
+
+        Raises:
+            ChannelDisconnectedError: The server could not be reached, refused the request
+                (401, 403...) or gave an invalid answer; the cause is chained.
+        """
+        if self._closed:
+            raise ChannelDisconnectedError(f"HTTPChannel {self.id!r} is closed")
+        if self._on_frame is not None:
+            raise RuntimeError(f"channel {self.id!r} was already started")
+        if self._session is None:
+            # One keep-alive connection pool for all of this channel's requests.
+            self._session = aiohttp.ClientSession()
+        try:
+            await self._post({"id": _core.new_id(), "type": _LIST_REQUEST})
+        except _Failure as e:
+            await self._drop_session()
+            raise ChannelDisconnectedError(
+                f"HTTPChannel {self.id!r} could not list the commands of {self.url}: {e.message}"
+            ) from e.__cause__
+        except BaseException:
+            await self._drop_session()
+            raise
+        self._on_frame, self._on_close = on_frame, on_close
+        logger.debug("HTTPChannel %r connected to %s", self.id, self.url)
+
+    def send(self, frame: bytes) -> None:
+        """POSTs a command listing or execute request; drops every other message."""
+        if self._closed or self._on_frame is None:
+            return
+        raw: bytes | None = frame
+        try:
+            # The registry encoded it (within its own limits): only its head is needed.
+            kind, message_id, _ = _trusted_head(frame)
+            msg: dict[str, Any] = {"id": message_id, "type": kind}
+            prefix = self.command_prefix
+            if prefix and kind == _EXECUTE_REQUEST:
+                # `prefix.cmd` here is `cmd` on the wire.
+                raw = _strip_command_prefix(frame, prefix)
+                if raw is None:  # not in the registry's usual shape: parsed, encoded again
+                    msg = json.loads(frame)
+                    command_id = str(msg.get("commandId", ""))
+                    if command_id.startswith(prefix + "."):
+                        msg["commandId"] = command_id[len(prefix) + 1 :]
+        except ValueError:  # _core.ProtocolError included
+            logger.debug("HTTPChannel %r dropped an undecodable frame", self.id)
+            return
+        if kind in _ANSWER_TYPE:
+            task = asyncio.get_running_loop().create_task(self._exchange(msg, raw))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif kind == "register.command.request":
+            logger.warning(
+                "HTTPChannel %r cannot carry the registration of %r: an HTTPChannel cannot be "
+                "a registry's router_channel (HTTP only carries calls to the server)",
+                self.id,
+                (json.loads(frame).get("command") or {}).get("id"),
+            )
+        else:
+            logger.debug("HTTPChannel %r does not carry %s messages: dropped", self.id, kind)
+
+    async def close(self) -> None:
+        """Cancels the POSTs in flight (their calls fail with ``channel_disconnected``) and
+        closes the channel's own session. Idempotent."""
+        await self._shutdown(None)
+
+    async def _shutdown(self, reason: str | None) -> None:
+        """Ends the channel: cancels the other POSTs in flight, closes the channel's own
+        session and reports the close (once)."""
+        if not self._closed:
+            self._closed = True
+            current = asyncio.current_task()
+            tasks = [t for t in self._tasks if t is not current]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            await self._drop_session()
+        self._report_close(reason)
+
+    # ----------------------------------------------------------------- internals
+
+    async def _drop_session(self) -> None:
+        """Closes the session if the channel opened it (a shared one is left alone)."""
+        if self._owns_session and self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    def _deliver(self, frame: bytes) -> None:
+        if not self._closed and self._on_frame is not None:
+            self._on_frame(frame)
+
+    async def _exchange(self, msg: dict[str, Any], raw: bytes | None = None) -> None:
+        """POSTs one request (as on the wire; ``raw``: its JSON as the registry encoded it,
+        when it goes unchanged) and hands its answer (or a failure) to the registry."""
+        kind = msg["type"]
+        prefix = self.command_prefix
+        try:
+            line = await self._post(msg, raw)
+        except _Failure as e:
+            if kind == _EXECUTE_REQUEST:
+                logger.debug("HTTPChannel %r: call %s failed: %s", self.id, msg["id"], e.message)
+                self._deliver(_dumps(_error_response(msg["id"], e.code, e.message)))
+            else:
+                # The registry lists a channel's commands once, when it attaches it: without
+                # them the channel is useless, so it ends (register_channel then raises).
+                reason = f"listing the commands of {self.url} failed: {e.message}"
+                logger.warning("HTTPChannel %r: %s", self.id, reason)
+                await self._shutdown(reason)
+            return
+        if kind == _LIST_REQUEST and prefix:
+            answer = json.loads(line)
+            answer["commands"] = [
+                {**c, "id": f"{prefix}.{c['id']}"} for c in answer.get("commands", [])
+            ]
+            line = _dumps(answer)
+        self._deliver(line)
+
+    async def _request_headers(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        if self._token is not None:
+            headers["Authorization"] = f"Bearer {self._token}"
+        source = self._headers
+        extra: Mapping[str, str] | None
+        if callable(source):
+            made = source()
+            extra = await made if inspect.isawaitable(made) else made
+        else:
+            extra = source
+        if extra:
+            headers.update(extra)
+        # The wire format is fixed: these two cannot be changed by the hook.
+        headers["Content-Type"] = "application/json"
+        headers["Accept"] = _NDJSON
+        return headers
+
+    async def _post(self, msg: dict[str, Any], raw: bytes | None = None) -> bytes:
+        """POSTs ``msg`` (``raw`` if given: its encoding); returns the answer's JSON line,
+        checked.
+
+        Raises:
+            _Failure: With the spec code the call should fail with.
+        """
+        session = self._session
+        if self._closed or session is None or session.closed:
+            raise _Failure("channel_disconnected", f"HTTPChannel {self.id!r} is closed")
+        body = raw if raw is not None else _dumps(msg)
+        try:
+            headers = await self._request_headers()
+        except Exception as e:
+            raise _Failure("internal_error", f"the headers hook failed: {e!r}") from e
+        try:
+            async with session.post(
+                self.url,
+                data=body,
+                headers=headers,
+                timeout=self._client_timeout,
+                middlewares=self._middlewares or None,
+            ) as resp:
+                if not 200 <= resp.status < 300:
+                    detail = await _snippet(resp)
+                    message = f"HTTP {resp.status} {resp.reason or ''}".rstrip()
+                    # The cause lets a caller of register_channel see the status (401...).
+                    cause = aiohttp.ClientResponseError(
+                        resp.request_info,
+                        resp.history,
+                        status=resp.status,
+                        message=resp.reason or "",
+                        headers=resp.headers,
+                    )
+                    raise _Failure(
+                        "internal_error",
+                        f"{message} from POST {self.url}" + (f": {detail}" if detail else ""),
+                    ) from cause
+                line = await self._first_line(resp)
+        except _Failure:
+            raise
+        except aiohttp.ConnectionTimeoutError as e:
+            raise _Failure("channel_disconnected", f"could not connect to {self.url}: {e!r}") from e
+        except asyncio.TimeoutError as e:
+            raise _Failure(
+                "timeout", f"no answer from POST {self.url} within {self.timeout}s"
+            ) from e
+        except aiohttp.ClientResponseError as e:  # a middleware's raise_for_status()
+            raise _Failure("internal_error", f"HTTP {e.status} from POST {self.url}") from e
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as e:
+            raise _Failure("channel_disconnected", f"connection to {self.url} failed: {e!r}") from e
+        except Exception as e:  # a middleware raised
+            raise _Failure("internal_error", f"POST {self.url} failed: {e!r}") from e
+        self._check_answer(msg, line, resp.status)
+        return line
+
+    async def _first_line(self, resp: aiohttp.ClientResponse) -> bytes:
+        """Reads the answer up to its first newline (the rest is drained, so the connection
+        can be reused)."""
+        buf = bytearray()
+        found = False
+        while not found:
+            chunk = await resp.content.readany()
+            if not chunk:
+                break
+            nl = chunk.find(b"\n")
+            if nl >= 0:
+                chunk, found = chunk[:nl], True
+            buf += chunk
+            if len(buf) > self.max_response_size:
+                raise _Failure(
+                    "internal_error",
+                    f"the answer of {self.url} exceeds {self.max_response_size} bytes",
+                )
+        if found:
+            # Drain a bounded tail (a conforming server sends nothing more).
+            budget = 64 * 1024
+            while budget > 0:
+                chunk = await resp.content.readany()
+                if not chunk:
+                    break
+                budget -= len(chunk)
+        return bytes(buf).strip()
+
+    def _check_answer(self, msg: dict[str, Any], line: bytes, status: int) -> None:
+        """Checks that ``line`` is a valid answer to ``msg``."""
+
+        def failure(what: str) -> _Failure:
+            return _Failure("internal_error", f"HTTP {status} from POST {self.url}: {what}")
+
+        if not line:
+            raise failure("empty answer (expected an NDJSON line)")
+        try:
+            kind, _, thid = _core.inspect_message(
+                line, "json", max_message_size=self.max_response_size
+            )
+        except ValueError as e:  # _core.ProtocolError included
+            raise failure(f"invalid answer: {e}") from e
+        want = _ANSWER_TYPE[msg["type"]]
+        if kind != want or thid != msg["id"]:
+            raise failure(f"expected a {want} to {msg['id']!r}, got a {kind} to {thid!r}")
+
+
+async def _snippet(resp: aiohttp.ClientResponse, limit: int = 200) -> str:
+    """The start of an error answer's body, for the error message."""
+    try:
+        data = await resp.content.read(limit)
+    except Exception:
+        return ""
+    return data.decode("utf-8", "replace").strip()
+
+
+# ----------------------------------------------------------------------------- server side
+
+
+class _EndpointChannel(Channel):
+    """The channel through which an HTTP endpoint (:mod:`cmd_ipc.server.http`) hands POSTed
+    messages to its registry.
+
+    One per endpoint, attached on the first request. Each POSTed message is delivered as if
+    a peer had sent it; the router's answer (whose ``thid`` is the message's id) settles the
+    waiting request. Two messages with the same id cannot be in flight at once (the second
+    is refused with 409), so answers never cross. Everything else the router sends here
+    (the list request every new channel gets, events) does not cross HTTP and is dropped.
+    """
+
+    def __init__(self, id: str) -> None:
+        super().__init__(id, "json")
+        self.pending: dict[str, asyncio.Future[bytes]] = {}
+        self._on_frame: OnFrame | None = None
+        self._on_close: OnClose | None = None
+        self.closed = False
+
+    async def start(self, on_frame: OnFrame, on_close: OnClose) -> None:
+        self._on_frame, self._on_close = on_frame, on_close
+
+    def deliver(self, frame: bytes) -> None:
+        if not self.closed and self._on_frame is not None:
+            self._on_frame(frame)
+
+    def send(self, frame: bytes) -> None:
+        try:
+            # The registry encoded it (within its own limits): only its head is needed.
+            kind, _, thid = _trusted_head(frame)
+        except ValueError:  # never raised for the registry's own frames; send never raises
+            return
+        if kind not in (_EXECUTE_RESPONSE, _LIST_RESPONSE) or thid is None:
+            return  # the list request every new channel gets, events: they do not cross
+        waiter = self.pending.pop(thid, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(frame)
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            for waiter in self.pending.values():
+                if not waiter.done():
+                    waiter.set_exception(ConnectionError("the registry closed the channel"))
+            self.pending.clear()
+            if self._on_close is not None:
+                self._on_close(None)
