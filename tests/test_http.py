@@ -19,9 +19,12 @@ from cmd_ipc import (
     ChannelDisconnectedError,
     CommandRegistry,
     CommandTimeoutError,
+    InMemoryChannel,
     InternalError,
     InvalidRequestError,
     NotFoundError,
+    ProtocolError,
+    _core,
 )
 from cmd_ipc.http import HTTPChannel, HTTPServer, add_routes, create_app, serve
 from helpers import eventually, link, new_id, registries, settle
@@ -1032,46 +1035,58 @@ async def test_events_do_not_reach_http_clients_and_do_not_disturb_answers(
 # ------------------------------------------------------------------------------ decoding once
 
 
-#: Frames as the registry encodes them (``transcode`` re-encodes), and as another encoder may
-#: order or escape them: the head is read where it can be, else the frame is read in full.
-HEAD_FRAMES = [
-    {"id": "r1", "type": "execute.command.response", "thid": "q1", "response": {"ok": True}},
-    {"id": "r2", "type": "execute.command.response", "thid": 'q"2\\', "response": {"ok": True}},
-    {"id": "r3", "type": "list.commands.response", "thid": "ünï", "commands": []},
-    {"id": "e1", "type": "event", "eventId": "news", "payload": {"thid": "q1"}},
-    {"id": "q3", "type": "execute.command.request", "commandId": "a.b", "request": {"n": 1}},
-    {"id": "l1", "type": "list.commands.request"},
-]
+class HeadRecorder(InMemoryChannel):
+    """An in-memory channel that records the head the registry gives with each frame."""
+
+    heads: list[tuple[bytes, tuple[str, str, str | None]]]
+
+    def send_with_head(
+        self, frame: bytes, kind: str, message_id: str, reference: str | None
+    ) -> None:
+        self.heads.append((frame, (kind, message_id, reference)))
+        super().send_with_head(frame, kind, message_id, reference)
 
 
-@pytest.mark.parametrize("message", HEAD_FRAMES, ids=lambda m: str(m["id"]))
-def test_a_registry_frame_is_read_by_its_head(message: dict[str, Any]) -> None:
-    from cmd_ipc import _core
-    from cmd_ipc.channels.http import _trusted_head
+async def test_the_registry_gives_each_frame_its_head(registries: Make) -> None:
+    """What Rust reads of a message before encoding it is what the frame says, for every
+    kind a channel is sent (so HTTP routes frames without parsing them again)."""
+    from cmd_ipc.channels.http import _head
 
-    encoded = _core.transcode(json.dumps(message).encode(), "json", "json")
-    reordered = json.dumps(dict(reversed(message.items()))).encode()
-    for frame in (encoded, reordered):
-        assert _trusted_head(frame) == _core.inspect_message(frame, "json")
+    root, child = registries("root"), registries("child", router_channel="root")
+    HeadRecorder.heads = []
+    to_child, to_root = HeadRecorder.pair("child", "root")
+    await root.register_channel(to_child)
+    await child.register_channel(to_root)
+    await child.register_command("calc.add", lambda a, b: a + b)
+    await root.register_command("root.echo", lambda v: v)
+    assert await root.execute_command("calc.add", {"a": 1, "b": 2}) == 3
+    assert await child.execute_command("root.echo", {"v": "x"}) == "x"
+    root.emit_event("news", {"n": 1})  # sent (and recorded) before emit_event returns
+    kinds = {head[0] for _, head in HeadRecorder.heads}
+    assert kinds >= {
+        "list.commands.request",
+        "list.commands.response",
+        "register.command.request",
+        "register.command.response",
+        "execute.command.request",
+        "execute.command.response",
+        "event",
+    }
+    for frame, head in HeadRecorder.heads:
+        json_frame = _core.transcode(frame, "msgpack", "json")
+        assert head == _head(json_frame), json.loads(json_frame)
 
 
-def test_a_command_prefix_is_cut_in_place() -> None:
-    from cmd_ipc import _core
-    from cmd_ipc.channels.http import _strip_command_prefix
-
-    def frame(command_id: str, *, reverse: bool = False) -> bytes:
-        m = {"id": "q", "type": "execute.command.request", "commandId": command_id}
-        m["request"] = {"x": 1.5e300, "s": "api.calc"}
-        if reverse:
-            return json.dumps(dict(reversed(m.items()))).encode()
-        return _core.transcode(json.dumps(m).encode(), "json", "json")
-
-    assert _strip_command_prefix(frame("api.calc.add"), "api") == frame("calc.add")
-    assert _strip_command_prefix(frame("other.add"), "api") == frame("other.add")
-    assert _strip_command_prefix(frame("ä.add"), "ä") == frame("add")
-    # Heads that do not show the commandId plainly: the caller parses the frame.
-    assert _strip_command_prefix(frame('a"pi.add'), 'a"pi') is None
-    assert _strip_command_prefix(frame("api.add", reverse=True), "api") is None
+def test_with_command_id_renames_an_execute_request_only() -> None:
+    request = {"id": "q", "type": "execute.command.request", "commandId": "api.calc"}
+    request["request"] = {"x": 1.5e300, "s": "api.calc"}
+    frame = _core.transcode(json.dumps(request).encode(), "json", "json")
+    renamed = json.loads(_core.with_command_id(frame, "json", "calc"))
+    assert renamed == {**request, "commandId": "calc"}
+    event = _core.transcode(b'{"id":"e","type":"event","eventId":"api.x"}', "json", "json")
+    assert _core.with_command_id(event, "json", "calc") == event
+    with pytest.raises(ProtocolError):
+        _core.with_command_id(b"{", "json", "calc")
 
 
 @pytest.mark.parametrize("prefix", [None, "remote", 'we"ird'])

@@ -76,7 +76,7 @@ class ChannelTable:
     def _send(self, act: tuple[Any, ...]) -> None:
         channel = self.by_id.get(act[1])
         if channel is not None and not isinstance(channel, NativeChannel):
-            channel.send(act[2])
+            channel.send_with_head(act[2], act[3], act[4], act[5])
 
     def expected(self, channel_id: str | None) -> bool:
         """Whether a close of ``channel_id`` (for any reason) was asked for."""

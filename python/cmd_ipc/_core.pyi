@@ -6,7 +6,11 @@ a :class:`Node` and carries out its actions.
 Actions are tuples whose first item is an ``ACTION_*`` constant (a small int, defined once in
 Rust):
 
-* ``(ACTION_SEND, channel_id, frame)``: send ``frame`` (bytes, in the channel's encoding).
+* ``(ACTION_SEND, channel_id, frame, type, id, reference)``: send ``frame`` (bytes, in the
+  channel's encoding) on a channel written in Python; ``type`` and ``id`` are the message's,
+  ``reference`` what it is about (a response's ``thid``, the command of an execute or
+  register request, the event id of an event; ``None`` for a list request), so the channel
+  never decodes the frame again.
 * ``(ACTION_RUN, job, handler_id, command_id, request, encoding)``: run a local handler with
   the still-encoded ``request`` (``None`` when absent), then report with ``complete_job_ok``
   or ``complete_job_err``.
@@ -68,12 +72,14 @@ __all__ = [
     "needs_await",
     "new_id",
     "transcode",
+    "with_command_id",
 ]
 
 __version__: str
 
 ACTION_SEND: Final[int]
-"""``(ACTION_SEND, channel_id, frame)``: send ``frame`` on a channel written in Python."""
+"""``(ACTION_SEND, channel_id, frame, type, id, reference)``: send ``frame`` on a channel
+written in Python (see the module docstring for ``reference``)."""
 ACTION_RUN: Final[int]
 """``(ACTION_RUN, job, handler_id, command_id, request, encoding)``: run a local handler."""
 ACTION_RESULT: Final[int]
@@ -276,6 +282,22 @@ def inspect_message(
 ) -> tuple[str, str, str | None]:
     """Checks that ``data`` is one valid message in ``encoding`` (with limits); returns its
     ``(type, id, thid)`` (``thid`` is ``None`` for requests and events).
+
+    Raises:
+        cmd_ipc.errors.ProtocolError: The input is malformed, not a spec-v1 message, too
+            large or too deep.
+    """
+
+def with_command_id(
+    data: bytes | bytearray,
+    encoding: str,
+    command_id: str,
+    *,
+    max_message_size: int = 67108864,
+    max_depth: int = 64,
+) -> bytes:
+    """``data``, one valid execute request in ``encoding`` (with limits), with its command
+    id replaced by ``command_id`` and encoded again; any other message comes back unchanged.
 
     Raises:
         cmd_ipc.errors.ProtocolError: The input is malformed, not a spec-v1 message, too

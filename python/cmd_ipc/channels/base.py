@@ -20,8 +20,10 @@ Contract:
 * **ordering** -- frames are delivered to the peer in the order :meth:`Channel.send` was called,
   each exactly once or not at all (never duplicated, never reordered, never split or merged).
 * **send** -- :meth:`Channel.send` never blocks and never raises for transport reasons: it
-  queues the frame. A frame sent after the channel closed is dropped silently; the registry
-  learns of the close through ``on_close``.
+  queues the frame. The registry calls it through :meth:`Channel.send_with_head`, which also
+  gives the frame's type, id and reference, read by Rust before encoding. A frame sent
+  after the channel closed is dropped silently; the registry learns of the close through
+  ``on_close``.
 * **close** -- :meth:`Channel.close` is idempotent. After it returns no more ``on_frame``
   calls are made and ``on_close`` has been called. The peer's channel reports ``on_close``
   too, promptly.
@@ -92,6 +94,17 @@ class Channel(abc.ABC):
     @abc.abstractmethod
     def send(self, frame: bytes) -> None:
         """Queues one encoded frame for the peer; never blocks, never raises once closed."""
+
+    def send_with_head(
+        self, frame: bytes, kind: str, message_id: str, reference: str | None
+    ) -> None:
+        """:meth:`send` with what the registry knows of the frame without decoding it: its
+        spec ``type`` (``kind``), its ``id``, and ``reference`` (a response's ``thid``, the
+        command of an execute or register request, the event id of an event; ``None`` for
+        a list request). The registry always sends through this method; the default calls
+        :meth:`send`. A channel that routes by these (HTTP) overrides it instead of parsing
+        the frame again."""
+        self.send(frame)
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -40,7 +40,6 @@ import asyncio
 import inspect
 import json
 import logging
-import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -77,48 +76,27 @@ _NDJSON = "application/x-ndjson"
 
 #: Depth allowed when reading a frame the registry itself encoded.
 _TRUSTED_DEPTH = 1 << 16
-#: The head of a JSON message as the registry writes it: ``{"id":…,"type":…`` and the member
-#: after them (a response's ``thid``, an execute request's ``commandId``), when these strings
-#: hold no escape. A frame that does not start so is read in full instead.
-_HEAD = re.compile(rb'\{"id":"([^"\\]*)","type":"([a-z.]+)"(?:,"(thid|commandId)":"([^"\\]*)")?')
 
 
 def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _trusted_head(frame: bytes) -> tuple[str, str, str | None]:
-    """``(type, id, thid)`` of a frame the registry encoded (valid, within its limits), as
-    :func:`cmd_ipc._core.inspect_message` gives them, read from the frame's head: the rest (a
-    payload of any size) is not decoded again.
+def _head(frame: bytes) -> tuple[str, str, str | None]:
+    """``(type, id, reference)`` of a frame the registry encoded, for a caller of
+    :meth:`Channel.send` (the registry itself gives them to :meth:`Channel.send_with_head`).
 
     Raises:
-        ProtocolError: Never for the registry's own frames (the full read's error).
+        ProtocolError: Never for the registry's own frames.
     """
-    m = _HEAD.match(frame)
-    if m is not None:
-        kind = m[2].decode()
-        if kind not in _RESPONSES:
-            return kind, m[1].decode(), None
-        if m[3] == b"thid":
-            return kind, m[1].decode(), m[4].decode()
-    return _core.inspect_message(
-        frame, "json", max_message_size=len(frame), max_depth=_TRUSTED_DEPTH
+    msg = json.loads(frame)
+    kind = str(msg.get("type"))
+    ref = msg.get(
+        "thid" if kind in _RESPONSES else "commandId" if kind == _EXECUTE_REQUEST else "eventId"
     )
-
-
-def _strip_command_prefix(frame: bytes, prefix: str) -> bytes | None:
-    """``frame``, an execute request the registry encoded, with ``prefix.`` cut from the start
-    of its ``commandId`` in place (the rest of the bytes as they are); ``None`` when its head
-    does not show the ``commandId`` (then the frame must be parsed)."""
-    m = _HEAD.match(frame)
-    if m is None or m[3] != b"commandId":
-        return None
-    lead = prefix.encode() + b"."
-    if not m[4].startswith(lead):
-        return frame
-    start = m.start(4)
-    return frame[:start] + frame[start + len(lead) :]
+    if kind == "register.command.request":
+        ref = (msg.get("command") or {}).get("id")
+    return kind, str(msg.get("id")), None if ref is None else str(ref)
 
 
 def _error_response(thid: str, code: str, message: str) -> dict[str, Any]:
@@ -266,25 +244,35 @@ class HTTPChannel(Channel):
 
     def send(self, frame: bytes) -> None:
         """POSTs a command listing or execute request; drops every other message."""
-        if self._closed or self._on_frame is None:
-            return
-        raw: bytes | None = frame
         try:
-            # The registry encoded it (within its own limits): only its head is needed.
-            kind, message_id, _ = _trusted_head(frame)
-            msg: dict[str, Any] = {"id": message_id, "type": kind}
-            prefix = self.command_prefix
-            if prefix and kind == _EXECUTE_REQUEST:
-                # `prefix.cmd` here is `cmd` on the wire.
-                raw = _strip_command_prefix(frame, prefix)
-                if raw is None:  # not in the registry's usual shape: parsed, encoded again
-                    msg = json.loads(frame)
-                    command_id = str(msg.get("commandId", ""))
-                    if command_id.startswith(prefix + "."):
-                        msg["commandId"] = command_id[len(prefix) + 1 :]
-        except ValueError:  # _core.ProtocolError included
+            head = _head(frame)
+        except ValueError:
             logger.debug("HTTPChannel %r dropped an undecodable frame", self.id)
             return
+        self.send_with_head(frame, *head)
+
+    def send_with_head(
+        self, frame: bytes, kind: str, message_id: str, reference: str | None
+    ) -> None:
+        """:meth:`send` of a frame whose head the registry gives (it is not parsed here)."""
+        if self._closed or self._on_frame is None:
+            return
+        raw = frame
+        msg: dict[str, Any] = {"id": message_id, "type": kind}
+        prefix = self.command_prefix
+        if prefix and kind == _EXECUTE_REQUEST and (reference or "").startswith(prefix + "."):
+            # `prefix.cmd` here is `cmd` on the wire.
+            try:
+                raw = _core.with_command_id(
+                    frame,
+                    "json",
+                    (reference or "")[len(prefix) + 1 :],
+                    max_message_size=len(frame),
+                    max_depth=_TRUSTED_DEPTH,
+                )
+            except ValueError:  # never for the registry's own frames; send never raises
+                logger.debug("HTTPChannel %r dropped an undecodable frame", self.id)
+                return
         if kind in _ANSWER_TYPE:
             task = asyncio.get_running_loop().create_task(self._exchange(msg, raw))
             self._tasks.add(task)
@@ -294,7 +282,7 @@ class HTTPChannel(Channel):
                 "HTTPChannel %r cannot carry the registration of %r: an HTTPChannel cannot be "
                 "a registry's router_channel (HTTP only carries calls to the server)",
                 self.id,
-                (json.loads(frame).get("command") or {}).get("id"),
+                reference,
             )
         else:
             logger.debug("HTTPChannel %r does not carry %s messages: dropped", self.id, kind)
@@ -516,10 +504,12 @@ class _EndpointChannel(Channel):
 
     def send(self, frame: bytes) -> None:
         try:
-            # The registry encoded it (within its own limits): only its head is needed.
-            kind, _, thid = _trusted_head(frame)
+            head = _head(frame)
         except ValueError:  # never raised for the registry's own frames; send never raises
             return
+        self.send_with_head(frame, *head)
+
+    def send_with_head(self, frame: bytes, kind: str, message_id: str, thid: str | None) -> None:
         if kind not in (_EXECUTE_RESPONSE, _LIST_RESPONSE) or thid is None:
             return  # the list request every new channel gets, events: they do not cross
         waiter = self.pending.pop(thid, None)

@@ -302,6 +302,21 @@ impl Message {
         }
     }
 
+    /// What the message is about, besides its own id: the request answered (`thid`) of a
+    /// response, the command of an execute or register request, the event id of an event;
+    /// `None` for a list request. (Lets a channel route a frame without decoding it again.)
+    pub fn reference(&self) -> Option<&str> {
+        match self {
+            Message::RegisterResponse { thid, .. }
+            | Message::ListResponse { thid, .. }
+            | Message::ExecuteResponse { thid, .. } => Some(thid),
+            Message::ExecuteRequest { command_id, .. } => Some(command_id),
+            Message::RegisterRequest { command, .. } => Some(&command.id),
+            Message::Event { event_id, .. } => Some(event_id),
+            Message::ListRequest { .. } => None,
+        }
+    }
+
     /// The spec `type` string.
     pub fn type_name(&self) -> &'static str {
         match self {

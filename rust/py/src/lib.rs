@@ -170,9 +170,15 @@ fn actions_to_py<'py>(
                     continue;
                 };
                 match codec::encode(&message, enc) {
-                    Ok(frame) => {
-                        (A::Send, &*channel, PyBytes::new(py, &frame)).into_pyobject(py)?
-                    }
+                    Ok(frame) => (
+                        A::Send,
+                        &*channel,
+                        PyBytes::new(py, &frame),
+                        message.type_name(),
+                        message.id(),
+                        message.reference(),
+                    )
+                        .into_pyobject(py)?,
                     Err(e) => (
                         A::Dropped,
                         &*channel,
@@ -915,6 +921,31 @@ fn inspect_message(
     Ok((msg.type_name(), msg.id().to_string(), thid))
 }
 
+/// `data`, one valid execute request in `encoding` (enforcing the limits), with its command id
+/// replaced by `command_id`, encoded again; any other message is returned unchanged.
+#[pyfunction]
+#[pyo3(signature = (data, encoding, command_id, *, max_message_size=67_108_864, max_depth=64))]
+fn with_command_id<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    encoding: &str,
+    command_id: &str,
+    max_message_size: usize,
+    max_depth: usize,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let limits = Limits {
+        max_message_size,
+        max_depth,
+    };
+    let enc = self::encoding(encoding)?;
+    let mut msg = codec::decode(data, enc, &limits).map_err(codec_err)?;
+    let Message::ExecuteRequest { command_id: c, .. } = &mut msg else {
+        return Ok(PyBytes::new(py, data));
+    };
+    command_id.clone_into(c);
+    Ok(PyBytes::new(py, &codec::encode(&msg, enc).map_err(codec_err)?))
+}
+
 /// The msgpack encoding of a plain value (see the `convert` module), or `None` when the
 /// value is not plain (then encode it in Python).
 #[pyfunction]
@@ -972,6 +1003,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(create_segment, m)?)?;
     m.add_function(wrap_pyfunction!(transcode, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_message, m)?)?;
+    m.add_function(wrap_pyfunction!(with_command_id, m)?)?;
     m.add_function(wrap_pyfunction!(new_id, m)?)?;
     m.add_function(wrap_pyfunction!(clock_gaps, m)?)?;
     m.add_function(wrap_pyfunction!(encode_plain, m)?)?;
