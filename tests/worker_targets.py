@@ -153,3 +153,22 @@ def typed(registry: CommandRegistry) -> None:
     @registry.command("typed.calls")
     def count() -> int:
         return len(calls)
+
+
+def pooled(registry: CommandRegistry) -> None:
+    """A pool member: ``pool.whoami``, ``pool.add``, ``pool.slow`` (never answers) and
+    ``pool.spin(ms)`` (pure-Python work, for the scaling benchmark)."""
+
+    @registry.command("pool.whoami", validate=False)
+    def whoami() -> str:
+        return registry.id
+
+    @registry.command("pool.add", validate=False)
+    def add(a: int, b: int) -> list[Any]:
+        return [a + b, registry.id]
+
+    @registry.command("pool.slow", validate=False)
+    async def slow() -> str:
+        registry.emit_event("pool.slow.started", registry.id)
+        await asyncio.Event().wait()  # never set: the test kills this process
+        return "never"

@@ -38,7 +38,7 @@ from cmd_ipc.errors import (
     WorkerError,
 )
 from cmd_ipc.registry import CommandRegistry
-from cmd_ipc.workers import RestartPolicy, Worker
+from cmd_ipc.workers import Pool, RestartPolicy, Worker
 
 if TYPE_CHECKING:
     from cmd_ipc.channels.http import HTTPChannel
@@ -79,6 +79,7 @@ __all__ = [
     "InvalidRequestError",
     "NativeChannel",
     "NotFoundError",
+    "Pool",
     "ProtocolError",
     "RestartPolicy",
     "StdioChannel",

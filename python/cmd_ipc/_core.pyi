@@ -268,8 +268,12 @@ class Node:
     ) -> list[tuple[str, str | None, bytes | None, bytes | None]]:
         """``(id, description, schema_request_json, schema_response_json)`` of every
         command this registry can route to."""
+    def set_pool(self, channel: str, pool: str | None) -> None:
+        """Declares ``channel`` a member of pool ``pool`` (``None``: of no pool): members of
+        one pool may all register the same command and share its calls."""
     def route_of(self, command_id: str) -> str | None:
-        """``"local"``, the channel a call would take, or ``None``."""
+        """``"local"``, the channel a call would take (for a pool: the member the next call
+        goes to), or ``None``."""
     def stats(self) -> dict[str, Any]:
         """Per-channel message counts and table sizes."""
 

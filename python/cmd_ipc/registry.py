@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar, cast
@@ -51,7 +52,7 @@ from cmd_ipc.channels.base import Channel
 from cmd_ipc.channels.native import DEFAULT_RING_SIZE, NativeChannel, Transport
 from cmd_ipc.commands import caller_locals, prepare
 from cmd_ipc.errors import ChannelDisconnectedError
-from cmd_ipc.workers import RestartPolicy, Worker, WorkerHost, WorkerTable
+from cmd_ipc.workers import Pool, RestartPolicy, Worker, WorkerHost, WorkerTable
 
 __all__ = ["CommandRegistry", "Handler", "Listener"]
 
@@ -143,6 +144,7 @@ class CommandRegistry:
                 is_closed=lambda: self.closed,
                 expect_close=self.expect_close,
                 add_close_listener=self.add_close_listener,
+                set_pool=self._node.set_pool,
             )
         )
         self._background: BackgroundLoop | None = None
@@ -726,6 +728,64 @@ class CommandRegistry:
             cpu=cpu,
         )
 
+    async def spawn_pool(
+        self,
+        pool_id: str,
+        target: str,
+        *,
+        size: int | None = None,
+        transport: Transport = "shm",
+        ring_size: int = DEFAULT_RING_SIZE,
+        restart: RestartPolicy | None = None,
+        env: dict[str, str] | None = None,
+        ready_timeout: float = 30.0,
+    ) -> Pool:
+        """Starts ``size`` workers that all run ``target`` and share its commands: a pool.
+
+        Calls need no change: ``execute_command``, ``execute_command_sync`` and
+        ``execute_many`` spread over the members, each call going to the member with the
+        fewest calls in flight (ties in turn). The pool registers its commands upward once;
+        another provider of one of them outside the pool is still ``duplicate_command``. A
+        member that dies fails only the calls in flight on it (nothing is retried), the
+        others keep serving, and with ``restart`` it rejoins. Members are named
+        ``"<pool_id>-<n>"``: ``stats()["channels"]`` shows each one's ``requests`` and
+        ``in_flight``, and :meth:`route_of` names the member the next call goes to.
+
+        Args:
+            pool_id: The pool's id (its members are ``"<pool_id>-1"``, ``"<pool_id>-2"``...).
+            target: ``"package.module:function"``, run by every member (see
+                :meth:`spawn_worker`).
+            size: How many members (default: ``os.cpu_count()``).
+            transport, ring_size, restart, env, ready_timeout: As for :meth:`spawn_worker`.
+
+        Raises:
+            WorkerError: A member failed to start (the others are stopped again).
+            ValueError: A bad ``size``, or a pool of that id exists.
+
+        Example::
+
+            pool = await registry.spawn_pool("calc", "myapp.workers:setup", size=4)
+            await registry.execute_command("calc.add", {"a": 1, "b": 2})  # on any member
+            await pool.resize(2)
+        """
+        self._bind_loop()
+        return await self._workers.spawn_pool(
+            pool_id,
+            target,
+            os.cpu_count() or 1 if size is None else size,
+            transport=transport,
+            ring_size=ring_size,
+            restart=restart,
+            env=env,
+            ready_timeout=ready_timeout,
+            cpu=None,
+        )
+
+    @property
+    def pools(self) -> dict[str, Pool]:
+        """Pools spawned by this registry and not stopped, by id (a copy)."""
+        return self._workers.pools()
+
     async def connect_workers(
         self, worker_a: Worker, worker_b: Worker, *, ring_size: int = DEFAULT_RING_SIZE
     ) -> None:
@@ -861,6 +921,10 @@ class CommandRegistry:
         """Blocking :meth:`register_channel`."""
         self.run_blocking(lambda: self.register_channel(channel))
 
+    def spawn_pool_sync(self, pool_id: str, target: str, **kwargs: Any) -> Pool:
+        """Blocking :meth:`spawn_pool` (same arguments)."""
+        return cast(Pool, self.run_blocking(lambda: self.spawn_pool(pool_id, target, **kwargs)))
+
     def spawn_worker_sync(self, worker_id: str, target: str, **kwargs: Any) -> Worker:
         """Blocking :meth:`spawn_worker` (same arguments)."""
         return cast(
@@ -881,10 +945,11 @@ class CommandRegistry:
         """Counters that show which way messages went.
 
         Returns:
-            ``{"channels": {channel_id: {"sent": n, "received": n}}, "forwarded": n,
-            "pending": n, "pending_forwards": n, "dropped": n, "dedup_entries": n,
-            "jobs": n}``:
-            ``forwarded`` counts requests this registry forwarded for others, ``pending``
+            ``{"channels": {channel_id: {"sent": n, "received": n, "requests": n,
+            "in_flight": n}}, "forwarded": n, "pending": n, "pending_forwards": n,
+            "dropped": n, "dedup_entries": n, "jobs": n}``: per channel, ``requests``
+            counts the execute requests sent on it (for a pool member: the calls it was
+            given) and ``in_flight`` those unanswered; ``forwarded`` counts requests this registry forwarded for others, ``pending``
             calls of this registry waiting for a result, ``dropped`` messages dropped as
             invalid, spoofed, duplicate or undeliverable, ``jobs`` handler runs in
             progress.

@@ -35,7 +35,7 @@ from typing import Any
 from cmd_ipc.channels.native import DEFAULT_RING_SIZE, NativeChannel, Transport
 from cmd_ipc.errors import WorkerError
 
-__all__ = ["RestartPolicy", "Worker", "WorkerError", "WorkerHost", "WorkerTable"]
+__all__ = ["Pool", "RestartPolicy", "Worker", "WorkerError", "WorkerHost", "WorkerTable"]
 
 logger = logging.getLogger("cmd_ipc")
 
@@ -61,6 +61,7 @@ class WorkerHost:
         expect_close: Marks a channel's coming close as asked for (logged at INFO).
         add_close_listener: ``fn(channel_id, reason)`` on every close; returns an
             unsubscribe callable.
+        set_pool: Declares a channel a member of a pool (``None``: of none).
     """
 
     id: str
@@ -72,6 +73,7 @@ class WorkerHost:
     is_closed: Callable[[], bool]
     expect_close: Callable[[str], None]
     add_close_listener: Callable[[Callable[[str, str], None]], Callable[[], None]]
+    set_pool: Callable[[str, str | None], None]
 
 
 @dataclass(frozen=True)
@@ -427,6 +429,26 @@ class WorkerTable:
     def __init__(self, host: WorkerHost) -> None:
         self.host = host
         self._workers: dict[str, Worker] = {}
+        self._pools: dict[str, Pool] = {}
+
+    def pools(self) -> dict[str, Pool]:
+        """Pools spawned and not stopped, by id (a copy)."""
+        return dict(self._pools)
+
+    async def spawn_pool(self, pool_id: str, target: str, size: int, **options: Any) -> Pool:
+        """Starts a pool (see :meth:`CommandRegistry.spawn_pool`)."""
+        if not isinstance(pool_id, str) or not pool_id:
+            raise ValueError("pool_id must be a non-empty string")
+        if pool_id in self._pools:
+            raise ValueError(f"registry {self.host.id!r} already has a pool {pool_id!r}")
+        pool = Pool(self, pool_id, target, options)
+        self._pools[pool_id] = pool
+        try:
+            await pool.resize(size)
+        except BaseException:
+            await pool.stop()
+            raise
+        return pool
 
     def snapshot(self) -> dict[str, Worker]:
         """Workers spawned and not stopped, by id (a copy)."""
@@ -475,6 +497,7 @@ class WorkerTable:
 
     async def stop_all(self) -> None:
         """Stops every worker (failures are not raised: the workers are gone either way)."""
+        self._pools.clear()
         workers = list(self._workers.values())
         if workers:
             await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
@@ -494,6 +517,92 @@ class WorkerTable:
         finally:
             end_a.close_fds()
             end_b.close_fds()
+
+
+class Pool:
+    """Workers of one registry that all run the same target and share its commands: each
+    call goes to the member with the fewest calls in flight (ties in turn), and the
+    commands are registered upward once. As returned by
+    :meth:`CommandRegistry.spawn_pool`.
+
+    Members are workers named ``"<pool id>-<n>"``; a member that dies fails only the calls
+    in flight on it (nothing is retried: calls are not assumed idempotent) and, with a
+    restart policy, rejoins when it is back.
+
+    Attributes:
+        id: The pool's id.
+        target: ``"package.module:function"`` every member runs.
+    """
+
+    def __init__(self, table: WorkerTable, pool_id: str, target: str, options: dict[str, Any]):
+        self.id = pool_id
+        self.target = target
+        self._table = table
+        self._options = options
+        self._members: list[Worker] = []
+        self._next = 1
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Pool id={self.id!r} size={self.size} target={self.target!r}>"
+
+    @property
+    def workers(self) -> list[Worker]:
+        """The members, oldest first (a copy)."""
+        return list(self._members)
+
+    @property
+    def size(self) -> int:
+        """How many members the pool has."""
+        return len(self._members)
+
+    async def resize(self, size: int) -> None:
+        """Starts or stops members until the pool has ``size`` (the newest stop first;
+        calls in flight on a stopped member fail with ``channel_disconnected``).
+
+        Raises:
+            ValueError: ``size`` is not a positive int.
+            WorkerError: A new member failed to start (the members started by this call are
+                stopped again).
+        """
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"a pool's size must be a positive int, got {size!r}")
+        async with self._lock:
+            if self._table._pools.get(self.id) is not self:
+                raise WorkerError(f"pool {self.id!r} was stopped")
+            while len(self._members) > size:
+                await self._stop_member(self._members[-1])
+            if len(self._members) < size:
+                ids = [f"{self.id}-{self._next + i}" for i in range(size - len(self._members))]
+                self._next += len(ids)
+                for worker_id in ids:
+                    self._table.host.set_pool(worker_id, self.id)
+                results = await asyncio.gather(
+                    *(self._table.spawn(w, self.target, **self._options) for w in ids),
+                    return_exceptions=True,
+                )
+                started = [r for r in results if isinstance(r, Worker)]
+                failures = [r for r in results if isinstance(r, BaseException)]
+                if failures:
+                    for worker in started:
+                        await worker.stop()
+                    for worker_id in ids:
+                        self._table.host.set_pool(worker_id, None)
+                    raise failures[0]
+                self._members.extend(started)
+
+    async def _stop_member(self, worker: Worker) -> None:
+        self._members.remove(worker)
+        await worker.stop()
+        self._table.host.set_pool(worker.id, None)
+
+    async def stop(self) -> None:
+        """Stops every member; the pool's commands are gone with them."""
+        if self._table._pools.get(self.id) is self:
+            del self._table._pools[self.id]
+        async with self._lock:
+            for worker in list(self._members):
+                await self._stop_member(worker)
 
 
 # ---------------------------------------------------------------------------- child side

@@ -185,6 +185,10 @@ pub struct ChannelStats {
     pub sent: u64,
     /// Messages received from the channel (including invalid ones).
     pub received: u64,
+    /// Execute requests sent on the channel (this registry's calls and forwards).
+    pub requests: u64,
+    /// Of those, the ones still waiting for their response.
+    pub in_flight: u64,
 }
 
 /// A snapshot of the router's counters and table sizes.
@@ -225,6 +229,13 @@ enum Owner {
     Channel {
         channel: ChannelId,
         learned: Learned,
+    },
+    /// Registered by the members of one pool (replica set), each able to serve it.
+    Pool {
+        pool: Arc<str>,
+        members: Vec<ChannelId>,
+        /// Where the round-robin among equally loaded members starts next.
+        next: usize,
     },
 }
 
@@ -309,6 +320,8 @@ pub struct Router {
     dropped: u64,
     actions: Vec<Action>,
     ids: Box<dyn IdSource>,
+    /// Pool of each channel declared a pool member (kept across the channel's reconnects).
+    pools: HashMap<String, Arc<str>>,
 }
 
 impl Router {
@@ -339,6 +352,7 @@ impl Router {
             dropped: 0,
             actions: Vec::new(),
             ids,
+            pools: HashMap::with_hasher(keys.clone()),
         }
     }
 
@@ -408,6 +422,106 @@ impl Router {
         self.calls.len() + self.forwards.len() + self.registrations.len() + self.jobs.len()
     }
 
+    /// Declares channel `channel` a member of pool `pool` (`None`: of no pool). Members of
+    /// one pool may all register the same command: the router then chooses among the live
+    /// members for each call (fewest requests in flight, ties in turn) and registers the
+    /// command upward once. A provider outside the pool is still `duplicate_command`. The
+    /// declaration outlives the channel's closes, so a restarted member rejoins.
+    pub fn set_pool(&mut self, channel: &str, pool: Option<&str>) {
+        match pool {
+            Some(p) => {
+                self.pools.insert(channel.to_string(), Arc::from(p));
+            }
+            None => {
+                self.pools.remove(channel);
+            }
+        }
+    }
+
+    /// Whether `command_id` is served by a pool here.
+    pub fn is_pooled(&self, command_id: &str) -> bool {
+        matches!(
+            self.routes.get(command_id),
+            Some(Route {
+                owner: Owner::Pool { .. },
+                ..
+            })
+        )
+    }
+
+    /// The pool `channel` was declared a member of.
+    pub fn pool_of(&self, channel: &str) -> Option<&str> {
+        self.pools.get(channel).map(|p| &**p)
+    }
+
+    fn request_sent(&mut self, channel: &ChannelId) {
+        if let Some(c) = self.channels.get_mut(channel) {
+            c.stats.requests += 1;
+            c.stats.in_flight += 1;
+        }
+    }
+
+    fn request_ended(&mut self, channel: &ChannelId) {
+        if let Some(c) = self.channels.get_mut(channel) {
+            c.stats.in_flight = c.stats.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// The member of the pool serving `command_id` that the next call goes to (and its
+    /// index): the live member (other than `except`) with the fewest requests in flight,
+    /// the first such from the round-robin position on.
+    fn peek_member(
+        &self,
+        command_id: &str,
+        except: Option<&ChannelId>,
+    ) -> Option<(&ChannelId, usize)> {
+        let Some(Route {
+            owner: Owner::Pool { members, next, .. },
+            ..
+        }) = self.routes.get(command_id)
+        else {
+            return None;
+        };
+        let n = members.len();
+        let mut best: Option<(&ChannelId, usize, u64)> = None;
+        for k in 0..n {
+            let i = (next + k) % n;
+            let m = &members[i];
+            if Some(m) == except {
+                continue;
+            }
+            let Some(state) = self.channels.get(m) else {
+                continue;
+            };
+            if best.map_or(true, |(_, _, load)| state.stats.in_flight < load) {
+                best = Some((m, i, state.stats.in_flight));
+            }
+        }
+        best.map(|(m, i, _)| (m, i))
+    }
+
+    /// [`Router::peek_member`], and the round-robin moves past the chosen member.
+    fn pick_member(
+        &mut self,
+        command_id: &str,
+        except: Option<&ChannelId>,
+        advance: bool,
+    ) -> Option<ChannelId> {
+        let (member, index) = self
+            .peek_member(command_id, except)
+            .map(|(m, i)| (m.clone(), i))?;
+        if advance {
+            if let Some(Route {
+                owner: Owner::Pool { members, next, .. },
+                ..
+            }) = self.routes.get_mut(command_id)
+            {
+                *next = (index + 1) % members.len().max(1);
+            }
+        }
+        Some(member)
+    }
+
     fn channel_arc(&self, name: &str) -> Option<ChannelId> {
         self.channels.get_key_value(name).map(|(k, _)| k.clone())
     }
@@ -473,9 +587,15 @@ impl Router {
         let Some((id, _)) = self.channels.remove_entry(name) else {
             return Err(UsageError::UnknownChannel(name.to_string()));
         };
-        self.routes.retain(|_, r| match &r.owner {
+        self.routes.retain(|_, r| match &mut r.owner {
             Owner::Channel { channel, .. } => channel != &id,
             Owner::Local { .. } => true,
+            Owner::Pool { members, next, .. } => {
+                // Only the calls in flight on this member fail (below); the others serve on.
+                members.retain(|m| m != &id);
+                *next = 0;
+                !members.is_empty()
+            }
         });
         let disconnected = |what: &str| {
             ExecError::new(
@@ -616,6 +736,10 @@ impl Router {
                 owner: Owner::Channel { channel, .. },
                 ..
             }) => Some(channel.clone()),
+            Some(Route {
+                owner: Owner::Pool { .. },
+                ..
+            }) => self.pick_member(command_id, None, true),
             None => self.router_channel.clone(),
         };
         let Some(target) = target else {
@@ -658,6 +782,7 @@ impl Router {
         let id = self.new_id();
         let deadline = now.saturating_add(ttl.unwrap_or(self.config.request_ttl));
         self.arm(deadline, TimerKind::Call, id.clone());
+        self.request_sent(&target);
         self.calls.insert(
             id.clone(),
             PendingCall {
@@ -680,7 +805,17 @@ impl Router {
     /// Forgets a local call whose caller stopped waiting (cancelled). Its late response, if
     /// any, is dropped as unknown.
     pub fn cancel_call(&mut self, call: u64) {
-        self.calls.retain(|_, c| c.call != call);
+        let mut answered = Vec::new();
+        self.calls.retain(|_, c| {
+            let keep = c.call != call;
+            if !keep {
+                answered.push(c.channel.clone());
+            }
+            keep
+        });
+        for channel in answered {
+            self.request_ended(&channel);
+        }
         let jobs: Vec<u64> = self
             .jobs
             .iter()
@@ -787,6 +922,14 @@ impl Router {
             {
                 Some(format!(
                     "command '{command_id}' is already owned by channel '{channel}' of registry '{}'",
+                    self.config.id
+                ))
+            }
+            Some(Owner::Pool { pool, .. })
+                if from.and_then(|f| self.pools.get(&**f)) != Some(pool) =>
+            {
+                Some(format!(
+                    "command '{command_id}' is already served by pool '{pool}' of registry '{}'",
                     self.config.id
                 ))
             }
@@ -1123,6 +1266,10 @@ impl Router {
                 owner: Owner::Channel { channel, .. },
                 ..
             }) if channel != from => Some(channel.clone()),
+            Some(Route {
+                owner: Owner::Pool { .. },
+                ..
+            }) => self.pick_member(&command_id, Some(from), true),
             // Loop guard: never back to the channel the request came from.
             _ => self.router_channel.clone().filter(|r| r != from),
         };
@@ -1157,6 +1304,7 @@ impl Router {
             },
         );
         self.forwarded += 1;
+        self.request_sent(&target);
         self.send(
             &target,
             Message::ExecuteRequest {
@@ -1177,6 +1325,7 @@ impl Router {
                 return self.drop_msg(Some(from), DropKind::Spoofed, reason);
             }
             if let Some(c) = self.calls.remove(&thid) {
+                self.request_ended(&c.channel);
                 self.actions.push(Action::CallDone {
                     call: c.call,
                     result: response,
@@ -1193,6 +1342,7 @@ impl Router {
                 return self.drop_msg(Some(from), DropKind::Spoofed, reason);
             }
             if let Some(f) = self.forwards.remove(&thid) {
+                self.request_ended(&f.target);
                 if self.channels.contains_key(&f.origin) {
                     let response = self.adapt_result(response, &f.origin);
                     let msg_id = self.new_id();
@@ -1233,7 +1383,30 @@ impl Router {
                 },
             );
         }
+        // A pool registers its command upward once: a member joining a pool that already
+        // serves the command (or is registering it now) is accepted here.
+        let joins = self.pools.get(&**from).is_some_and(|pool| {
+            matches!(self.routes.get(&command.id),
+                Some(Route { owner: Owner::Pool { pool: p, .. }, .. }) if p == pool)
+                || self.registrations.values().any(|r| {
+                    r.def.id == command.id
+                        && matches!(&r.for_, RegFor::Child { channel, .. }
+                            if self.pools.get(&**channel) == Some(pool))
+                })
+        });
         match self.router_channel.clone() {
+            _ if joins => {
+                self.accept_child_registration(from, command);
+                let msg_id = self.new_id();
+                self.send(
+                    from,
+                    Message::RegisterResponse {
+                        id: msg_id,
+                        thid: id,
+                        response: Ok(()),
+                    },
+                );
+            }
             Some(router)
                 if &router != from
                     && !is_private(&command.id)
@@ -1265,6 +1438,34 @@ impl Router {
     }
 
     fn accept_child_registration(&mut self, from: &ChannelId, def: CommandDef) {
+        if let Some(pool) = self.pools.get(&**from).cloned() {
+            if let Some(Route {
+                owner: Owner::Pool {
+                    pool: p, members, ..
+                },
+                ..
+            }) = self.routes.get_mut(&def.id)
+            {
+                if *p == pool {
+                    if !members.contains(from) {
+                        members.push(from.clone());
+                    }
+                    return;
+                }
+            }
+            self.routes.insert(
+                def.id.clone(),
+                Route {
+                    def,
+                    owner: Owner::Pool {
+                        pool,
+                        members: vec![from.clone()],
+                        next: 0,
+                    },
+                },
+            );
+            return;
+        }
         self.routes.insert(
             def.id.clone(),
             Route {
@@ -1377,6 +1578,7 @@ impl Router {
                 Owner::Channel { channel, learned } => {
                     *learned == Learned::Registered && channel != except
                 }
+                Owner::Pool { members, .. } => !members.contains(except),
             })
             .map(|r| r.def.clone())
             .collect();
@@ -1514,6 +1716,7 @@ impl Router {
             match kind {
                 TimerKind::Call => {
                     if let Some(c) = self.calls.remove(&key) {
+                        self.request_ended(&c.channel);
                         self.actions.push(Action::CallDone {
                             call: c.call,
                             result: Err(ExecError::new(
@@ -1541,6 +1744,7 @@ impl Router {
                 }
                 TimerKind::Forward => {
                     if let Some(f) = self.forwards.remove(&key) {
+                        self.request_ended(&f.target);
                         if self.channels.contains_key(&f.origin) {
                             let err = ExecError::new(
                                 ErrorCode::Timeout,
@@ -1593,6 +1797,9 @@ impl Router {
         match self.routes.get(command_id).map(|r| &r.owner) {
             Some(Owner::Local { .. }) => Some("local".to_string()),
             Some(Owner::Channel { channel, .. }) => Some(channel.to_string()),
+            Some(Owner::Pool { .. }) => self
+                .peek_member(command_id, None)
+                .map(|(m, _)| m.to_string()),
             None if is_private(command_id) => None,
             None => self.router_channel.as_ref().map(|r| r.to_string()),
         }

@@ -580,6 +580,11 @@ impl Node {
         let window = window.max(1);
         let (batch, target, ep, ttl) = {
             let mut st = self.lock();
+            // One thread reads one channel: a pool's members answer on several, so its
+            // batches go through the event loop, which reads them all.
+            if st.router.is_pooled(command_id) {
+                return None;
+            }
             let target = st.router.route_of(command_id)?;
             let ep = self.endpoint(&target)?;
             ep.claim();

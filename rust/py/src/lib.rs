@@ -842,6 +842,12 @@ impl Node {
             .collect()
     }
 
+    /// Declares channel `channel` a member of pool `pool` (`None`: of none).
+    #[pyo3(signature = (channel, pool))]
+    fn set_pool(&self, channel: &str, pool: Option<&str>) {
+        self.lock().router.set_pool(channel, pool);
+    }
+
     fn route_of(&self, command_id: &str) -> Option<String> {
         self.lock().router.route_of(command_id)
     }
@@ -854,6 +860,8 @@ impl Node {
             let cd = PyDict::new(py);
             cd.set_item("sent", c.sent)?;
             cd.set_item("received", c.received)?;
+            cd.set_item("requests", c.requests)?;
+            cd.set_item("in_flight", c.in_flight)?;
             channels.set_item(&**name, cd)?;
         }
         d.set_item("channels", channels)?;
@@ -943,7 +951,10 @@ fn with_command_id<'py>(
         return Ok(PyBytes::new(py, data));
     };
     command_id.clone_into(c);
-    Ok(PyBytes::new(py, &codec::encode(&msg, enc).map_err(codec_err)?))
+    Ok(PyBytes::new(
+        py,
+        &codec::encode(&msg, enc).map_err(codec_err)?,
+    ))
 }
 
 /// The msgpack encoding of a plain value (see the `convert` module), or `None` when the

@@ -1088,3 +1088,269 @@ fn a_seeded_run_replays_exactly() {
     assert_ne!(first, other);
     assert_eq!(first.len(), other.len());
 }
+
+// ---------------------------------------------------------------------------------- pools
+
+/// A root with a pool "p" of members w1..wn (each registered `calc.add`) and an outsider.
+fn pool_root(n: usize) -> Router {
+    let names: Vec<String> = (1..=n).map(|i| format!("w{i}")).collect();
+    let mut chans: Vec<&str> = names.iter().map(String::as_str).collect();
+    chans.push("other");
+    let mut r = with_channels("main", None, &chans);
+    for name in &names {
+        r.set_pool(name, Some("p"));
+        let (to, m) = only_send(&register(&mut r, name, "calc.add"));
+        assert_eq!(to, *name);
+        assert!(
+            matches!(
+                m,
+                Message::RegisterResponse {
+                    response: Ok(()),
+                    ..
+                }
+            ),
+            "{m:?}"
+        );
+    }
+    r
+}
+
+/// The channel each of `n` calls of `calc.add` went to, with the request ids.
+fn call_targets(r: &mut Router, n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|_| {
+            r.execute("calc.add", None, None, 0);
+            match only_send(&r.take_actions()) {
+                (to, Message::ExecuteRequest { id, .. }) => (to, id),
+                other => panic!("{other:?}"),
+            }
+        })
+        .collect()
+}
+
+fn answer(r: &mut Router, from: &str, thid: &str) -> Vec<Action> {
+    r.handle_message(
+        from,
+        Message::ExecuteResponse {
+            id: new_id(),
+            thid: thid.to_string(),
+            response: ok_payload("1"),
+        },
+        0,
+    )
+    .unwrap();
+    r.take_actions()
+}
+
+#[test]
+fn pool_members_share_a_command_and_an_outsider_is_still_a_duplicate() {
+    let mut r = pool_root(3);
+    let (_, m) = only_send(&register(&mut r, "other", "calc.add"));
+    assert!(matches!(
+        m,
+        Message::RegisterResponse {
+            response: Err(RegisterError::DuplicateCommand),
+            ..
+        }
+    ));
+    // A member of another pool is an outsider too.
+    r.set_pool("other", Some("q"));
+    let (_, m) = only_send(&register(&mut r, "other", "calc.add"));
+    assert!(matches!(
+        m,
+        Message::RegisterResponse {
+            response: Err(_),
+            ..
+        }
+    ));
+    // And a pool cannot take a command owned by a single channel.
+    r.set_pool("other", None);
+    register(&mut r, "other", "solo.cmd");
+    let (_, m) = only_send(&register(&mut r, "w1", "solo.cmd"));
+    assert!(matches!(
+        m,
+        Message::RegisterResponse {
+            response: Err(_),
+            ..
+        }
+    ));
+    assert_eq!(r.pool_of("w2"), Some("p"));
+    assert_eq!(
+        r.list_commands()
+            .iter()
+            .filter(|c| c.id == "calc.add")
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn pool_ties_go_round_robin_and_route_of_names_the_next_member() {
+    let mut r = pool_root(3);
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        let next = r.route_of("calc.add").unwrap();
+        let (to, id) = call_targets(&mut r, 1).remove(0);
+        assert_eq!(next, to, "route_of must name the member execute chooses");
+        answer(&mut r, &to, &id);
+        seen.push(to);
+    }
+    assert_eq!(seen, ["w1", "w2", "w3", "w1", "w2", "w3"]);
+}
+
+#[test]
+fn pool_chooses_the_member_with_fewest_calls_in_flight() {
+    let mut r = pool_root(3);
+    let first = call_targets(&mut r, 3); // one in flight on each
+    assert_eq!(
+        first.iter().map(|t| t.0.as_str()).collect::<Vec<_>>(),
+        ["w1", "w2", "w3"]
+    );
+    // w2 answers: it is the least loaded now, whatever the round-robin says.
+    answer(&mut r, "w2", &first[1].1);
+    assert_eq!(call_targets(&mut r, 1)[0].0, "w2");
+    let stats = r.stats();
+    let load: Vec<(String, u64, u64)> = stats
+        .channels
+        .iter()
+        .map(|(c, s)| (c.to_string(), s.requests, s.in_flight))
+        .collect();
+    assert!(load.contains(&("w1".into(), 1, 1)), "{load:?}");
+    assert!(load.contains(&("w2".into(), 2, 1)), "{load:?}");
+}
+
+#[test]
+fn pool_registers_upward_once() {
+    let mut r = with_channels("mid", Some("root"), &["root", "w1", "w2"]);
+    r.set_pool("w1", Some("p"));
+    r.set_pool("w2", Some("p"));
+    let (to, first) = only_send(&register(&mut r, "w1", "calc.add"));
+    assert_eq!(to, "root");
+    // The second member joins while the first registration is on its way up.
+    let (to, m) = only_send(&register(&mut r, "w2", "calc.add"));
+    assert_eq!(to, "w2");
+    assert!(matches!(
+        m,
+        Message::RegisterResponse {
+            response: Ok(()),
+            ..
+        }
+    ));
+    let Message::RegisterRequest { id, .. } = first else {
+        panic!("{first:?}")
+    };
+    r.handle_message(
+        "root",
+        Message::RegisterResponse {
+            id: new_id(),
+            thid: id,
+            response: Ok(()),
+        },
+        0,
+    )
+    .unwrap();
+    let (to, m) = only_send(&r.take_actions());
+    assert_eq!(to, "w1");
+    assert!(matches!(
+        m,
+        Message::RegisterResponse {
+            response: Ok(()),
+            ..
+        }
+    ));
+    // Both serve, and a third registration (a restarted member) is not escalated again.
+    let mut targets: Vec<String> = call_targets(&mut r, 2).into_iter().map(|t| t.0).collect();
+    targets.sort();
+    assert_eq!(targets, ["w1", "w2"]);
+    let (to, _) = only_send(&register(&mut r, "w1", "calc.add"));
+    assert_eq!(to, "w1");
+}
+
+#[test]
+fn a_dead_member_fails_only_its_own_calls_and_can_rejoin() {
+    let mut r = pool_root(2);
+    let calls: Vec<u64> = (0..2)
+        .map(|_| r.execute("calc.add", None, None, 0))
+        .collect();
+    let sent = sends(&r.take_actions());
+    assert_eq!(sent[0].0, "w1");
+    r.close_channel("w1").unwrap();
+    let acts = r.take_actions();
+    let err = call_done(&acts, calls[0]).unwrap_err();
+    assert_eq!(err.code, ErrorCode::ChannelDisconnected);
+    assert!(
+        !acts
+            .iter()
+            .any(|a| matches!(a, Action::CallDone { call, .. } if *call == calls[1])),
+        "the call on w2 must not fail"
+    );
+    // Nothing is retried: the next calls go to the survivor only.
+    assert!(call_targets(&mut r, 3).iter().all(|(to, _)| to == "w2"));
+    // The member comes back (a restart) and serves again.
+    r.add_channel("w1", Encoding::Json).unwrap();
+    r.take_actions();
+    let (_, m) = only_send(&register(&mut r, "w1", "calc.add"));
+    assert!(matches!(
+        m,
+        Message::RegisterResponse {
+            response: Ok(()),
+            ..
+        }
+    ));
+    assert_eq!(call_targets(&mut r, 1)[0].0, "w1");
+    // The last member gone: the command is gone.
+    r.close_channel("w1").unwrap();
+    r.close_channel("w2").unwrap();
+    r.take_actions();
+    assert_eq!(r.route_of("calc.add"), None);
+}
+
+#[test]
+fn a_forwarded_request_is_balanced_and_never_sent_back_to_its_sender() {
+    let mut r = pool_root(2);
+    // w1 calls the pool's own command: it goes to w2, never back to w1.
+    for _ in 0..3 {
+        r.handle_message("w1", exec_req("calc.add"), 0).unwrap();
+        let (to, m) = only_send(&r.take_actions());
+        assert_eq!(to, "w2");
+        let Message::ExecuteRequest { id, .. } = m else {
+            panic!("{m:?}")
+        };
+        answer(&mut r, "w2", &id);
+    }
+    // From outside, the members take turns.
+    let mut to = Vec::new();
+    for _ in 0..2 {
+        r.handle_message("other", exec_req("calc.add"), 0).unwrap();
+        let (t, m) = only_send(&r.take_actions());
+        let Message::ExecuteRequest { id, .. } = m else {
+            panic!("{m:?}")
+        };
+        answer(&mut r, &t, &id);
+        to.push(t);
+    }
+    to.sort();
+    assert_eq!(to, ["w1", "w2"]);
+}
+
+#[test]
+fn timeouts_and_cancels_free_a_member_for_the_balance() {
+    let mut r = pool_root(2);
+    let c1 = r.execute("calc.add", None, Some(SEC), 0);
+    r.take_actions();
+    let _c2 = r.execute("calc.add", None, Some(10 * SEC), 0);
+    r.take_actions();
+    r.tick(2 * SEC); // w1's call timed out
+    assert!(call_done(&r.take_actions(), c1).is_err());
+    assert_eq!(call_targets(&mut r, 1)[0].0, "w1");
+    let c4 = r.execute("calc.add", None, None, 0);
+    let (to, _) = only_send(&r.take_actions());
+    r.cancel_call(c4);
+    let loads: Vec<u64> = r
+        .stats()
+        .channels
+        .iter()
+        .map(|(_, s)| s.in_flight)
+        .collect();
+    assert_eq!(loads.iter().sum::<u64>(), 2, "{to}: {loads:?}");
+}
