@@ -34,6 +34,7 @@ PAGES = {
     "concepts.md": 2,
     "channels.md": 2,
     "workers.md": 3,
+    "pools.md": 1,
     "errors.md": 1,
     "schemas.md": 3,
     "performance.md": 1,

@@ -1,0 +1,47 @@
+"""The pool scaling row: a CPU-bound command served by a pool of 2 members vs 1.
+
+The handler (:func:`spin_worker`'s ``pool.spin``) does ``ms`` milliseconds of pure-Python
+work per call; the caller keeps ``2 * size`` calls in flight (``execute_many``) so every
+member always has work. The ratio of the two throughputs, measured in the same run, is the
+pool's scaling on this machine (ideal: the number of CPUs the members get).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from cmd_ipc.registry import CommandRegistry
+
+__all__ = ["measure_pool", "spin_worker"]
+
+
+def spin_worker(registry: CommandRegistry) -> None:
+    """Worker target: ``pool.spin(ms)``, busy for ``ms`` ms of Python bytecode."""
+
+    @registry.command("pool.spin", validate=False)
+    def spin(ms: float) -> int:
+        end = time.perf_counter() + ms / 1000
+        n = 0
+        while time.perf_counter() < end:
+            n += 1
+        return n
+
+
+def measure_pool(
+    registry: CommandRegistry, size: int, calls: int, ms: float = 1.0, pool_id: str | None = None
+) -> dict[str, Any]:
+    """Calls/s of ``calls`` calls of ``pool.spin(ms)`` over a pool of ``size`` members,
+    spawned (and stopped) here, from a blocking caller of ``registry``."""
+    pool = registry.spawn_pool_sync(
+        pool_id or f"bench-pool-{size}", "cmd_ipc.bench.pool:spin_worker", size=size
+    )
+    try:
+        request = {"ms": ms}
+        registry.execute_many_sync("pool.spin", [request] * (4 * size))  # warm-up
+        start = time.perf_counter()
+        registry.execute_many_sync("pool.spin", [request] * calls, window=2 * size)
+        elapsed = time.perf_counter() - start
+    finally:
+        registry.run_blocking(pool.stop)
+    return {"size": size, "calls": calls, "ms": ms, "calls_per_s": calls / elapsed}
