@@ -100,3 +100,28 @@ async def test_fast_path_outcomes_match_the_python_path(
     assert worker.unregister_command("t.none")
     with pytest.raises(NotFoundError):
         await root.execute_command("t.none")
+
+
+def test_needs_await_follows_inspect_isawaitable() -> None:
+    import inspect
+    import types
+
+    from cmd_ipc import _core
+
+    @types.coroutine
+    def legacy() -> Any:
+        yield
+
+    async def modern() -> None:
+        pass
+
+    def plain_generator() -> Any:
+        yield 1
+
+    coro = modern()
+    values: list[Any] = [legacy(), coro, plain_generator(), 1, "x", {}, [], None, object()]
+    try:
+        for v in values:
+            assert _core.needs_await(v) == inspect.isawaitable(v), v
+    finally:
+        coro.close()

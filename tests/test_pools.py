@@ -35,9 +35,7 @@ async def test_calls_spread_over_the_members(registries: Any, transport: Transpo
     assert isinstance(pool, Pool) and pool.size == 2
     assert [w.id for w in pool.workers] == ["p-1", "p-2"]
     assert root.pools == {"p": pool}
-    served = collections.Counter(
-        [await root.execute_command("pool.whoami") for _ in range(20)]
-    )
+    served = collections.Counter([await root.execute_command("pool.whoami") for _ in range(20)])
     assert served == {"p-1": 10, "p-2": 10}  # equal load: they take turns
     # Concurrent calls go to the member with the fewest in flight.
     results = await asyncio.gather(

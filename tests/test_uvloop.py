@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import uvloop
-from cmd_ipc import CommandRegistry, NotFoundError
+from cmd_ipc import CommandRegistry, InMemoryChannel, NotFoundError, _core
 from cmd_ipc.channels.native import Transport
 
 
@@ -32,10 +32,14 @@ class SpinRecorder:
     def __init__(self, node: Any) -> None:
         self._node = node
         self.spins: list[int] = []
+        #: (spin of the read, kinds of the actions it returned)
+        self.reads: list[tuple[int, list[int]]] = []
 
     def poll_native(self, channel_id: str, spin_us: int = 0) -> Any:
         self.spins.append(spin_us)
-        return self._node.poll_native(channel_id, spin_us)
+        out = self._node.poll_native(channel_id, spin_us)
+        self.reads.append((spin_us, [a[0] for a in out[0]]))
+        return out
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._node, name)
@@ -81,5 +85,33 @@ def test_native_reads_spin_under_uvloop() -> None:
                 assert await registry.execute_command("calc.add", {"a": i, "b": 0}) == i
             # Each awaited call reads its reply with a spin (the loop had nothing else to run).
             assert recorder.spins.count(50) >= 20, recorder.spins
+
+    run_uvloop(main)
+
+
+def test_no_spin_after_a_frame_for_a_python_channel() -> None:
+    """A worker's reply forwarded to a client on an in-memory channel is delivered by the
+    loop: the read that routed it must not spin on (it would delay that delivery)."""
+
+    async def main() -> None:
+        async with (
+            CommandRegistry("hub", spin_us=50) as hub,
+            CommandRegistry("client", router_channel="hub") as client,
+        ):
+            await hub.spawn_worker("worker-1", "worker_targets:calc")
+            to_client, to_hub = InMemoryChannel.pair("client", "hub")
+            await hub.register_channel(to_client)
+            await client.register_channel(to_hub)
+            recorder = SpinRecorder(hub._driver._node)
+            hub._driver._node = recorder  # type: ignore[assignment]
+            for i in range(10):
+                assert await client.execute_command("calc.add", {"a": i, "b": 0}) == i
+            after_send = [
+                recorder.reads[k + 1][0]
+                for k, (_, kinds) in enumerate(recorder.reads[:-1])
+                if _core.ACTION_SEND in kinds
+            ]
+            assert len(after_send) >= 10, recorder.reads
+            assert set(after_send) == {0}, recorder.reads
 
     run_uvloop(main)

@@ -32,6 +32,20 @@ Outcome = Callable[[Any, BaseException | None], None]
 #: Carries out one action (the tuple as Rust built it, kind first).
 ActionHandler = Callable[[tuple[Any, ...]], None]
 
+#: Actions after which a native read may spin on for the next frame: nothing they do makes
+#: other work runnable on the loop (a handler run inline that starts a task says so through
+#: `spawn`). Every other action (a frame for a Python channel, a result for a waiting
+#: caller, an event, a listed channel) usually schedules loop work that a spin would delay.
+_QUIET = frozenset(
+    {
+        _core.ACTION_RUN,
+        _core.ACTION_FAST_FAILED,
+        _core.ACTION_FAST_UNENCODABLE,
+        _core.ACTION_WANT_WRITE,
+        _core.ACTION_DROPPED,
+    }
+)
+
 #: Seconds the loop waits before watching again a native channel a blocking caller reads.
 _RESUME_AFTER = 0.001
 
@@ -310,7 +324,8 @@ class Driver:
     def _on_native(self, channel_id: str) -> None:
         """The channel's socket is readable: read and route in Rust, then carry out what
         Python must. The read spins briefly for the next frame until an action makes other
-        work runnable on the loop (a resumed caller, a task): a spin then would only delay
+        work runnable on the loop (a resumed caller, a task, a frame for a Python channel,
+        an event: anything but the actions of ``_QUIET``): a spin then would only delay
         it. (Decided from what this driver did, not from the loop's private queue, so it
         works the same under any event loop.)"""
         spin = self.spin_us
@@ -328,7 +343,7 @@ class Driver:
             if actions:
                 self._woke_loop = False
                 self.apply(actions)
-                if self._woke_loop:
+                if self._woke_loop or not all(a[0] in _QUIET for a in actions):
                     spin = 0
             if want_write:
                 self._watch_writable(channel_id)

@@ -5,12 +5,14 @@ facade over collaborators that each get what they need injected and never see th
 
 * :mod:`cmd_ipc._driver` -- the event loop side: actions, timers, native reads, waiting calls;
 * :mod:`cmd_ipc._dispatch` -- the handler table and the runs of handlers (jobs);
+* :mod:`cmd_ipc._registration` -- registrations with the tree (deferred, acknowledged);
+* :mod:`cmd_ipc._channels` -- the attached channels: attach, frames in, closes, reconnects;
 * :mod:`cmd_ipc._events` -- the listener table and event delivery;
 * :mod:`cmd_ipc._sync` -- the background loop and the blocking (native) calls;
 * :mod:`cmd_ipc._payload` -- encoding of application values;
 * :mod:`cmd_ipc.workers` -- the worker table (spawn, connect, stop, restart).
 
-What stays here is the public API, registration, calls, and the channels' lifecycle.
+What stays here is the public API (with its documentation) and the calls.
 """
 
 from __future__ import annotations
@@ -126,10 +128,10 @@ class CommandRegistry:
             spin_us=spin_us,
         )
         self._node.set_fast_codec(unpack, encode)
-        self.id = id
-        self.router_channel = router_channel
-        self.request_ttl = request_ttl
-        self.spin_us = spin_us
+        self._id = id
+        self._router_channel = router_channel
+        self._request_ttl = request_ttl
+        self._spin_us = spin_us
         driver = self._driver = Driver(self._node, id, spin_us)
         self._dispatch = Dispatcher(self._node, id, complete=driver.complete, spawn=driver.spawn)
         self._listeners = Listeners(driver.spawn)
@@ -173,6 +175,26 @@ class CommandRegistry:
         ):
             driver.on(kind, fast)
         driver.on(_core.ACTION_DROPPED, self._log_dropped)
+
+    @property
+    def id(self) -> str:
+        """This registry's id."""
+        return self._id
+
+    @property
+    def router_channel(self) -> str | None:
+        """The id of the channel to the parent registry (``None`` for a root)."""
+        return self._router_channel
+
+    @property
+    def request_ttl(self) -> float:
+        """Seconds a call waits for its response unless it says otherwise."""
+        return self._request_ttl
+
+    @property
+    def spin_us(self) -> int:
+        """Microseconds a native read spins for the next frame before parking."""
+        return self._spin_us
 
     def __repr__(self) -> str:
         return f"<CommandRegistry id={self.id!r} channels={sorted(self._channels.by_id)}>"
@@ -249,6 +271,8 @@ class CommandRegistry:
 
         def decorator(fn: F) -> F:
             self._driver.check_process()
+            if self._closed:
+                raise RuntimeError(f"registry {self.id!r} is closed")
             if self._driver.off_loop_thread():
                 # Registration touches the loop's state: do it on the loop's thread.
                 return cast(F, self._driver.call_on_loop(lambda: decorator(fn)))
@@ -949,10 +973,10 @@ class CommandRegistry:
             "in_flight": n}}, "forwarded": n, "pending": n, "pending_forwards": n,
             "dropped": n, "dedup_entries": n, "jobs": n}``: per channel, ``requests``
             counts the execute requests sent on it (for a pool member: the calls it was
-            given) and ``in_flight`` those unanswered; ``forwarded`` counts requests this registry forwarded for others, ``pending``
-            calls of this registry waiting for a result, ``dropped`` messages dropped as
-            invalid, spoofed, duplicate or undeliverable, ``jobs`` handler runs in
-            progress.
+            given) and ``in_flight`` those unanswered; ``forwarded`` counts requests this
+            registry forwarded for others, ``pending`` calls of this registry waiting for a
+            result, ``dropped`` messages dropped as invalid, spoofed, duplicate or
+            undeliverable, ``jobs`` handler runs in progress.
         """
         return self._node.stats()
 

@@ -11,9 +11,10 @@ calls from a client to a server, never registrations or events.
   makes them callable (optionally under a ``command_prefix``), then POSTs every call.
 * The server (``create_app`` / ``add_routes`` / ``serve``) lives in :mod:`cmd_ipc.server.http`.
 
-Each message is decoded once on its way through this module: a frame the registry encoded is
-not parsed again (only its head, ``{"id":…,"type":…,"thid"|"commandId":…``, is read), and an
-answer from the network is validated once before the registry reads it.
+A frame the registry encoded is not parsed here: the registry gives its type, id and
+reference with it (:meth:`Channel.send_with_head`); with a ``command_prefix``, an execute
+request is decoded and encoded once more to take the prefix off its command id. An answer
+from the network is validated once here, then read by the registry.
 
 Example::
 
@@ -90,6 +91,8 @@ def _head(frame: bytes) -> tuple[str, str, str | None]:
         ProtocolError: Never for the registry's own frames.
     """
     msg = json.loads(frame)
+    if not isinstance(msg, dict):
+        raise ValueError("a message must be a JSON object")
     kind = str(msg.get("type"))
     ref = msg.get(
         "thid" if kind in _RESPONSES else "commandId" if kind == _EXECUTE_REQUEST else "eventId"

@@ -14,7 +14,7 @@ use cmd_ipc_core::message::{self, ErrorCode};
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ActionKind {
-    /// `(ACTION_SEND, channel_id, frame)`
+    /// `(ACTION_SEND, channel_id, frame, type, id, reference)`
     Send = 0,
     /// `(ACTION_RUN, job, handler_id, command_id, request, encoding)`
     Run = 1,
@@ -120,11 +120,25 @@ pub fn awaitable(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
         || obj.is_instance_of::<PyList>()
         || obj.is_instance_of::<PyBytes>()
         || obj.is_instance_of::<PyTuple>();
-    Ok(!plain && obj.hasattr("__await__")?)
+    if plain {
+        return Ok(false);
+    }
+    if obj.hasattr("__await__")? {
+        return Ok(true);
+    }
+    // A generator-based coroutine (`@types.coroutine`) is awaitable without `__await__`, as
+    // `inspect.isawaitable` says: its code has CO_ITERABLE_COROUTINE.
+    const CO_ITERABLE_COROUTINE: i64 = 0x100;
+    if obj.get_type().name()?.to_str()? == "generator" {
+        let flags: i64 = obj.getattr("gi_code")?.getattr("co_flags")?.extract()?;
+        return Ok(flags & CO_ITERABLE_COROUTINE != 0);
+    }
+    Ok(false)
 }
 
 /// Whether a handler's result must be awaited (the test the fast path applies itself): not a
-/// plain value and has `__await__`.
+/// plain value, and awaitable as `inspect.isawaitable` says (`__await__`, or a
+/// generator-based coroutine).
 #[pyfunction]
 fn needs_await(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
     awaitable(obj)
