@@ -321,14 +321,17 @@ class Driver:
         """Reads a native channel (frames may be waiting since before it was watched)."""
         self._on_native(channel_id)
 
-    def _on_native(self, channel_id: str) -> None:
+    def _on_native(self, channel_id: str, expecting: bool = False) -> None:
         """The channel's socket is readable: read and route in Rust, then carry out what
-        Python must. The read spins briefly for the next frame until an action makes other
+        Python must. A read spins briefly for the next frame only when one is expected: a
+        reply to a call just sent (``expecting``, from :meth:`read_soon`), or the next
+        request after one this read served. It stops spinning once an action makes other
         work runnable on the loop (a resumed caller, a task, a frame for a Python channel,
         an event: anything but the actions of ``_QUIET``): a spin then would only delay
-        it. (Decided from what this driver did, not from the loop's private queue, so it
-        works the same under any event loop.)"""
-        spin = self.spin_us
+        it. A doorbell with nothing behind it is not spun on. (Decided from what this
+        driver did, not from the loop's private queue, so it works under any event
+        loop.)"""
+        spin = self.spin_us if expecting else 0
         while channel_id in self._native:
             actions, again, want_write, busy = self._node.poll_native(channel_id, spin)
             if busy:
@@ -343,8 +346,10 @@ class Driver:
             if actions:
                 self._woke_loop = False
                 self.apply(actions)
-                if self._woke_loop or not all(a[0] in _QUIET for a in actions):
-                    spin = 0
+                quiet = not self._woke_loop and all(a[0] in _QUIET for a in actions)
+                spin = self.spin_us if quiet else 0
+            elif again:
+                spin = self.spin_us  # this read served what came: the next may follow
             if want_write:
                 self._watch_writable(channel_id)
             if not again:
@@ -353,7 +358,7 @@ class Driver:
     def _spin_native(self, channel_id: str) -> None:
         self._spin_scheduled = False
         if channel_id in self._native:
-            self._on_native(channel_id)
+            self._on_native(channel_id, expecting=True)
 
     def _on_want_write(self, act: tuple[Any, ...]) -> None:
         self._watch_writable(act[1])
