@@ -27,6 +27,7 @@ MODULES = (
     "test_bench_inprocess",
     "test_bench_processes",
     "test_bench_remote",
+    "test_bench_mesh",
     "test_bench_validation",
 )
 

@@ -16,8 +16,10 @@ from cmd_ipc.bench import (
     LATENCY_ROWS,
     WS_CHANNEL,
 )
+from cmd_ipc.bench.results import BASE_NATS, NATS_CHANNEL
 
-REMOTE_ROWS = (HTTP_CHANNEL, WS_CHANNEL, BASE_AIOHTTP)
+#: Rows timed with --remote-calls calls (the NATS rows too).
+REMOTE_ROWS = (HTTP_CHANNEL, WS_CHANNEL, BASE_AIOHTTP, NATS_CHANNEL, BASE_NATS)
 
 CALLS = 300
 PIPELINED = 2000
@@ -74,5 +76,11 @@ def test_bench_quick_writes_every_row(tmp_path: Path) -> None:
         assert LABELS[key] in proc.stdout, key
     assert "p50 µs" in proc.stdout
     assert "targets" in proc.stdout
-    # The progress bar went to stderr.
-    assert "%" in proc.stderr
+    # Output for users: no internal references, one status per target cell, and a quick
+    # unpinned run says that it does not judge the targets.
+    assert "issue" not in proc.stdout
+    assert "met / " not in proc.stdout
+    assert proc.stdout.startswith("note: this run (not pinned, --quick) does not judge")
+    assert data["judged"] is False
+    # stderr is not a terminal here: no progress bar lines (nor anything else).
+    assert "%" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from cmd_ipc import CommandRegistry, HTTPChannel, WebSocketChannel
-from cmd_ipc.cli import EXIT_CODES, main
+from cmd_ipc.cli import EXIT_CODES, EXIT_UNAUTHORIZED, main
 
 TESTS = Path(__file__).resolve().parent
 SETUP = "stub_targets:setup"
@@ -229,7 +229,7 @@ def test_serve_then_list_call_and_stubs_remotely(
     code, _, err = run_cli(capsys, "call", url, "_hidden.secret", "--token", "s3cret")
     assert code == EXIT_CODES["not_found"], err
     code, _, err = run_cli(capsys, "call", url, "math.add", '{"a": 1, "b": 1}', "--token", "bad")
-    assert code == EXIT_CODES["channel_disconnected"] and "channel_disconnected" in err
+    assert code == EXIT_UNAUTHORIZED and "refused the token" in err, err
     code, _, _ = run_cli(capsys, "stubs", url, "--token", "s3cret", "-o", str(tmp_path / "c.py"))
     assert code == 0
     source = (tmp_path / "c.py").read_text()

@@ -35,6 +35,7 @@ PAGES = {
     "channels.md": 2,
     "workers.md": 3,
     "pools.md": 1,
+    "mesh.md": 3,
     "errors.md": 1,
     "schemas.md": 3,
     "performance.md": 1,

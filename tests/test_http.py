@@ -352,20 +352,35 @@ async def test_token_checked_before_the_body_is_read(registries: Make, servers: 
     assert runs == {"calc.add": 0, "typed.add": 0, "_secret": 0, "stuck": 0}
 
 
-async def test_schema_document_auth_is_optional(
+async def test_schema_document_needs_the_token_unless_opted_out(
     registries: Make, servers: Serve, session: aiohttp.ClientSession
 ) -> None:
     api, _ = await api_with_commands(registries)
-    open_server = await servers(api, token="t0ken")
-    async with session.get(open_server.url + "/cmds.json") as r:
-        assert r.status == 200
-    closed_server = await servers(api, token="t0ken", schema_auth=True)
+    # With a token, the command list is protected like the commands themselves...
+    closed_server = await servers(api, token="t0ken")
     async with session.get(closed_server.url + "/cmds.json") as r:
+        assert r.status == 401
+    async with session.get(
+        closed_server.url + "/cmds.json", headers={"Authorization": "Bearer wrong"}
+    ) as r:
         assert r.status == 401
     async with session.get(
         closed_server.url + "/cmds.json", headers={"Authorization": "Bearer t0ken"}
     ) as r:
         assert r.status == 200
+    # ...unless the server says explicitly that it is public; the calls stay protected.
+    open_server = await servers(api, token="t0ken", schema_auth=False)
+    async with session.get(open_server.url + "/cmds.json") as r:
+        assert r.status == 200
+    async with session.post(
+        open_server.url + "/cmd", json=execute("calc.add"), headers=JSON_HEADERS
+    ) as r:
+        assert r.status == 401
+    # Without a token there is nothing to require.
+    async with session.get((await servers(api)).url + "/cmds.json") as r:
+        assert r.status == 200
+    with pytest.raises(ValueError, match="needs a token"):
+        create_app(api, schema_auth=True)
 
 
 # ------------------------------------------------------------------------------ what may cross
@@ -901,7 +916,7 @@ async def test_cmds_json(registries: Make, servers: Serve, session: aiohttp.Clie
     await link(api, child)
     await child.register_command("child.echo", lambda text: text)
     server = await servers(api, token="tok")
-    async with session.get(server.url + "/cmds.json") as r:
+    async with session.get(server.url + "/cmds.json", headers={"Authorization": "Bearer tok"}) as r:
         assert r.status == 200
         doc = await r.json()
     assert doc["cmdschema"] == "1.0.0"
@@ -1115,3 +1130,125 @@ async def test_each_message_is_decoded_once_by_the_http_layer(
     assert runs["calc.add"] == 1
     kinds = [json.loads(data)["type"] for data in inspected]
     assert kinds == ["execute.command.request", "execute.command.response"]
+
+
+# ------------------------------------------------------------------------------ exposure
+
+
+async def _post(
+    session: aiohttp.ClientSession, url: str, message: dict[str, Any], token: str = "tok"
+) -> dict[str, Any]:
+    headers = {**JSON_HEADERS, "Authorization": f"Bearer {token}"}
+    async with session.post(url + "/cmd", json=message, headers=headers) as r:
+        assert r.status == 200, await r.text()
+        (answer,) = ndjson_lines(await r.read())
+        return answer
+
+
+async def test_expose_limits_listing_and_calling_alike(
+    registries: Make, servers: Serve, session: aiohttp.ClientSession
+) -> None:
+    api, runs = await api_with_commands(registries)
+    # A worker below the served registry, with an internal command.
+    worker = registries("worker", router_channel="api")
+    await link(api, worker)
+    resets: list[int] = []
+    await worker.register_command("worker.reset", lambda: resets.append(1))
+    await worker.register_command("calc.mul", lambda a, b: a * b)
+    server = await servers(api, token="tok", expose=["calc.*", "typed.add"])
+
+    # Listed: only what is exposed, by GET /cmds.json and by a list request alike.
+    auth = {"Authorization": "Bearer tok"}
+    async with session.get(server.url + "/cmds.json", headers=auth) as r:
+        listed = sorted(c["id"] for c in (await r.json())["commands"])
+    assert listed == ["calc.add", "calc.mul", "typed.add"]
+    answer = await _post(session, server.url, {"id": new_id(), "type": "list.commands.request"})
+    assert sorted(c["id"] for c in answer["commands"]) == listed
+    spec_support.validator("list.commands.response.json").validate(answer)
+
+    # A hidden command is not_found, exactly like a missing one, and never runs.
+    for command_id in ("worker.reset", "stuck", "_secret", "no.such"):
+        message = execute(command_id)
+        answer = await _post(session, server.url, message)
+        assert answer["thid"] == message["id"]
+        spec_support.validator("execute.command.response.json").validate(answer)
+        error = answer["response"]["error"]
+        assert error == {
+            "code": "not_found",
+            "message": f"command '{command_id}' is not registered anywhere registry 'api' can "
+            "reach",
+        }, command_id
+    assert resets == [] and runs["stuck"] == runs["_secret"] == 0
+    # An exposed id that does not exist gets no "did you mean" (it could name a hidden one).
+    answer = await _post(session, server.url, execute("calc.ad", {"a": 1, "b": 2}))
+    assert answer["response"]["error"]["code"] == "not_found"
+    assert "did you mean" not in answer["response"]["error"]["message"]
+    answer = await _post(session, server.url, execute("calc.mul", {"a": 6, "b": 7}))
+    assert answer["response"] == {"ok": True, "result": 42}
+
+    # Through an HTTPChannel: the same set, and the same answers.
+    client = registries("client")
+    await client.register_channel(HTTPChannel("api", server.url, token="tok"))
+    assert sorted(c["id"] for c in client.list_commands()) == listed
+    assert await client.execute_command("calc.add", {"a": 1, "b": 2}) == 3
+    with pytest.raises(NotFoundError):
+        await client.execute_command("worker.reset")
+    assert resets == []
+
+
+async def test_expose_takes_a_predicate_or_a_pattern(
+    registries: Make, servers: Serve, session: aiohttp.ClientSession
+) -> None:
+    api, _ = await api_with_commands(registries)
+    by_predicate = await servers(api, expose=lambda command_id: command_id.startswith("typed."))
+    everything = await servers(api, expose="*")  # still never a private command
+    for server, want in (
+        (by_predicate, ["typed.add"]),
+        (everything, ["calc.add", "stuck", "typed.add"]),
+    ):
+        async with session.get(server.url + "/cmds.json") as r:
+            assert sorted(c["id"] for c in (await r.json())["commands"]) == want
+    answer = await _post(session, by_predicate.url, execute("calc.add", {"a": 1, "b": 2}))
+    assert answer["response"]["error"]["code"] == "not_found"
+    answer = await _post(session, everything.url, execute("_secret"))
+    assert answer["response"]["error"]["code"] == "not_found"
+    with pytest.raises(TypeError, match="expose"):
+        create_app(api, expose=3)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ events
+
+
+async def test_events_do_not_cross_http_and_the_registry_says_so_once(
+    registries: Make, servers: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    api, _ = await api_with_commands(registries)
+    server = await servers(api)
+
+    def told() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "carries no events" in r.getMessage()]
+
+    caplog.set_level(logging.INFO, logger="cmd_ipc")
+    # Attached to a registry that listens to events: told at once, and only once.
+    listening = registries("listening")
+    listening.add_event_listener("job.done", lambda payload: None)
+    await listening.register_channel(HTTPChannel("api", server.url))
+    assert told() == [
+        "HTTPChannel 'api' of registry 'listening' carries no events: events emitted on "
+        "either side do not cross it (HTTP only carries calls to its server); a "
+        "WebSocketChannel carries them"
+    ]
+    listening.emit_event("job.done", {"id": 1})
+    assert len(told()) == 1
+    [record] = [r for r in caplog.records if "carries no events" in r.getMessage()]
+    assert record.levelno == logging.INFO
+    # Attached to a registry without listeners: told at its first emit (not a private one).
+    caplog.clear()
+    emitter = registries("emitter")
+    await emitter.register_channel(HTTPChannel("api", server.url))
+    assert told() == []
+    emitter.emit_event("_local.only")
+    assert told() == []
+    emitter.emit_event("job.done", {"id": 2})
+    emitter.emit_event("job.done", {"id": 3})
+    assert len(told()) == 1 and "registry 'emitter'" in told()[0]

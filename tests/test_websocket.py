@@ -639,3 +639,46 @@ def execute_msg(call_id: str, command_id: str, request: Any) -> dict[str, Any]:
         "commandId": command_id,
         "request": request,
     }
+
+
+# --------------------------------------------------------------------------- exposure
+
+
+async def test_expose_limits_what_clients_list_and_call(registries: Make, start: Start) -> None:
+    hub, below, server = await hub_tree(registries, start, expose=["hub.*"])
+    runs: list[int] = []
+    await below.register_command("below.reset", lambda: runs.append(1))
+    edge, _ = await join(registries, server.url)
+    # The client's view: only the exposed commands (its own are its own).
+    await edge.register_command("edge.read", lambda: "edge")
+    assert sorted(ids(edge)) == ["edge.read", "hub.add"]
+    assert await edge.execute_command("hub.add", {"a": 1, "b": 2}) == 3
+    # A hidden command is not_found, as a missing one: answered by the server, never run.
+    for command_id in ("below.mul", "below.reset", "no.such"):
+        with pytest.raises(NotFoundError) as e:
+            await edge.execute_command(command_id, {"a": 2, "b": 3})
+        assert e.value.message == (
+            f"command '{command_id}' is not registered anywhere registry 'hub' can reach"
+        )
+    # An exposed id that does not exist gets no "did you mean" (it could name a hidden one).
+    with pytest.raises(NotFoundError) as e:
+        await edge.execute_command("hub.ad", {"a": 1, "b": 2})
+    assert "did you mean" not in e.value.message
+    assert runs == []
+    # The tree behind the server is not limited: the hub and its members call the client.
+    assert await hub.execute_command("edge.read") == "edge"
+    assert await below.execute_command("edge.read") == "edge"
+    assert await below.execute_command("below.mul", {"a": 2, "b": 3}) == 6
+
+
+async def test_expose_by_predicate_and_handler(registries: Make, start: Start) -> None:
+    hub, _, server = await hub_tree(
+        registries, start, expose=lambda command_id: command_id == "below.mul"
+    )
+    edge, _ = await join(registries, server.url)
+    assert ids(edge) == ["below.mul"]
+    assert await edge.execute_command("below.mul", {"a": 2, "b": 3}) == 6
+    with pytest.raises(NotFoundError):
+        await edge.execute_command("hub.add", {"a": 1, "b": 2})
+    with pytest.raises(TypeError, match="expose"):
+        WebSocketHandler(hub, expose=3)  # type: ignore[arg-type]

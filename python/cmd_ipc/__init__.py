@@ -42,13 +42,15 @@ from cmd_ipc.workers import Pool, RestartPolicy, Worker
 
 if TYPE_CHECKING:
     from cmd_ipc.channels.http import HTTPChannel
+    from cmd_ipc.channels.nats import NatsChannel
     from cmd_ipc.channels.stdio import StdioChannel
     from cmd_ipc.channels.websocket import WebSocketChannel
 
-#: Names imported on first use: their optional dependencies (aiohttp, websockets) load only
-#: when a program uses them.
+#: Names imported on first use: their optional dependencies (aiohttp, websockets, nats-py)
+#: load only when a program uses them.
 _LAZY = {
     "HTTPChannel": "cmd_ipc.channels.http",
+    "NatsChannel": "cmd_ipc.channels.nats",
     "WebSocketChannel": "cmd_ipc.channels.websocket",
     "StdioChannel": "cmd_ipc.channels.stdio",
 }
@@ -78,6 +80,7 @@ __all__ = [
     "InternalError",
     "InvalidRequestError",
     "NativeChannel",
+    "NatsChannel",
     "NotFoundError",
     "Pool",
     "ProtocolError",

@@ -204,6 +204,10 @@ class ChannelTable:
         if channel_id in self.by_id:
             self._expected[channel_id] = reason
 
+    def unexpect_close(self, channel_id: str) -> None:
+        """Withdraws :meth:`expect_close` for ``channel_id``."""
+        self._expected.pop(channel_id, None)
+
     def _notify_closed(self, channel_id: str, reason: str) -> None:
         waiter = self._listed_waiters.pop(channel_id, None)
         if waiter is not None:

@@ -13,12 +13,14 @@ import inspect
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import traceback
 from typing import Any
 
 from cmd_ipc.channels.native import NativeChannel
+from cmd_ipc.errors import WorkerError
 from cmd_ipc.registry import CommandRegistry
 from cmd_ipc.workers import BOOT_ENV, _load_target, _recv_control, _send_control
 
@@ -96,26 +98,62 @@ async def serve(boot: dict[str, Any]) -> int:
         with contextlib.suppress(OSError):
             _send_control(ctl, answer)
 
+    # A worker runs in a process group of its own, so a terminal's Ctrl-C reaches its
+    # parent only, which stops it. A SIGINT or SIGTERM sent to the worker itself stops it
+    # the same way: quietly (its parent reports the unasked exit).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def start() -> None:
+        await registry.register_channel(NativeChannel.from_description(boot["channel"]))
+        fn = _load_target(boot["target"])
+        result = fn(registry)
+        if inspect.isawaitable(result):
+            await result
+        await registry.ready()
+
     async with registry:
-        try:
-            await registry.register_channel(NativeChannel.from_description(boot["channel"]))
-            fn = _load_target(boot["target"])
-            result = fn(registry)
-            if inspect.isawaitable(result):
-                await result
-            await registry.ready()
-        except Exception as e:
-            logger.error("worker %r failed to start:\n%s", boot["id"], traceback.format_exc())
-            with contextlib.suppress(OSError):
-                _send_control(ctl, {"op": "failed", "error": f"{type(e).__name__}: {e}"})
-            return 1
+        # Control messages are read from the start: a parent that closes while this worker
+        # starts says "stop" (and this worker then ends its start quietly).
         loop.add_reader(ctl.fileno(), on_control)
+        starting = loop.create_task(start())
+        stopping = loop.create_task(stop.wait())
+        try:
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if stop.is_set():
+            # The parent went away or said stop (or a signal came) while this started.
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
+            return 0
+        error = _start_error(boot["id"], starting)
+        if error is not None:
+            with contextlib.suppress(OSError):
+                _send_control(ctl, {"op": "failed", "error": error})
+            return 1
         _send_control(ctl, {"op": "ready"})
         await stop.wait()
         with contextlib.suppress(Exception):
             loop.remove_reader(ctl.fileno())
     ctl.close()
     return 0
+
+
+def _start_error(worker_id: str, starting: asyncio.Task[None]) -> str | None:
+    """What to tell the parent about a start that failed (logged here), or None."""
+    e = starting.exception()
+    if e is None:
+        return None
+    if isinstance(e, WorkerError):
+        # It says what failed and what to do (a sub-worker that failed, a target that cannot
+        # be imported): no type name, and no traceback of cmd-ipc's own frames.
+        logger.error("worker %r failed to start: %s", worker_id, e)
+        return str(e)
+    trace = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    logger.error("worker %r failed to start:\n%s", worker_id, trace)
+    return f"{type(e).__name__}: {e}"
 
 
 def main() -> None:
@@ -126,7 +164,10 @@ def main() -> None:
     logging.basicConfig(
         level=logging.WARNING, format="[worker %(process)d] %(levelname)s %(name)s: %(message)s"
     )
-    sys.exit(asyncio.run(serve(json.loads(raw))))
+    try:
+        sys.exit(asyncio.run(serve(json.loads(raw))))
+    except KeyboardInterrupt:  # a SIGINT before the loop's handler was installed
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ commands on a registry, run in this process.
 
 Human output is a table (with colour when stdout is a terminal); ``--json`` prints JSON for
 scripts. ``call`` exits with 0 on success and, on failure, prints the error code and message
-and exits with a code per error (see :data:`EXIT_CODES`).
+and exits with a code per error (see :data:`EXIT_CODES`). Every failure is one line on
+stderr saying what to do, never a traceback: a usage error exits with 2, a target that
+cannot be reached with 7, a missing or refused token with :data:`EXIT_UNAUTHORIZED`, a
+missing optional dependency with 1 (naming the extra to install), Ctrl-C with 130.
 """
 
 from __future__ import annotations
@@ -16,18 +19,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import importlib
 import inspect
 import json
+import math
 import os
+import re
 import signal
+import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from cmd_ipc import __version__
-from cmd_ipc.errors import CommandError
+from cmd_ipc._expose import Exposure
+from cmd_ipc._optional import MissingDependency
+from cmd_ipc.errors import ChannelDisconnectedError, CommandError, CommandTimeoutError
 
 #: Exit code of ``cmd-ipc call`` per error code (2 is a usage error, 1 anything else).
 EXIT_CODES = {
@@ -39,11 +50,32 @@ EXIT_CODES = {
     "duplicate_command": 8,
 }
 
+#: Exit code when the target asks for a bearer token that was not given, or refuses it.
+EXIT_UNAUTHORIZED = 9
+#: Exit code when the target cannot be reached (the code of ``channel_disconnected``).
+EXIT_UNREACHABLE = EXIT_CODES["channel_disconnected"]
+#: Exit code of a usage error.
+EXIT_USAGE = 2
+#: Exit code after Ctrl-C (128 + SIGINT), ``serve`` included.
+EXIT_INTERRUPTED = 130
+
 _TOKEN_ENV = "CMD_IPC_TOKEN"
 
 
 class UsageError(Exception):
     """A bad argument: printed without a traceback, exit code 2."""
+
+
+class Failure(Exception):
+    """A failure the command line explains in one line (no traceback), with its exit code.
+
+    Attributes:
+        exit_code: The process's exit status.
+    """
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # --------------------------------------------------------------------------- targets
@@ -83,6 +115,84 @@ async def run_setup(registry: Any, spec: str) -> None:
     await registry.ready()
 
 
+#: ``HOST:PORT`` (a name, an IPv4 address or a bracketed IPv6 one): a URL without a scheme.
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[\w.-]+):\d{1,5}")
+
+
+def http_base(url: str) -> str:
+    """The base URL of an HTTP target: ``http://h:p/cmd`` (the endpoint itself, as a user
+    may paste it) is ``http://h:p``, so that the endpoint's path is not doubled."""
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    if path.endswith("/cmd"):
+        path = path[: -len("/cmd")]
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, parts.fragment))
+
+
+def _chain(e: BaseException | None) -> list[BaseException]:
+    """``e`` and its causes, outermost first."""
+    out: list[BaseException] = []
+    while e is not None and e not in out:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _http_status(e: BaseException) -> int | None:
+    """The HTTP status of a refused request or handshake in the cause chain of ``e``."""
+    status = getattr(e, "status", None)  # aiohttp.ClientResponseError
+    if isinstance(status, int):
+        return status
+    response = getattr(e, "response", None)  # websockets InvalidStatus
+    code = getattr(response, "status_code", None)
+    return code if isinstance(code, int) else None
+
+
+def connect_failure(
+    url: str, error: BaseException, *, token: str | None, timeout: float
+) -> Failure:
+    """Explains why connecting to ``url`` failed, in one line, with the exit code.
+
+    Args:
+        url: What was connected to (the HTTP endpoint, or the WebSocket URL).
+        error: The error of ``register_channel`` (its causes are looked at).
+        token: The token that was sent, if any.
+        timeout: The ``--timeout`` in seconds.
+    """
+    chain = _chain(error)
+    for e in chain:
+        status = _http_status(e)
+        if status in (401, 403):
+            if token is None:
+                return Failure(
+                    f"{url} needs a bearer token (HTTP {status}): pass --token TOKEN or set "
+                    f"${_TOKEN_ENV}",
+                    EXIT_UNAUTHORIZED,
+                )
+            return Failure(
+                f"{url} refused the token (HTTP {status}): check --token or ${_TOKEN_ENV}",
+                EXIT_UNAUTHORIZED,
+            )
+    why: str | None = None
+    for e in chain:
+        if isinstance(e, ConnectionRefusedError) or getattr(e, "errno", None) == errno.ECONNREFUSED:
+            why = "connection refused"
+        elif isinstance(e, socket.gaierror):
+            why = f"host not found: {e.strerror or e}"
+        elif isinstance(e, (TimeoutError, asyncio.TimeoutError)):
+            why = f"no answer within {timeout:g} s"
+        if why is not None:
+            break
+    if why is None:
+        status = next((s for s in map(_http_status, chain) if s is not None), None)
+        if status is not None:
+            why = f"HTTP {status}"
+        else:
+            inner = chain[-1]
+            why = str(inner) or type(inner).__name__
+    return Failure(f"cannot connect to {url} ({why})", EXIT_UNREACHABLE)
+
+
 @contextlib.asynccontextmanager
 async def open_target(
     target: str, *, token: str | None = None, timeout: float = 30.0
@@ -90,36 +200,53 @@ async def open_target(
     """A registry from which the commands of ``target`` are callable.
 
     Args:
-        target: ``http(s)://...``, ``ws(s)://...`` or ``package.module:setup``.
+        target: ``http(s)://...`` (the base URL or the ``/cmd`` endpoint), ``ws(s)://...``
+            or ``package.module:setup``.
         token: Bearer token for a remote target.
         timeout: Seconds a call (and connecting) may take.
 
     Yields:
         A :class:`~cmd_ipc.CommandRegistry`; closed on exit.
+
+    Raises:
+        UsageError: ``target`` is none of these (``HOST:PORT`` gets a suggestion).
+        Failure: The target cannot be reached, or refuses the token.
+        MissingDependency: The extra a remote target needs is not installed.
     """
     from cmd_ipc.registry import CommandRegistry
 
+    if target.startswith(("http://", "https://")):
+        from cmd_ipc.channels.http import HTTPChannel
+
+        channel: Any = HTTPChannel("remote", http_base(target), token=token, timeout=timeout)
+        url = channel.url
+    elif target.startswith(("ws://", "wss://")):
+        from cmd_ipc.channels.websocket import WebSocketChannel
+
+        channel = WebSocketChannel(
+            "remote", target, token=token, reconnect=False, open_timeout=timeout
+        )
+        url = target
+    elif _HOST_PORT.fullmatch(target):
+        raise UsageError(
+            f"target {target!r} has no scheme: did you mean http://{target} (or ws://{target})?"
+        )
+    elif ":" in target and "/" not in target:
+        channel = url = None
+    else:
+        raise UsageError(
+            f"unknown target {target!r}: expected http(s)://HOST:PORT, ws(s)://HOST:PORT or "
+            "package.module:setup"
+        )
     registry = CommandRegistry("cmd-ipc-cli", request_ttl=timeout)
     try:
-        if target.startswith(("http://", "https://")):
-            from cmd_ipc.channels.http import HTTPChannel
-
-            await registry.register_channel(
-                HTTPChannel("remote", target, token=token, timeout=timeout)
-            )
-        elif target.startswith(("ws://", "wss://")):
-            from cmd_ipc.channels.websocket import WebSocketChannel
-
-            await registry.register_channel(
-                WebSocketChannel("remote", target, token=token, reconnect=False)
-            )
-        elif ":" in target and "/" not in target:
+        if channel is None:
             await run_setup(registry, target)
         else:
-            raise UsageError(
-                f"unknown target {target!r}: expected http(s)://..., ws(s)://... or "
-                "package.module:setup"
-            )
+            try:
+                await registry.register_channel(channel)
+            except ChannelDisconnectedError as e:
+                raise connect_failure(url, e, token=token, timeout=timeout) from None
         yield registry
     finally:
         await registry.close()
@@ -205,14 +332,24 @@ async def _call(args: argparse.Namespace) -> int:
     if request is not None and not isinstance(request, dict):
         raise UsageError("REQUEST must be a JSON object")
     async with open_target(args.target, token=args.token, timeout=args.timeout) as registry:
+        started = time.monotonic()
         try:
             result = await registry.execute_command(args.command_id, request)
         except CommandError as e:
+            message = e.message
+            if isinstance(e, CommandTimeoutError) and (
+                time.monotonic() - started >= 0.95 * args.timeout
+            ):
+                # This side gave up (not the target's own timeout): say after how long.
+                message = (
+                    f"{args.command_id} did not answer within {args.timeout:g} s "
+                    "(--timeout SECONDS waits longer)"
+                )
             if args.json:
-                out = {"ok": False, "error": {"code": e.code, "message": e.message}}
+                out = {"ok": False, "error": {"code": e.code, "message": message}}
                 print(json.dumps(out, ensure_ascii=False))
             else:
-                _console(err=True).print(f"[bold red]{e.code}[/]: {escape(e.message)}")
+                _console(err=True).print(f"[bold red]{e.code}[/]: {escape(message)}")
             return EXIT_CODES.get(e.code, 1)
     if args.json:
         print(json.dumps({"ok": True, "result": result}, ensure_ascii=False, default=str))
@@ -251,7 +388,22 @@ async def _serve(args: argparse.Namespace) -> int:
     ws_at = _host_port(args.ws, "--ws") if args.ws else None
     if http_at is None and ws_at is None:
         http_at = ("127.0.0.1", 8765)
+    # The servers' dependencies are checked before the setup runs (it may spawn workers).
+    serve_http: Any = None
+    serve_ws: Any = None
+    if http_at is not None:
+        from cmd_ipc.server import http
+
+        serve_http = http.serve
+    if ws_at is not None:
+        from cmd_ipc.server import websocket
+
+        serve_ws = websocket.serve_websocket
+    expose = args.expose  # None: every public command
+    exposure = Exposure(expose)
+    options: dict[str, Any] = {"token": args.token, "expose": expose}
     stop = asyncio.Event()
+    signalled: list[int] = []
     loop = asyncio.get_running_loop()
     closers: list[Any] = []
     async with CommandRegistry(args.id) as registry:
@@ -259,54 +411,82 @@ async def _serve(args: argparse.Namespace) -> int:
         # SIGTERM stop the servers in order, and a second signal interrupts a stuck close.
         await run_setup(registry, args.setup)
 
-        def on_signal() -> None:
+        def on_signal(sig: int) -> None:
+            signalled.append(sig)
             stop.set()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+            for s in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(s)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
+            loop.add_signal_handler(sig, on_signal, sig)
         urls: dict[str, str] = {}
         try:
             if http_at is not None:
-                from cmd_ipc.server.http import serve
-
-                server = await serve(registry, http_at[0], http_at[1], token=args.token)
+                http_options = dict(options)
+                if args.public_schema:
+                    http_options["schema_auth"] = False
+                server = await serve_http(registry, http_at[0], http_at[1], **http_options)
                 closers.append(server)
                 urls["http"] = server.url
             if ws_at is not None:
-                from cmd_ipc.server.websocket import serve_websocket
-
-                ws = await serve_websocket(registry, ws_at[0], ws_at[1], token=args.token)
+                ws = await serve_ws(registry, ws_at[0], ws_at[1], **options)
                 closers.append(ws)
                 urls["ws"] = ws.url
-            commands = public_commands(registry)
+            reachable = public_commands(registry)
+            commands = exposure.commands(reachable)
             if args.json:
-                print(json.dumps({"id": args.id, "urls": urls, "commands": len(commands)}))
+                info = {"id": args.id, "urls": urls, "commands": len(commands), "expose": expose}
+                print(json.dumps(info))
             else:
                 con = _console()
                 for kind, url in urls.items():
                     con.print(f"serving [bold]{args.id}[/] over {kind} at [bold cyan]{url}[/]")
-                con.print(f"{len(commands)} commands; Ctrl-C stops")
+                shown = f"{len(commands)} commands"
+                if expose is not None:
+                    shown = f"{len(commands)} of {len(reachable)} commands exposed"
+                auth = "bearer token required" if args.token else "no token: anyone may call"
+                con.print(f"{shown}; {auth}; Ctrl-C stops")
             sys.stdout.flush()
             await stop.wait()
         finally:
             for c in reversed(closers):
                 await c.close()
-    return 0
+    # Ctrl-C is an interruption (130); SIGTERM, the way a supervisor stops a service, is not.
+    return EXIT_INTERRUPTED if signalled and signalled[0] == signal.SIGINT else 0
 
 
 # --------------------------------------------------------------------------- parser
 
 
-def _remote_options(p: argparse.ArgumentParser) -> None:
+def seconds(text: str) -> float:
+    """``--timeout``'s type: a positive, finite number of seconds.
+
+    Raises:
+        argparse.ArgumentTypeError: Anything else (a usage error: exit 2).
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _remote_options(p: argparse.ArgumentParser, json_help: str) -> None:
     p.add_argument(
         "--token",
         default=os.environ.get(_TOKEN_ENV),
         help=f"bearer token for a remote target (default: ${_TOKEN_ENV})",
     )
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--timeout",
+        type=seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds connecting and each call may take (default 30; must be > 0)",
+    )
+    p.add_argument("--json", action="store_true", help=json_help)
 
 
 TARGET_HELP = "http(s)://HOST:PORT, ws(s)://HOST:PORT, or package.module:setup (run here)"
@@ -327,7 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Creates a registry, calls SETUP (package.module:function, sync or async) to "
             "register commands, and serves it over HTTP (POST /cmd, GET /cmds.json) and/or "
             "WebSocket until interrupted. Without --http or --ws it serves HTTP on "
-            "127.0.0.1:8765."
+            "127.0.0.1:8765. --expose limits what clients may list and call; --token "
+            "protects both the calls and the command list. Ctrl-C exits with 130, SIGTERM "
+            "with 0, after closing the servers and stopping the workers."
         ),
     )
     p.add_argument("setup", metavar="SETUP", help="package.module:function")
@@ -337,17 +519,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--token",
         default=os.environ.get(_TOKEN_ENV),
-        help=f"require this bearer token (default: ${_TOKEN_ENV}; none: no auth)",
+        help=f"require this bearer token (default: ${_TOKEN_ENV}; none: no auth); "
+        "GET /cmds.json needs it too, unless --public-schema",
     )
-    p.add_argument("--json", action="store_true", help="print the URLs as one JSON line")
+    p.add_argument(
+        "--expose",
+        action="append",
+        metavar="PATTERN",
+        help="serve only the commands matching this glob pattern (repeatable; '*' matches "
+        "dots too, so 'api.*' takes api.users.get); the others are never listed and calling "
+        "them is answered not_found. Default: every public command of the tree, workers' "
+        "included",
+    )
+    p.add_argument(
+        "--public-schema",
+        action="store_true",
+        help="serve GET /cmds.json without the token (the commands stay protected)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='once serving, print one JSON line {"id", "urls": {"http", "ws"}, "commands": '
+        'N exposed, "expose": [PATTERN...] or null} instead of the banner',
+    )
 
     p = sub.add_parser(
         "list",
         help="list the commands of a target",
-        description="Prints the target's public commands: id, description, request fields.",
+        description=(
+            "Prints the target's public commands: id, description, request fields. Exits "
+            f"with {EXIT_UNREACHABLE} when the target cannot be reached, "
+            f"{EXIT_UNAUTHORIZED} when it needs another token."
+        ),
     )
     p.add_argument("target", metavar="TARGET", help=TARGET_HELP)
-    _remote_options(p)
+    _remote_options(
+        p,
+        "print the commands as a JSON array of command definitions (id, description, "
+        "schema) instead of a table",
+    )
 
     p = sub.add_parser(
         "call",
@@ -356,13 +566,18 @@ def build_parser() -> argparse.ArgumentParser:
             "Calls COMMAND_ID on the target with REQUEST (a JSON object) and prints the JSON "
             "result. On failure prints the error code and message and exits with "
             + ", ".join(f"{v} ({k})" for k, v in EXIT_CODES.items())
-            + "; 2 for a usage error."
+            + f"; {EXIT_UNAUTHORIZED} when the target needs another token; 2 for a usage "
+            "error."
         ),
     )
     p.add_argument("target", metavar="TARGET", help=TARGET_HELP)
     p.add_argument("command_id", metavar="COMMAND_ID")
     p.add_argument("request", metavar="REQUEST", nargs="?", help="JSON object, e.g. '{\"a\": 1}'")
-    _remote_options(p)
+    _remote_options(
+        p,
+        'print one JSON line, {"ok": true, "result": ...} or {"ok": false, "error": '
+        '{"code", "message"}}, instead of the bare result (errors then go to stdout)',
+    )
 
     p = sub.add_parser(
         "stubs",
@@ -375,9 +590,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("target", metavar="TARGET", help=TARGET_HELP)
     p.add_argument("-o", "--output", required=True, help="file to write ('-' for stdout)")
-    _remote_options(p)
+    _remote_options(
+        p,
+        'print {"output": PATH, "bytes": N} once the module is written, instead of a message',
+    )
 
-    sub.add_parser("demo", help="run a three-level in-process tree and print what happens")
+    sub.add_parser(
+        "demo",
+        help="run a three-level in-process tree and print what happens",
+        description=(
+            "Builds three registries in this process (main <- worker <- sub, joined by "
+            "in-memory channels), makes every one call a command of every other, sends an "
+            "event round the tree, and prints each call's result and route, then the "
+            "routing counters. Needs nothing installed beyond cmd-ipc."
+        ),
+    )
     from cmd_ipc import bench
 
     bench_parser = sub.add_parser(
@@ -417,12 +644,18 @@ def main(argv: list[str] | None = None) -> int:
             return bench.main(args)
     except UsageError as e:
         print(f"cmd-ipc {args.command}: {e}", file=sys.stderr)
-        return 2
-    except CommandError as e:  # connecting failed (refused, unauthorised...)
+        return EXIT_USAGE
+    except Failure as e:  # cannot connect, refused token...
+        print(f"cmd-ipc {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except MissingDependency as e:  # an extra that is not installed
+        print(f"cmd-ipc {args.command}: {e}", file=sys.stderr)
+        return 1
+    except CommandError as e:  # a setup that failed to register, say
         print(f"cmd-ipc {args.command}: {e.code}: {e.message}", file=sys.stderr)
         return EXIT_CODES.get(e.code, 1)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except OSError as e:  # a port in use, an address this host does not have...
         print(f"cmd-ipc {args.command}: {e}", file=sys.stderr)
         return 1

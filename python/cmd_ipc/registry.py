@@ -29,7 +29,7 @@ from cmd_ipc import _core
 from cmd_ipc._channels import ChannelTable
 from cmd_ipc._dispatch import Dispatcher
 from cmd_ipc._driver import FORK_GENERATION, Driver, settle
-from cmd_ipc._events import Listeners
+from cmd_ipc._events import EventlessChannels, Listeners
 from cmd_ipc._payload import (
     Handler,
     Listener,
@@ -135,6 +135,7 @@ class CommandRegistry:
         driver = self._driver = Driver(self._node, id, spin_us)
         self._dispatch = Dispatcher(self._node, id, complete=driver.complete, spawn=driver.spawn)
         self._listeners = Listeners(driver.spawn)
+        self._eventless = EventlessChannels(id)
         self._workers = WorkerTable(
             WorkerHost(
                 id=id,
@@ -145,6 +146,7 @@ class CommandRegistry:
                 has_channel=lambda channel_id: channel_id in self._channels.by_id,
                 is_closed=lambda: self.closed,
                 expect_close=self.expect_close,
+                unexpect_close=lambda channel_id: self._channels.unexpect_close(channel_id),
                 add_close_listener=self.add_close_listener,
                 set_pool=self._node.set_pool,
             )
@@ -588,6 +590,7 @@ class CommandRegistry:
             raise TypeError(f"payload of {event_id!r} cannot be serialised: {e}") from e
         _, actions = self._node.emit_event(event_id, data, "msgpack", self._driver.now())
         self._driver.apply(actions)
+        self._eventless.emitted(event_id, self._channels.by_id)
 
     def add_event_listener(
         self, event_id: str, fn: Listener, *, validate: bool = False
@@ -651,6 +654,7 @@ class CommandRegistry:
         """
         self._bind_loop()
         await self._channels.attach(channel)
+        self._eventless.attached(channel.id, channel, self._listeners.listening())
 
     async def _router_attached(self) -> None:
         """A router channel attached again after a disconnect forgot what this subtree had
@@ -738,7 +742,11 @@ class CommandRegistry:
             cpu: Pin the worker to this CPU.
 
         Raises:
-            WorkerError: The target failed, or the child exited or stalled before ready.
+            WorkerError: The target failed (its module or function is missing, it raised,
+                or its module spawns workers when imported: no ``if __name__ ==
+                "__main__":`` guard), or the child exited or stalled before ready.
+            ValueError: A malformed target, or one in ``__main__`` (which the child cannot
+                import: the message says what to pass instead).
         """
         self._bind_loop()
         return await self._workers.spawn(

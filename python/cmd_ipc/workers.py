@@ -4,7 +4,11 @@ A worker is ``sys.executable -m cmd_ipc._worker`` (nothing is pickled). It build
 :class:`~cmd_ipc.CommandRegistry` whose id is the worker id and whose ``router_channel`` is
 the parent's id, connects it to the parent over a shared-memory (or pipe) channel, imports
 ``target`` (``"package.module:function"``) and calls ``function(registry)`` (sync or async)
-to register commands, then serves until it is told to stop or its parent goes away.
+to register commands, then serves until it is told to stop or its parent goes away. It runs
+in a process group of its own (:mod:`cmd_ipc._procgroup`): a terminal's Ctrl-C reaches the
+parent only, which stops its workers in order; a SIGINT or SIGTERM sent to the worker itself
+makes it exit quietly. A target the child cannot import (one in ``__main__``, or a module
+that spawns workers when imported) is refused with an error that says what to change.
 
 Besides the data channel, each worker has a control socket (``AF_UNIX``/``SOCK_SEQPACKET``)
 carrying small JSON messages and, for :meth:`CommandRegistry.connect_workers`, the
@@ -14,7 +18,8 @@ descriptors of new direct channels (``SCM_RIGHTS``):
   registration was acknowledged by the tree, or ``{"op": "failed", "error": ...}``;
 * parent to child: ``{"op": "stop", "seq": n}``, ``{"op": "connect", "seq": n, "channel": ...}``
   (with descriptors); the child answers ``{"seq": n, "ok": true}`` or
-  ``{"seq": n, "ok": false, "error": ...}``.
+  ``{"seq": n, "ok": false, "error": ...}``. The child reads them from the start: a
+  ``stop`` that comes while it starts (its parent is closing) ends the start quietly.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from cmd_ipc._procgroup import OWN_PROCESS_GROUP
 from cmd_ipc.channels.native import DEFAULT_RING_SIZE, NativeChannel, Transport
 from cmd_ipc.errors import WorkerError
 
@@ -59,6 +65,7 @@ class WorkerHost:
         has_channel: Whether a channel of that id is attached.
         is_closed: Whether the registry closed.
         expect_close: Marks a channel's coming close as asked for (logged at INFO).
+        unexpect_close: Withdraws that mark.
         add_close_listener: ``fn(channel_id, reason)`` on every close; returns an
             unsubscribe callable.
         set_pool: Declares a channel a member of a pool (``None``: of none).
@@ -72,6 +79,7 @@ class WorkerHost:
     has_channel: Callable[[str], bool]
     is_closed: Callable[[], bool]
     expect_close: Callable[[str], None]
+    unexpect_close: Callable[[str], None]
     add_close_listener: Callable[[Callable[[str, str], None]], Callable[[], None]]
     set_pool: Callable[[str, str | None], None]
 
@@ -93,6 +101,12 @@ class RestartPolicy:
     def delay(self, attempt: int) -> float:
         """Delay before restart number ``attempt`` (0-based)."""
         return float(min(self.max_backoff, self.backoff * (2**attempt)))
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Marks a future's exception as seen (no "Future exception was never retrieved")."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _send_control(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
@@ -157,6 +171,12 @@ class Worker:
         self._exited: asyncio.Event = asyncio.Event()
         self._stopping = False
         self._restart_task: asyncio.Task[None] | None = None
+        #: Set while the current process is ready (cleared when it exits).
+        self._up = asyncio.Event()
+        #: Why the worker will not be ready again (stopped, gave up...), once that is known.
+        self._down: str | None = None
+        #: Futures of :meth:`ready` callers, settled whenever the state above changes.
+        self._watchers: set[asyncio.Future[None]] = set()
         self._loop = asyncio.get_running_loop()
 
     def __repr__(self) -> str:
@@ -208,6 +228,8 @@ class Worker:
                 env=env,
                 stdin=subprocess.DEVNULL,
                 pass_fds=[*child_end.fds(), ctl_child.fileno()],
+                # Ctrl-C reaches this process only: it stops the worker in order.
+                **OWN_PROCESS_GROUP,
             )
         finally:
             child_end.close_fds()
@@ -215,7 +237,9 @@ class Worker:
         self._exited = asyncio.Event()
         self._ctl = ctl_parent
         ctl_parent.setblocking(False)
-        self._ready = self._loop.create_future()
+        ready = self._ready = self._loop.create_future()
+        # Whoever waited may be gone (cancelled, timed out) when the child fails later.
+        ready.add_done_callback(_retrieve)
         self._loop.add_reader(ctl_parent.fileno(), self._on_control)
         try:
             self._pidfd = os.pidfd_open(self._proc.pid)
@@ -223,17 +247,25 @@ class Worker:
         except (AttributeError, OSError):  # pragma: no cover - Linux < 5.3
             self._pidfd = None
             self._loop.create_task(self._poll_exit())
-        await host.register_channel(parent_end)
         try:
-            await asyncio.wait_for(asyncio.shield(self._ready), self._ready_timeout)
+            await host.register_channel(parent_end)
+            # Until ready, a close of the channel is reported by this start's failure.
+            host.expect_close(self.id)
+            await asyncio.wait_for(asyncio.shield(ready), self._ready_timeout)
         except asyncio.TimeoutError:
             await self._kill()
             raise WorkerError(
                 f"worker {self.id!r} did not become ready within {self._ready_timeout}s"
             ) from None
         except BaseException:
-            await self._kill()
+            # Cancelled (Ctrl-C), or the child failed: told to stop rather than killed, so
+            # that its own starting sub-workers end quietly too.
+            await self._abandon(2.0)
             raise
+        host.unexpect_close(self.id)
+        self._down = None
+        self._up.set()
+        self._notify()
 
     async def _poll_exit(self) -> None:  # pragma: no cover - fallback without pidfd
         while self.alive:
@@ -251,6 +283,8 @@ class Worker:
                 msg, fds = _recv_control(ctl)
             except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionError:  # the worker died (reset): the same as end-of-file
+                msg, fds = None, []
             except (OSError, ValueError) as e:
                 logger.warning("bad control message from worker %r: %s", self.id, e)
                 msg, fds = None, []
@@ -268,6 +302,11 @@ class Worker:
                 self._ready.set_result(None)
         elif op == "failed":
             if self._ready is not None and not self._ready.done():
+                # The spawn raises: the channel's coming close is no news of its own.
+                self._stop_expected()
+                # The child says what failed, without naming a type for a WorkerError (a
+                # sub-worker that failed), so causes chain as "worker 'a' failed to start:
+                # worker 'b' failed to start: ...".
                 self._ready.set_exception(
                     WorkerError(f"worker {self.id!r} failed to start: {msg.get('error')}")
                 )
@@ -288,6 +327,7 @@ class Worker:
                 fut.set_exception(err)
         self._replies.clear()
         if self._ready is not None and not self._ready.done():
+            self._stop_expected()  # the spawn raises, saying so
             self._ready.set_exception(
                 WorkerError(
                     f"worker {self.id!r} exited before it was ready "
@@ -331,20 +371,29 @@ class Worker:
         if self._ctl is not None:
             self._control_closed()
         self._exited.set()
+        self._up.clear()
         code = self.returncode
-        if self._stopping:
-            return
-        logger.warning("worker %r (pid %s) exited with status %s", self.id, self.pid, code)
-        # The data channel saw end-of-file already; make sure it is gone before a restart.
-        if self._host.has_channel(self.id):
-            self._loop.create_task(self._host.close_channel(self.id))
-        policy = self.restart
-        if policy is None or self._host.is_closed():
-            return
-        if policy.max_restarts is not None and self.restarts >= policy.max_restarts:
-            logger.error("worker %r: giving up after %d restarts", self.id, self.restarts)
-            return
-        self._restart_task = self._loop.create_task(self._restart(policy.delay(self.restarts)))
+        try:
+            if self._stopping:
+                self._down = f"worker {self.id!r} was stopped"
+                return
+            logger.warning("worker %r (pid %s) exited with status %s", self.id, self.pid, code)
+            # The data channel saw end-of-file already; make sure it is gone before a restart.
+            if self._host.has_channel(self.id):
+                self._loop.create_task(self._host.close_channel(self.id))
+            policy = self.restart
+            down = f"worker {self.id!r} exited with status {code}"
+            if policy is None or self._host.is_closed():
+                self._down = down + " and has no restart policy" if policy is None else down
+                return
+            if policy.max_restarts is not None and self.restarts >= policy.max_restarts:
+                logger.error("worker %r: giving up after %d restarts", self.id, self.restarts)
+                self._down = f"{down}; gave up after {self.restarts} restarts"
+                return
+            delay = policy.delay(self.restarts)
+            self._restart_task = self._loop.create_task(self._restart(delay))
+        finally:
+            self._notify()
 
     async def _restart(self, delay: float) -> None:
         await asyncio.sleep(delay)  # the policy's backoff
@@ -358,6 +407,8 @@ class Worker:
             logger.info("worker %r restarted (pid %s)", self.id, self.pid)
         except Exception as e:
             logger.error("restart of worker %r failed: %s", self.id, e)
+            self._down = f"the restart of worker {self.id!r} failed: {e}"
+            self._notify()
 
     async def _detached(self) -> None:
         """Returns once no channel of this worker's id is attached (bounded)."""
@@ -379,11 +430,76 @@ class Worker:
         """From now on this worker's exit and its channel's close are asked for."""
         self._stopping = True
         self._host.expect_close(self.id)
+        self._notify()
+
+    def _notify(self) -> None:
+        watchers, self._watchers = self._watchers, set()
+        for fut in watchers:
+            if not fut.done():
+                fut.set_result(None)
 
     async def wait(self) -> int | None:
         """Waits until the current process exits; returns its exit status."""
         await self._exited.wait()
         return self.returncode
+
+    async def ready(self, timeout: float | None = None) -> None:
+        """Waits until the worker serves: returns at once while its process is ready, and
+        after an exit that its restart policy answers, once the restarted process is ready
+        (its commands registered again).
+
+        Args:
+            timeout: Seconds to wait at most (``None``: no limit).
+
+        Raises:
+            WorkerError: The worker will not be ready again: it was stopped, it exited
+                without a restart policy, the policy gave up, or the restart failed.
+            TimeoutError: Not ready within ``timeout`` seconds.
+
+        Example::
+
+            os.kill(worker.pid, signal.SIGKILL)
+            await worker.wait()    # the exit status
+            await worker.ready(5)  # restarted: its commands are callable again
+        """
+        loop = self._loop
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            if self._stopping:
+                raise WorkerError(self._down or f"worker {self.id!r} was stopped")
+            if self._up.is_set() and self.alive:
+                return
+            if self._down is not None and self._exited.is_set():
+                raise WorkerError(self._down)
+            fut: asyncio.Future[None] = loop.create_future()
+            self._watchers.add(fut)
+            remaining = None if deadline is None else deadline - loop.time()
+            try:
+                if remaining is not None and remaining <= 0:
+                    raise asyncio.TimeoutError
+                await asyncio.wait_for(fut, remaining)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"worker {self.id!r} was not ready within {timeout}s") from None
+            finally:
+                self._watchers.discard(fut)
+
+    async def _abandon(self, timeout: float = 5.0) -> None:
+        """Stops a worker that is still starting (its parent is closing, or the spawn was
+        cancelled): told to stop, the child ends its start (and those of its own
+        sub-workers) and exits; killed if it has not after ``timeout`` seconds. Its
+        channel is closed last, so the child never sees its parent vanish."""
+        self._stop_expected()
+        if self._ctl is not None:
+            with contextlib.suppress(OSError):
+                _send_control(self._ctl, {"op": "stop", "seq": 0})  # no answer awaited
+        if self._proc is not None and not self._exited.is_set():
+            try:
+                await asyncio.wait_for(self._exited.wait(), timeout)
+            except asyncio.TimeoutError:
+                await self._kill()
+        if self._host.has_channel(self.id):
+            with contextlib.suppress(Exception):
+                await self._host.close_channel(self.id)
 
     async def _kill(self) -> None:
         self._stop_expected()
@@ -430,6 +546,8 @@ class WorkerTable:
         self.host = host
         self._workers: dict[str, Worker] = {}
         self._pools: dict[str, Pool] = {}
+        #: Workers whose :meth:`spawn` has not returned yet.
+        self._starting: set[Worker] = set()
 
     def pools(self) -> dict[str, Pool]:
         """Pools spawned and not stopped, by id (a copy)."""
@@ -476,6 +594,8 @@ class WorkerTable:
             raise ValueError("worker_id must be a non-empty string")
         if ":" not in target:
             raise ValueError(f"target must look like 'package.module:function', got {target!r}")
+        _check_target(target)
+        _refuse_import_time_spawn(worker_id)
         if transport not in ("shm", "pipe"):
             raise ValueError(f"unknown transport {transport!r}: expected 'shm' or 'pipe'")
         if self.host.has_channel(worker_id):
@@ -491,16 +611,22 @@ class WorkerTable:
             ready_timeout=ready_timeout,
             cpu=cpu,
         )
-        await worker._start()
+        self._starting.add(worker)
+        try:
+            await worker._start()
+        finally:
+            self._starting.discard(worker)
         self._workers[worker_id] = worker
         return worker
 
     async def stop_all(self) -> None:
-        """Stops every worker (failures are not raised: the workers are gone either way)."""
+        """Stops every worker, and those still starting (failures are not raised: the
+        workers are gone either way)."""
         self._pools.clear()
-        workers = list(self._workers.values())
-        if workers:
-            await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+        stops = [w.stop() for w in self._workers.values()]
+        stops += [w._abandon() for w in self._starting]
+        if stops:
+            await asyncio.gather(*stops, return_exceptions=True)
 
     @staticmethod
     async def connect(a: Worker, b: Worker, *, ring_size: int = DEFAULT_RING_SIZE) -> None:
@@ -605,17 +731,90 @@ class Pool:
                 await self._stop_member(worker)
 
 
+# ---------------------------------------------------------------------------- targets
+
+
+def _check_target(target: str) -> None:
+    """Refuses a target that no worker can import: one in ``__main__``.
+
+    Raises:
+        ValueError: Saying why, and what to pass instead.
+    """
+    module_name, _, attr = target.partition(":")
+    if module_name != "__main__":
+        return
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    path = getattr(main, "__file__", None)
+    if spec is not None and spec.name and spec.name != "__main__":
+        named = spec.name  # python -m package.module
+    elif path:
+        named = os.path.splitext(os.path.basename(path))[0]
+    else:
+        named = "yourmodule"
+    raise ValueError(
+        f"target {target!r} cannot be imported by a worker: a worker is a new interpreter "
+        "that imports its target's module by name, and its __main__ is not your script. "
+        "Move the function to a module (e.g. myapp/workers.py, target "
+        f"'myapp.workers:{attr}'), or name this module ('{named}:{attr}') and put the code "
+        'that spawns workers under `if __name__ == "__main__":`'
+    )
+
+
+#: The module a worker process is importing as its target, while it does (else ``None``).
+_importing_target: str | None = None
+
+
+def _refuse_import_time_spawn(worker_id: str) -> None:
+    """Refuses a spawn made while a worker imports its target's module: a module that
+    spawns workers when imported would make every worker spawn another, without end.
+
+    Raises:
+        WorkerError: This is such a spawn; the message says what to change.
+    """
+    module = _importing_target
+    if module is None:
+        return
+    raise WorkerError(
+        f"module {module!r} spawns a worker ({worker_id!r}) when it is imported, and a "
+        "worker imports its target's module: each worker would spawn another. Put the code "
+        f'of {module!r} that spawns workers under `if __name__ == "__main__":`, or move '
+        "the target function to a module that spawns nothing when imported"
+    )
+
+
 # ---------------------------------------------------------------------------- child side
 
 
 def _load_target(target: str) -> Callable[[Any], Any]:
+    """Imports a worker's target, refusing spawns made while its module is imported.
+
+    Raises:
+        WorkerError: No such module or function, not callable, or a module that spawns
+            workers when imported; the message says what to do.
+        Exception: Whatever the module raised while it was imported.
+    """
     import importlib
 
+    global _importing_target
     module_name, _, attr = target.partition(":")
-    module = importlib.import_module(module_name)
-    fn = module
+    _importing_target = module_name
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is None or not (module_name + ".").startswith(e.name + "."):
+            raise  # a module the target's module imports is missing: its own error
+        raise WorkerError(
+            f"cannot import {module_name!r} (target {target!r}): no module of that name on "
+            "the worker's import path (it is the parent's sys.path)"
+        ) from e
+    finally:
+        _importing_target = None
+    fn: Any = module
     for part in attr.split("."):
-        fn = getattr(fn, part)
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise WorkerError(f"module {module_name!r} has no attribute {attr!r}")
     if not callable(fn):
-        raise TypeError(f"{target} is not callable")
-    return fn
+        raise WorkerError(f"{target!r} is not callable")
+    return fn  # type: ignore[no-any-return]

@@ -24,9 +24,11 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from cmd_ipc._procgroup import OWN_PROCESS_GROUP
 from cmd_ipc.bench.children import reap
 from cmd_ipc.bench.results import REQ
 from cmd_ipc.bench.timing import time_async
@@ -75,6 +77,7 @@ def start_server(cpu: int | None) -> tuple[subprocess.Popen[str], dict[str, str]
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        **OWN_PROCESS_GROUP,  # Ctrl-C reaches the bench only: it ends the child
     )
     try:
         if cpu is not None:
@@ -102,12 +105,23 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
 BLOCK = 50
 
 
-async def measure(urls: dict[str, str], n: int, warmup: int) -> dict[str, tuple[list[int], float]]:
+async def measure(
+    urls: dict[str, str], n: int, warmup: int, stop: threading.Event | None = None
+) -> dict[str, tuple[list[int], float]]:
     """All three rows: ``{"bare": (samples_ns, elapsed_s), "http": ..., "ws": ...}``.
 
     The rows are interleaved in blocks of :data:`BLOCK` calls (bare, HTTP, WebSocket, bare,
     ...), so that a slower or faster moment of the machine weighs on all three alike.
+
+    Raises:
+        InterruptedError: ``stop`` was set (checked between two blocks of calls): the
+            clients close with no call in flight.
     """
+
+    def check() -> None:
+        if stop is not None and stop.is_set():
+            raise InterruptedError("the bench was interrupted")
+
     import aiohttp
 
     from cmd_ipc.channels.http import HTTPChannel
@@ -134,7 +148,9 @@ async def measure(urls: dict[str, str], n: int, warmup: int) -> dict[str, tuple[
             "ws": lambda: ws_client.execute_command("remote.add", REQ),
         }
         for call in calls.values():
-            for _ in range(warmup):
+            for i in range(warmup):
+                if i % BLOCK == 0:
+                    check()
                 if await call() != 3:
                     raise RuntimeError("the bench server answered a wrong sum")
         samples: dict[str, list[int]] = {k: [] for k in calls}
@@ -143,6 +159,7 @@ async def measure(urls: dict[str, str], n: int, warmup: int) -> dict[str, tuple[
         while done < n:
             k = min(BLOCK, n - done)
             for name, call in calls.items():
+                check()
                 block, seconds = await time_async(call, k, 0)
                 samples[name].extend(block)
                 elapsed[name] += seconds

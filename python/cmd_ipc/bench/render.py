@@ -1,4 +1,5 @@
-"""Output of ``cmd-ipc bench``: the progress bar while it runs, then the table and targets."""
+"""Output of ``cmd-ipc bench``: the progress bar while it runs (on a terminal only), then the
+table and the targets."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, TextIO
 from cmd_ipc.bench.results import (
     BASELINE_OF,
     BASELINES,
+    FULL_CALLS,
     IDLE_ROWS,
     LABELS,
     LATENCY_ROWS,
@@ -22,14 +24,16 @@ __all__ = ["Progress", "render", "table_rows"]
 
 
 class Progress:
-    """A progress bar on stderr: rich's when rich is installed, else a small one."""
+    """A progress bar on stderr: rich's when rich is installed, else a small one. Drawn only
+    when the stream is a terminal: piped to a file or a log, a run writes no progress
+    lines."""
 
     def __init__(self, total: float, enabled: bool, stream: TextIO | None = None) -> None:
         self.total = total
         self.done = 0.0
-        self.enabled = enabled
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
+        self.enabled = enabled and self.tty
         self.label = ""
         self._rich: Any = None
         self._task: Any = None
@@ -74,13 +78,8 @@ class Progress:
         filled = int(frac * width)
         bar = "#" * filled + "-" * (width - filled)
         line = f"[{bar}] {frac * 100:3.0f}%  {self.label}"
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + line)
-            self.stream.flush()
-        elif self.label != self._last_label:
-            # Not a terminal (a log or a test): one line per step.
-            self.stream.write(line + "\n")
-            self.stream.flush()
+        self.stream.write("\r\x1b[2K" + line)
+        self.stream.flush()
         self._last_label = self.label
 
     def close(self) -> None:
@@ -88,7 +87,7 @@ class Progress:
             return
         if self._rich is not None:
             self._rich.stop()
-        elif self.tty:
+        else:
             self.stream.write("\r\x1b[2K")
             self.stream.flush()
 
@@ -109,6 +108,19 @@ def _status(met: bool | None) -> str:
     return "n/a" if met is None else ("met" if met else "NOT met")
 
 
+def _cell(mets: list[bool | None]) -> str:
+    """One status for a row with one or more targets: "met" only if every one is."""
+    judged = [m for m in mets if m is not None]
+    if not judged:
+        return "n/a"
+    missed = judged.count(False)
+    if not missed:
+        return "met"
+    if len(mets) == 1:
+        return "NOT met"
+    return f"NOT met ({missed} of {len(mets)})"
+
+
 def table_rows(results: Results) -> tuple[list[str], list[list[str]]]:
     """The table as text cells: (header, rows)."""
     header = ["row", "p50 µs", "p99 µs", "mean µs", "calls/s", "vs baseline", "target"]
@@ -122,8 +134,7 @@ def table_rows(results: Results) -> tuple[list[str], list[list[str]]]:
         row = results.rows.get(key)
         status = ""
         if key in by_row:
-            mets = by_row[key]
-            status = " / ".join(_status(m) for m in mets)
+            status = _cell(by_row[key])
         if row is None:
             why = "failed (below)" if key in results.errors else "not measured"
             rows.append([LABELS[key], "-", "-", "-", "-", why, status])
@@ -200,6 +211,17 @@ def render(results: Results, out: TextIO | None = None) -> None:
     from rich.table import Table
 
     console = Console(file=out, width=None if out.isatty() else 130)
+    if not cfg.judged:
+        why = [
+            *(["not pinned"] if not cfg.pin else []),
+            *(["--quick"] if cfg.quick else []),
+            *([f"{cfg.calls} calls a row"] if cfg.calls < FULL_CALLS and not cfg.quick else []),
+        ]
+        print(
+            f"note: this run ({', '.join(why)}) does not judge the targets: only a full "
+            "pinned run does (cmd-ipc bench --pin); the statuses below are a preview",
+            file=out,
+        )
     table = Table(title=title)
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i in (0, 5, 6) else "right")
@@ -207,7 +229,7 @@ def render(results: Results, out: TextIO | None = None) -> None:
         table.add_row(*r)
     console.print(table)
     print("", file=out)
-    print("targets (issues 3 and 4):", file=out)
+    print("targets" + ("" if cfg.judged else " (preview: not judged by this run)") + ":", file=out)
     for t in targets:
         value = t["value"]
         if value is None:

@@ -29,6 +29,8 @@ BASE_STREAMS = "baseline_asyncio_streams"
 HTTP_CHANNEL = "http_channel"
 WS_CHANNEL = "ws_channel"
 BASE_AIOHTTP = "baseline_aiohttp_post"
+NATS_CHANNEL = "nats_channel"
+BASE_NATS = "baseline_nats_request"
 IDLE_WORKER = "idle_worker"
 IDLE_PARENT = "idle_parent"
 
@@ -40,12 +42,14 @@ LABELS = {
     HOP_SIBLING: "hop: worker→parent→worker",
     DIRECT_SIBLING: "direct: worker→worker",
     PIPELINED: "pipelined, shm (execute_many)",
-    PIPELINED_AWAIT: "pipelined, await shm",
+    PIPELINED_AWAIT: "pipelined, await shm, under load",
     BASE_PIPE: "multiprocessing.Pipe (baseline)",
     BASE_STREAMS: "asyncio streams (baseline)",
     HTTP_CHANNEL: "HTTPChannel, loopback",
     WS_CHANNEL: "WebSocketChannel, loopback",
     BASE_AIOHTTP: "aiohttp POST (baseline)",
+    NATS_CHANNEL: "NatsChannel, loopback",
+    BASE_NATS: "nats-py request (baseline)",
     IDLE_WORKER: "idle worker (busiest)",
     IDLE_PARENT: "idle bench process",
 }
@@ -60,9 +64,11 @@ BASELINE_OF = {
     PIPELINED_AWAIT: BASE_PIPE,
     HTTP_CHANNEL: BASE_AIOHTTP,
     WS_CHANNEL: HTTP_CHANNEL,
+    NATS_CHANNEL: BASE_NATS,
 }
 SHORT = {BASE_PIPE: "Pipe", BASE_STREAMS: "streams", BASE_AIOHTTP: "aiohttp", HTTP_CHANNEL: "HTTP"}
-BASELINES = (BASE_PIPE, BASE_STREAMS, BASE_AIOHTTP)
+SHORT[BASE_NATS] = "nats-py"
+BASELINES = (BASE_PIPE, BASE_STREAMS, BASE_AIOHTTP, BASE_NATS)
 LATENCY_ROWS = (
     BLOCKING_SHM,
     AWAIT_SHM,
@@ -77,8 +83,14 @@ LATENCY_ROWS = (
     HTTP_CHANNEL,
     WS_CHANNEL,
     BASE_AIOHTTP,
+    NATS_CHANNEL,
+    BASE_NATS,
 )
 IDLE_ROWS = (IDLE_WORKER, IDLE_PARENT)
+
+
+#: Timed calls per latency row of a full run (the default of ``--calls``).
+FULL_CALLS = 20_000
 
 
 @dataclass
@@ -95,6 +107,14 @@ class BenchConfig:
     spin_us: int | None = None
     #: Timed calls of each remote row (HTTP, WebSocket, aiohttp); 0 leaves them out.
     remote_calls: int | None = None
+    #: A ``--quick`` run.
+    quick: bool = False
+
+    @property
+    def judged(self) -> bool:
+        """Whether this run's figures judge the targets: a pinned full run (``--pin``,
+        not ``--quick``, at least the default :data:`FULL_CALLS` calls a row)."""
+        return self.pin and not self.quick and self.calls >= FULL_CALLS
 
     @property
     def n_remote(self) -> int:
@@ -174,7 +194,7 @@ class Results:
         row, base = self.rows.get(key), self.rows.get(base_key or "")
         if row is None or base is None:
             return None
-        if key in (PIPELINED, PIPELINED_AWAIT, HTTP_CHANNEL):
+        if key in (PIPELINED, PIPELINED_AWAIT, HTTP_CHANNEL, NATS_CHANNEL):
             return base.calls_per_s / row.calls_per_s
         return row.percentile_us(0.5) / base.percentile_us(0.5)
 
@@ -272,6 +292,18 @@ class Results:
             "x",
             _detail(ws, http),
         )
+        mesh, bare_nats = self.rows.get(NATS_CHANNEL), self.rows.get(BASE_NATS)
+        add(
+            (NATS_CHANNEL,),
+            "NatsChannel sequential calls/s >= 0.9x a bare nats-py request",
+            None if mesh is None or bare_nats is None else mesh.calls_per_s / bare_nats.calls_per_s,
+            0.9,
+            "x",
+            ""
+            if mesh is None or bare_nats is None
+            else f"{mesh.calls_per_s:,.0f} / {bare_nats.calls_per_s:,.0f} calls/s",
+            higher_is_better=True,
+        )
         for key in IDLE_ROWS:
             idle = self.idle.get(key)
             add(
@@ -296,8 +328,10 @@ class Results:
             "date": self.started,
             "duration_s": round(self.duration_s, 3),
             "machine": self.machine or machine_info(),
+            "judged": self.config.judged,
             "config": {
                 "calls": self.config.calls,
+                "quick": self.config.quick,
                 "warmup": self.config.warmup,
                 "pipelined_calls": self.config.n_pipelined,
                 "window": self.config.window,

@@ -12,12 +12,16 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
 
 import msgpack
 
+from cmd_ipc._optional import install_hint
+from cmd_ipc._procgroup import OWN_PROCESS_GROUP
+from cmd_ipc.bench import mesh
 from cmd_ipc.bench.children import child_env, reap
 from cmd_ipc.bench.remote import measure, start_server, stop_server
 from cmd_ipc.bench.render import Progress
@@ -35,6 +39,7 @@ from cmd_ipc.bench.results import (
     IDLE_PARENT,
     IDLE_WORKER,
     LABELS,
+    NATS_CHANNEL,
     PIPELINED,
     PIPELINED_AWAIT,
     REQ,
@@ -86,9 +91,44 @@ class _Bench:
         assert self.registry is not None
         return self.registry
 
-    def on_loop(self, make: Callable[[], Awaitable[Any]], timeout: float | None = None) -> Any:
-        """Runs a coroutine on the registry's event loop (its background thread) and waits."""
-        return self.reg.run_blocking(make, timeout)
+    def on_loop(
+        self,
+        make: Callable[[], Awaitable[Any]],
+        timeout: float | None = None,
+        stop: threading.Event | None = None,
+    ) -> Any:
+        """Runs a coroutine on the registry's event loop (its background thread) and waits.
+
+        Interrupted (Ctrl-C), it ends the coroutine too, so that nothing goes on running on
+        the loop against children being stopped: by setting ``stop`` (which the coroutine
+        checks between its calls) when given, else by cancelling it; and waits a little for
+        it to end.
+        """
+        task: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = []
+        ended = threading.Event()
+
+        async def run() -> Any:
+            current = asyncio.current_task()
+            assert current is not None
+            task.append((asyncio.get_running_loop(), current))
+            try:
+                return await make()
+            finally:
+                ended.set()
+
+        try:
+            return self.reg.run_blocking(run, timeout)
+        except BaseException as e:
+            if not isinstance(e, Exception) and task:
+                if stop is not None:
+                    stop.set()
+                    if ended.wait(5):
+                        raise
+                loop, running = task[0]
+                with contextlib.suppress(RuntimeError):  # the loop is closed already
+                    loop.call_soon_threadsafe(running.cancel)
+                    ended.wait(5)
+            raise
 
     def control(self, command: str, request: dict[str, Any] | None = None) -> Any:
         """A call that is not measured, made through the event loop (``await``)."""
@@ -276,6 +316,7 @@ class _Bench:
             [sys.executable, "-c", code, str(child.fileno()), str(cpu)],
             pass_fds=[child.fileno()],
             env=child_env(),
+            **OWN_PROCESS_GROUP,  # Ctrl-C reaches the bench only: it ends the child
         )
         child.close()
         try:
@@ -297,6 +338,7 @@ class _Bench:
         path = os.path.join(tmp, "s")
         lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         proc: subprocess.Popen[bytes] | None = None
+        interrupted = False
         try:
             lsock.bind(path)
             lsock.listen(1)
@@ -306,6 +348,7 @@ class _Bench:
                 [sys.executable, "-c", code, str(lsock.fileno()), str(cpu)],
                 pass_fds=[lsock.fileno()],
                 env=child_env(),
+                **OWN_PROCESS_GROUP,  # Ctrl-C reaches the bench only: it ends the child
             )
             lsock.close()
             conn: dict[str, Any] = {}
@@ -339,10 +382,15 @@ class _Bench:
                     await writer.wait_closed()
 
             self.on_loop(close, 10)
+        except BaseException as e:
+            # Interrupted (Ctrl-C): the timed calls may still run on the loop, keeping the
+            # child busy; it is ended at once rather than waited for.
+            interrupted = not isinstance(e, Exception)
+            raise
         finally:
             lsock.close()
             if proc is not None:
-                reap(proc, 5)
+                reap(proc, 0 if interrupted else 5)
             with contextlib.suppress(OSError):
                 os.unlink(path)
             with contextlib.suppress(OSError):
@@ -450,11 +498,21 @@ class _Bench:
                 if missing:
                     print(
                         f"cmd-ipc bench: remote rows left out: {', '.join(missing)} not "
-                        "installed (pip install 'cmd-ipc[remote]')",
+                        f"installed ({install_hint('remote')})",
                         file=sys.stderr,
                     )
                 else:
                     self.step(HTTP_CHANNEL, 1.0, self.remote)
+                note = mesh.missing()
+                if note:
+                    print(f"cmd-ipc bench: {note}", file=sys.stderr)
+                else:
+                    self.progress.set(f"NATS rows ({cfg.n_remote} calls each)")
+
+                    def nats_rows() -> None:
+                        self.res.rows.update(mesh.rows(self.on_loop, cfg.n_remote, self.child_cpu))
+
+                    self.step(NATS_CHANNEL, 0.0, nats_rows)
             self.progress.set(f"idle cost ({cfg.idle_seconds:g} s)")
             self.step(IDLE_WORKER, 1.0, self.idle)
             self.progress.set("stopping workers")
@@ -469,8 +527,11 @@ class _Bench:
         n, warmup = self.cfg.n_remote, max(50, self.cfg.n_remote // 10)
         self.progress.set(f"remote rows ({n} calls each)")
         proc, urls = start_server(self.child_cpu)
+        # Interrupted, the calls stop between two (a cancelled call would leave a late answer
+        # or a lost connection to report).
+        stop = threading.Event()
         try:
-            timed = self.on_loop(lambda: measure(urls, n, warmup), timeout=600)
+            timed = self.on_loop(lambda: measure(urls, n, warmup, stop), 600, stop)
         finally:
             stop_server(proc)
         for key, name in ((BASE_AIOHTTP, "bare"), (HTTP_CHANNEL, "http"), (WS_CHANNEL, "ws")):

@@ -136,7 +136,9 @@ class HTTPChannel(Channel):
 
     HTTP only carries calls from this side to the server: command lists and executes. Events
     and registrations are not sent (a registry cannot use an HTTPChannel as its
-    ``router_channel``), and the server never calls this side.
+    ``router_channel``), and the server never calls this side. The registry says so once,
+    at INFO: when the channel is attached to a registry with event listeners, or at the
+    first event emitted while it is attached (a WebSocketChannel carries events).
 
     A call fails at once, not at the request TTL, when its POST does: a connection failure
     with ``channel_disconnected``, an answer that is not 2xx or has no valid first NDJSON
@@ -170,6 +172,8 @@ class HTTPChannel(Channel):
     """
 
     wait_for_commands = True
+    #: Events do not cross HTTP (the registry tells of it once, see above).
+    carries_events = False
 
     def __init__(
         self,

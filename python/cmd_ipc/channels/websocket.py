@@ -42,6 +42,7 @@ import ssl as _ssl
 from collections.abc import Mapping
 from typing import Any
 
+from cmd_ipc._expose import Exposure
 from cmd_ipc._optional import require
 from cmd_ipc.channels.base import Channel, OnClose, OnFrame
 from cmd_ipc.errors import ChannelDisconnectedError
@@ -667,6 +668,13 @@ class WebSocketServerChannel(_WebSocketBase):
 
     Its id is the client's ``X-Cmd-Ipc-Id`` header (or ``ws-<n>``). It does not reconnect:
     the client does, and arrives as a new connection.
+
+    With an ``exposure`` that restricts what the server shows (the ``expose=`` of
+    :func:`~cmd_ipc.server.websocket.serve_websocket`), the command lists sent to the
+    client leave out the hidden commands, a call of one from the client is answered
+    ``not_found`` here (it never reaches the registry), and ``not_found`` answers carry no
+    "did you mean" hint. The frames of such a channel are parsed to do so; without it,
+    nothing here decodes them.
     """
 
     def __init__(
@@ -676,10 +684,12 @@ class WebSocketServerChannel(_WebSocketBase):
         *,
         close_timeout: float | None = 5.0,
         send_limit: int = DEFAULT_SEND_LIMIT,
+        exposure: Exposure | None = None,
     ) -> None:
         super().__init__(id, close_timeout=close_timeout, send_limit=send_limit)
         self._connection = connection
         self._started = False
+        self._exposure = exposure if exposure is not None and exposure.restricted else None
 
     async def start(self, on_frame: OnFrame, on_close: OnClose) -> None:
         if self._started:
@@ -691,6 +701,28 @@ class WebSocketServerChannel(_WebSocketBase):
         """Closes the connection with close code 1001 (going away): the client reconnects
         later, if it does. Idempotent; ``on_close(None)`` has run when this returns."""
         await self._close(CloseCode.GOING_AWAY, "closed by the server")
+
+    def send_with_head(
+        self, frame: bytes, kind: str, message_id: str, reference: str | None
+    ) -> None:
+        exposure = self._exposure
+        if exposure is not None:
+            if kind == "list.commands.response":
+                frame = exposure.list_answer(frame)
+            elif kind == "execute.command.response":
+                frame = exposure.answer(frame)
+        self.send(frame)
+
+    def _deliver(self, frame: bytes) -> None:
+        exposure = self._exposure
+        if exposure is not None:
+            hidden = exposure.hidden_call(frame)
+            if hidden is not None:
+                # Answered here, as the registry answers a command it does not know.
+                logger.debug("connection %r: %r is not exposed", self.id, hidden[1])
+                self.send(exposure.not_found(hidden[0], hidden[1]))
+                return
+        super()._deliver(frame)
 
     async def wait_closed(self) -> None:
         """Returns once the connection ended (it must have been started)."""

@@ -37,11 +37,12 @@ from typing import Any
 
 from cmd_ipc._optional import require
 
-require("aiohttp", "http", "HTTPChannel")
+require("aiohttp", "http", "the HTTP server (cmd_ipc.server.http)")
 
 from aiohttp import web  # noqa: E402
 
 from cmd_ipc import _core  # noqa: E402
+from cmd_ipc._expose import Expose, Exposure  # noqa: E402
 from cmd_ipc.channels.http import (  # noqa: E402
     _ANSWER_TYPE,
     _EXECUTE_REQUEST,
@@ -73,6 +74,7 @@ class _Options:
     path: str
     schema_path: str | None
     schema_auth: bool
+    exposure: Exposure
 
 
 class _Refused(Exception):
@@ -220,6 +222,14 @@ class _Endpoint:
         if kind not in _ANSWER_TYPE:
             logger.info("HTTP POST from %s refused: a %s may not cross HTTP", request.remote, kind)
             return web.json_response({"error": f"Message type {kind} is not allowed"}, status=403)
+        exposure = self.options.exposure
+        if kind == _EXECUTE_REQUEST and exposure.restricted:
+            hidden = exposure.hidden_call(body)
+            if hidden is not None:
+                # Answered as the registry answers a command it does not know.
+                logger.debug("HTTP POST from %s: %r is not exposed", request.remote, hidden[1])
+                answer = exposure.not_found(message_id, hidden[1])
+                return web.Response(body=answer + b"\n", headers={"Content-Type": _NDJSON})
         return await self._answer(request, body, message_id, kind)
 
     async def _answer(
@@ -241,6 +251,12 @@ class _Endpoint:
             if kind != _EXECUTE_REQUEST:
                 return web.json_response({"error": f"no answer within {limit}s"}, status=504)
             answer = _dumps(_error_response(message_id, "timeout", f"no answer within {limit}s"))
+        exposure = self.options.exposure
+        if exposure.restricted:
+            if kind == _LIST_REQUEST:
+                answer = exposure.list_answer(answer)
+            else:
+                answer = exposure.answer(answer)
         return web.Response(body=answer + b"\n", headers={"Content-Type": _NDJSON})
 
     def _answer_timeout(self) -> float:
@@ -300,7 +316,7 @@ class _Endpoint:
             return _unavailable(self.registry)
         list_id = _core.new_id()
         answer = await self.route(_dumps({"id": list_id, "type": _LIST_REQUEST}), list_id)
-        commands = [c for c in json.loads(answer)["commands"] if not c["id"].startswith("_")]
+        commands = self.options.exposure.commands(json.loads(answer)["commands"])
         return web.json_response({"cmdschema": "1.0.0", "commands": commands})
 
 
@@ -326,7 +342,8 @@ def add_routes(
     answer_timeout: float | None = None,
     path: str = "/cmd",
     schema_path: str | None = "/cmds.json",
-    schema_auth: bool = False,
+    schema_auth: bool | None = None,
+    expose: Expose = None,
 ) -> None:
     """Mounts the cmd-ipc endpoint on an existing aiohttp application.
 
@@ -343,16 +360,19 @@ def add_routes(
 
     Each message is routed through ``registry`` as if it came from a peer, on one channel
     of the endpoint (``http:{path}``, attached on the first request and detached on the
-    application's cleanup): a client can call any command the registry can reach (its own,
-    its children's, its router's), never a private ``_`` one (answered ``not_found``). Two
-    messages with the same id may not be in flight at once: the second is answered ``409``.
-    An execute that gets no answer within ``answer_timeout`` is answered with a ``timeout``
+    application's cleanup). By default a client can list and call every public command the
+    registry can reach (its own, its workers' and children's, its router's); ``expose``
+    narrows that set, for listing and calling alike: a command it leaves out is never
+    listed, and a call of it is answered ``not_found`` as for a command that does not exist
+    (see :mod:`cmd_ipc._expose`). A private ``_`` command is never exposed. Two messages
+    with the same id may not be in flight at once: the second is answered ``409``. An
+    execute that gets no answer within ``answer_timeout`` is answered with a ``timeout``
     error response.
 
     ``GET {schema_path}`` (unless ``None``) answers ``{"cmdschema": "1.0.0", "commands":
-    [...]}``: the public commands a client can call, with their descriptions and schemas
-    (the set a ``list.commands.request`` returns). It needs the token only with
-    ``schema_auth``.
+    [...]}``: the exposed commands, with their descriptions and schemas (the set a
+    ``list.commands.request`` returns). When a ``token`` is set it needs the token too,
+    unless ``schema_auth=False`` says explicitly that the list is public.
 
     The handlers must run on the registry's event loop.
 
@@ -366,7 +386,21 @@ def add_routes(
             ``request_ttl``).
         path: Path of the message endpoint.
         schema_path: Path of the schema document, or ``None`` for none.
-        schema_auth: Require the token for the schema document too.
+        schema_auth: Whether the schema document needs the token: ``None`` (the default)
+            when a ``token`` is set; ``False`` serves it to anyone (an explicit opt-out);
+            ``True`` needs a ``token``.
+        expose: The commands clients may list and call: ``None`` (every public command),
+            a glob pattern such as ``"api.*"`` (``*`` matches dots too), a list of them, or
+            a predicate ``fn(command_id) -> bool``.
+
+    Raises:
+        ValueError: An invalid option (``schema_auth=True`` without a ``token``...).
+        TypeError: ``expose`` is not a pattern, patterns or a predicate.
+
+    Example::
+
+        app = web.Application()
+        add_routes(app, registry, token=secret, expose=["api.*", "health"])
     """
     if token is not None and (not isinstance(token, str) or not token):
         raise ValueError("token must be a non-empty string (or None for no auth)")
@@ -378,6 +412,8 @@ def add_routes(
         raise ValueError("answer_timeout must be a positive number of seconds")
     if not path.startswith("/") or (schema_path is not None and not schema_path.startswith("/")):
         raise ValueError("paths must start with '/'")
+    if schema_auth and token is None:
+        raise ValueError("schema_auth=True needs a token")
     opts = _Options(
         token=None if token is None else token.encode(),
         max_body=max_body,
@@ -385,7 +421,8 @@ def add_routes(
         answer_timeout=answer_timeout,
         path=path,
         schema_path=schema_path,
-        schema_auth=schema_auth,
+        schema_auth=token is not None if schema_auth is None else schema_auth,
+        exposure=Exposure(expose, registry.id),
     )
     endpoint = _Endpoint(registry, opts)
     app.on_cleanup.append(endpoint.aclose)
@@ -403,7 +440,8 @@ def create_app(
     answer_timeout: float | None = None,
     path: str = "/cmd",
     schema_path: str | None = "/cmds.json",
-    schema_auth: bool = False,
+    schema_auth: bool | None = None,
+    expose: Expose = None,
 ) -> web.Application:
     """Creates an aiohttp application serving ``registry`` (see :func:`add_routes` for the
     endpoints and options).
@@ -425,6 +463,7 @@ def create_app(
         path=path,
         schema_path=schema_path,
         schema_auth=schema_auth,
+        expose=expose,
     )
     return app
 
@@ -488,8 +527,8 @@ async def serve(
             its request headers) is kept.
         shutdown_timeout: Seconds :meth:`HTTPServer.close` lets requests in progress finish
             before cancelling them.
-        **options: The options of :func:`create_app` (``token``, ``max_body``,
-            ``read_timeout``...).
+        **options: The options of :func:`add_routes` (``token``, ``expose``,
+            ``schema_auth``, ``max_body``, ``read_timeout``...).
 
     Returns:
         The running :class:`HTTPServer` (also an async context manager).

@@ -8,6 +8,9 @@ the wire, the limits and liveness).
 
 * **Auth**: with ``token`` set, the server requires ``Authorization: Bearer <token>`` on the
   opening handshake and answers HTTP 401 otherwise; the connection never becomes a channel.
+* **Exposure**: ``expose`` narrows the commands clients may list and call (by default every
+  public command the registry can reach); a hidden command is never listed and a call of it
+  is answered ``not_found``, as for a command that does not exist.
 
 Logging goes to the ``cmd_ipc.websocket`` logger.
 
@@ -31,9 +34,10 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from cmd_ipc._expose import Expose, Exposure
 from cmd_ipc._optional import require
 
-require("websockets", "ws", "WebSocketChannel")
+require("websockets", "ws", "the WebSocket server (cmd_ipc.server.websocket)")
 
 from websockets.asyncio.server import Server, ServerConnection, serve  # noqa: E402
 from websockets.datastructures import Headers  # noqa: E402
@@ -88,6 +92,12 @@ class WebSocketHandler:
         path: Accept only this URL path (``None``: any).
         close_timeout: Seconds allowed for flushing and the closing handshake on close.
         send_limit: Maximum bytes queued for a client that does not read.
+        expose: The commands clients may list and call: ``None`` (every public command the
+            registry can reach), a glob pattern such as ``"api.*"`` (``*`` matches dots
+            too), a list of them, or a predicate ``fn(command_id) -> bool``.
+
+    Raises:
+        TypeError: ``expose`` is not a pattern, patterns or a predicate.
 
     Example:
         Inside your own server::
@@ -108,10 +118,12 @@ class WebSocketHandler:
         path: str | None = None,
         close_timeout: float | None = 5.0,
         send_limit: int = DEFAULT_SEND_LIMIT,
+        expose: Expose = None,
     ) -> None:
         if token is not None and not token:
             raise ValueError("token must be a non-empty string or None")
         self.registry = registry
+        self.exposure = Exposure(expose, registry.id)
         self.path = path
         self.close_timeout = _check_positive(close_timeout, "close_timeout")
         self.send_limit = send_limit
@@ -146,7 +158,8 @@ class WebSocketHandler:
         if not self._path_ok(request):
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
         if not self._authorized(request.headers):
-            logger.warning(
+            # INFO, as the HTTP server's refusals: a client's mistake, not the server's.
+            logger.info(
                 "refused a connection from %s: missing or invalid bearer token",
                 connection.remote_address,
             )
@@ -181,7 +194,11 @@ class WebSocketHandler:
             return
         channel_id = client_id or f"ws-{next(_anonymous)}"
         channel = WebSocketServerChannel(
-            channel_id, connection, close_timeout=self.close_timeout, send_limit=self.send_limit
+            channel_id,
+            connection,
+            close_timeout=self.close_timeout,
+            send_limit=self.send_limit,
+            exposure=self.exposure,
         )
         if self._lock is None:
             self._lock = asyncio.Lock()
@@ -298,6 +315,7 @@ async def serve_websocket(
     send_limit: int = DEFAULT_SEND_LIMIT,
     ssl: _ssl.SSLContext | None = None,
     serve_options: Mapping[str, Any] | None = None,
+    expose: Expose = None,
 ) -> WebSocketServer:
     """Serves ``registry`` over WebSocket: each connection becomes one of its channels.
 
@@ -316,6 +334,8 @@ async def serve_websocket(
         ssl: TLS context: serve ``wss://``.
         serve_options: Further keyword arguments for ``websockets.asyncio.server.serve``
             (``compression="deflate"`` turns on permessage-deflate, off by default).
+        expose: The commands clients may list and call (see :class:`WebSocketHandler`):
+            ``None`` (every public command), a glob pattern, a list of them, or a predicate.
 
     Returns:
         The running :class:`WebSocketServer`; close it with ``await server.close()`` or use
@@ -328,7 +348,12 @@ async def serve_websocket(
                 print(server.url)  # ws://127.0.0.1:8765/
     """
     handler = WebSocketHandler(
-        registry, token=token, path=path, close_timeout=close_timeout, send_limit=send_limit
+        registry,
+        token=token,
+        path=path,
+        close_timeout=close_timeout,
+        send_limit=send_limit,
+        expose=expose,
     )
     # No permessage-deflate unless asked: spec-v1 messages are small and compressing each one
     # costs more CPU than the bytes it saves on a LAN (pass compression="deflate" to use it).

@@ -1,0 +1,157 @@
+"""Which commands a server shows its clients (the ``expose=`` of the HTTP and WebSocket servers).
+
+A server answers for its registry, which can reach every public command of its tree: its
+own, its workers' (internal ones included), its router's. ``expose`` narrows that to what
+clients may see, for listing and for calling alike: a command left out is never listed, and
+calling it is answered ``not_found`` exactly as for a command that does not exist (and the
+"did you mean" hints of such answers are dropped, so they cannot name one).
+
+``expose`` is ``None`` (every public command, the default), a glob pattern or several
+(:func:`fnmatch.fnmatchcase`: ``*`` matches any characters, dots included, so ``"api.*"``
+takes ``api.users.get`` too), or a predicate ``fn(command_id) -> bool``. Private ``_`` ids
+are never exposed, whatever it says.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from cmd_ipc import _core
+
+__all__ = ["Expose", "Exposure"]
+
+logger = logging.getLogger("cmd_ipc")
+
+#: What ``expose=`` accepts: ``None`` (everything public), a glob pattern, patterns, or a
+#: predicate on the command id.
+Expose = str | Iterable[str] | Callable[[str], bool] | None
+
+_NOT_FOUND = "not_found"
+
+
+class Exposure:
+    """The compiled ``expose`` of one server.
+
+    Args:
+        expose: ``None``, a glob pattern, an iterable of them, or ``fn(command_id) -> bool``.
+        owner: The id of the serving registry, named in ``not_found`` answers.
+
+    Raises:
+        TypeError: ``expose`` is none of these.
+
+    Example:
+        >>> e = Exposure(["api.*", "health"])
+        >>> [e.allows(c) for c in ("api.users.get", "health", "admin.reset", "_api.x")]
+        [True, True, False, False]
+    """
+
+    def __init__(self, expose: Expose = None, owner: str = "") -> None:
+        self.restricted = expose is not None
+        self.owner = owner
+        self._predicate: Callable[[str], bool] | None = None
+        self._pattern: re.Pattern[str] | None = None
+        if expose is None:
+            return
+        if isinstance(expose, str):
+            patterns = [expose]
+        elif callable(expose):
+            self._predicate = expose
+            return
+        elif isinstance(expose, Iterable):
+            patterns = list(expose)
+            if not all(isinstance(p, str) for p in patterns):
+                raise TypeError("expose patterns must be strings")
+        else:
+            raise TypeError(
+                "expose must be None, a glob pattern, patterns, or a predicate on the "
+                f"command id, not {type(expose).__name__}"
+            )
+        # One regex for all the patterns (an empty list exposes nothing).
+        joined = "|".join(f"(?:{fnmatch.translate(p)})" for p in patterns) or r"(?!)"
+        self._pattern = re.compile(joined)
+
+    def allows(self, command_id: str) -> bool:
+        """Whether clients may see and call ``command_id``."""
+        if _core.is_private(command_id):
+            return False
+        if not self.restricted:
+            return True
+        if self._pattern is not None:
+            return self._pattern.match(command_id) is not None
+        assert self._predicate is not None
+        try:
+            return bool(self._predicate(command_id))
+        except Exception:
+            logger.exception("the expose predicate failed on %r: the command is hidden", command_id)
+            return False
+
+    def commands(self, commands: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The command definitions of ``commands`` that clients may see."""
+        return [c for c in commands if self.allows(str(c.get("id", "")))]
+
+    def list_answer(self, frame: bytes) -> bytes:
+        """A ``list.commands.response`` frame (JSON) with the hidden commands left out."""
+        if not self.restricted:
+            return frame
+        answer = json.loads(frame)
+        answer["commands"] = self.commands(answer.get("commands") or [])
+        return _dumps(answer)
+
+    def hidden_call(self, frame: bytes) -> tuple[str, str] | None:
+        """``(message id, command id)`` of an ``execute.command.request`` frame (JSON) for a
+        command clients may not call; ``None`` for any other frame."""
+        if not self.restricted or b"execute.command.request" not in frame:
+            return None
+        try:
+            msg = json.loads(frame)
+        except ValueError:
+            return None  # the registry rejects it
+        if not isinstance(msg, dict) or msg.get("type") != "execute.command.request":
+            return None
+        command_id = msg.get("commandId")
+        if not isinstance(command_id, str) or self.allows(command_id):
+            return None
+        return str(msg.get("id", "")), command_id
+
+    def not_found(self, thid: str, command_id: str) -> bytes:
+        """The ``execute.command.response`` (JSON) to a call of a hidden command: the
+        registry's own ``not_found`` answer, without a hint."""
+        return _dumps(
+            {
+                "id": _core.new_id(),
+                "type": "execute.command.response",
+                "thid": thid,
+                "response": {
+                    "ok": False,
+                    "error": {"code": _NOT_FOUND, "message": _not_found(command_id, self.owner)},
+                },
+            }
+        )
+
+    def answer(self, frame: bytes) -> bytes:
+        """An ``execute.command.response`` frame (JSON) with the "did you mean" hint of a
+        ``not_found`` error removed (it could name a hidden command)."""
+        if not self.restricted or b'"not_found"' not in frame or b"did you mean" not in frame:
+            return frame
+        try:
+            msg = json.loads(frame)
+            error = msg["response"]["error"]
+            if error.get("code") == _NOT_FOUND:
+                error["message"] = str(error.get("message", "")).split("; did you mean", 1)[0]
+                return _dumps(msg)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass
+        return frame
+
+
+def _not_found(command_id: str, registry_id: str) -> str:
+    return f"command '{command_id}' is not registered anywhere registry '{registry_id}' can reach"
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
