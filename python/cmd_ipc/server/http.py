@@ -6,21 +6,7 @@ HTTPChannel) can call any command of the server's tree, and publish ``GET /cmds.
 Bearer-token auth, a body size limit and a body read timeout are checked before anything
 reaches the registry. The wire is described in :mod:`cmd_ipc.channels.http`.
 
-Example::
-
-    import asyncio
-    from cmd_ipc import CommandRegistry, HTTPChannel
-    from cmd_ipc.server.http import serve
-
-    async def main() -> None:
-        async with CommandRegistry("api") as api, CommandRegistry("app") as app:
-            await api.register_command("calc.add", lambda a, b: a + b)
-            async with await serve(api, token="s3cret") as server:
-                channel = HTTPChannel("api", server.url, token="s3cret", command_prefix="api")
-                await app.register_channel(channel)
-                print(await app.execute_command("api.calc.add", {"a": 1, "b": 2}))  # 3
-
-    asyncio.run(main())
+An example of both ends is in :mod:`cmd_ipc.channels.http`.
 
 Logging goes to the ``cmd_ipc.http`` logger.
 """
