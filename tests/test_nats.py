@@ -285,12 +285,6 @@ async def test_discovery_sees_commands_come_and_go(mesh: Any) -> None:
     await eventually(lambda: "late.one" not in cb.mesh_commands(), 5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the router keeps the routes a list response taught it: a command that left the "
-    "mesh stays in list_commands() (needs: a list response replaces what the same channel "
-    "listed before)",
-)
 async def test_list_commands_forgets_commands_that_left(mesh: Any) -> None:
     a, _ = await mesh("a")
     b, cb = await mesh("b")

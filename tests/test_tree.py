@@ -84,6 +84,27 @@ def responses(ch: FakeChannel) -> list[dict[str, Any]]:
 # --- 1. three-level escalation
 
 
+async def test_children_registered_before_the_router_attached_are_escalated(
+    registries: Make,
+) -> None:
+    """mid's router channel attaches after a leaf registered with mid: the leaf's command
+    reaches the root then, and a request for an unknown command meanwhile is
+    ``channel_disconnected`` (the command may exist above), not ``not_found``."""
+    root = registries("root")
+    mid = registries("mid", router_channel="root")
+    leaf = registries("leaf", router_channel="mid")
+    await link(mid, leaf)
+    await leaf.register_command("leaf.early", lambda: "early")
+    with pytest.raises(ChannelDisconnectedError):
+        await leaf.execute_command("root.only", timeout=5)
+    await root.register_command("root.only", lambda: "root")
+    await link(root, mid)
+    await eventually(lambda: "leaf.early" in ids(root), 5)
+    assert root.route_of("leaf.early") == "mid"
+    assert await root.execute_command("leaf.early") == "early"
+    assert await leaf.execute_command("root.only") == "root"
+
+
 async def test_three_level_escalation_and_routing(registries: Make) -> None:
     root, mid, leaf, *_ = await three_levels(registries)
 

@@ -163,11 +163,12 @@ class Node:
     def native_fd(self, channel: str) -> int | None:
         """The socket descriptor to watch for a native channel."""
     def poll_native(
-        self, channel: str, spin_us: int = 0, budget: int = 64
+        self, channel: str, spin_us: int = 0, budget: int = 64, follow_us: int = 0
     ) -> tuple[list[_Action], bool, bool, bool]:
         """Reads and routes a native channel (GIL released): ``(actions, again,
         want_write, busy)``; poll again after the actions when ``again``; when ``busy`` a
-        blocking caller reads it: stop watching it for a moment."""
+        blocking caller reads it: stop watching it for a moment. ``spin_us``: spin for a
+        first frame; ``follow_us``: once a frame was read, spin that long for the next."""
     def set_fast_handler(self, handler: int, fn_: Any | None) -> None:
         """Lets the read loop call ``fn_(**request)`` directly for a plain sync handler;
         ``None`` removes it. Unusual outcomes come back as ``(ACTION_FAST_FAILED |

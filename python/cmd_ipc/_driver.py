@@ -323,17 +323,20 @@ class Driver:
 
     def _on_native(self, channel_id: str, expecting: bool = False) -> None:
         """The channel's socket is readable: read and route in Rust, then carry out what
-        Python must. A read spins briefly for the next frame only when one is expected: a
-        reply to a call just sent (``expecting``, from :meth:`read_soon`), or the next
-        request after one this read served. It stops spinning once an action makes other
-        work runnable on the loop (a resumed caller, a task, a frame for a Python channel,
-        an event: anything but the actions of ``_QUIET``): a spin then would only delay
-        it. A doorbell with nothing behind it is not spun on. (Decided from what this
-        driver did, not from the loop's private queue, so it works under any event
-        loop.)"""
+        Python must. A read spins briefly for a first frame only when one is expected (a
+        reply to a call just sent: ``expecting``, from :meth:`read_soon`); once it read a
+        frame, it spins for the next (Rust's ``follow_us``: the next request, or the reply
+        to one it forwarded), so a bare doorbell costs no spin. Both stop once an action
+        makes other work runnable on the loop (a resumed caller, a task, a frame for a
+        Python channel, an event: anything but the actions of ``_QUIET``): a spin then
+        would only delay it. (Decided from what this driver did, not from the loop's
+        private queue, so it works under any event loop.)"""
         spin = self.spin_us if expecting else 0
+        follow = self.spin_us
         while channel_id in self._native:
-            actions, again, want_write, busy = self._node.poll_native(channel_id, spin)
+            actions, again, want_write, busy = self._node.poll_native(
+                channel_id, spin, 64, follow
+            )
             if busy:
                 # A blocking caller is reading this channel: step aside (a level-triggered
                 # watch would spin on its bytes) and look again shortly. Frames that arrive
@@ -347,9 +350,7 @@ class Driver:
                 self._woke_loop = False
                 self.apply(actions)
                 quiet = not self._woke_loop and all(a[0] in _QUIET for a in actions)
-                spin = self.spin_us if quiet else 0
-            elif again:
-                spin = self.spin_us  # this read served what came: the next may follow
+                spin = follow = self.spin_us if quiet else 0
             if want_write:
                 self._watch_writable(channel_id)
             if not again:

@@ -1273,10 +1273,19 @@ impl Router {
             // Loop guard: never back to the channel the request came from.
             _ => self.router_channel.clone().filter(|r| r != from),
         };
-        let Some(target) = target.filter(|t| self.channels.contains_key(t)) else {
+        let Some(target) = target else {
             let err = self.not_found(&command_id);
             return self.reply_error(from, id, err);
         };
+        if !self.channels.contains_key(&target) {
+            // The router channel is configured but detached (a reconnecting link): the
+            // command may well exist above, so this is not `not_found`.
+            let err = ExecError::new(
+                ErrorCode::ChannelDisconnected,
+                format!("router channel '{target}' is not connected"),
+            );
+            return self.reply_error(from, id, err);
+        }
         if self.in_flight() >= self.config.max_pending {
             let err = self.too_busy();
             return self.reply_error(from, id, err);
@@ -1606,12 +1615,25 @@ impl Router {
         });
     }
 
+    /// A list response is the peer's whole answer: routes this channel listed before and
+    /// no longer lists are forgotten (the command left the peer's side), then what it lists
+    /// now is learned where nothing better is known. Routes it *registered* are kept: those
+    /// last until the channel closes.
     fn import_list(&mut self, from: &ChannelId, commands: Vec<CommandDef>) {
         let learned = if self.router_channel.as_ref() == Some(from) {
             Learned::ViaRouter
         } else {
             Learned::Advertised
         };
+        let mut listed: Vec<&str> = commands.iter().map(|d| d.id.as_str()).collect();
+        listed.sort_unstable();
+        self.routes.retain(|id, r| match &r.owner {
+            Owner::Channel {
+                channel,
+                learned: Learned::Advertised | Learned::ViaRouter,
+            } if channel == from => listed.binary_search(&id.as_str()).is_ok(),
+            _ => true,
+        });
         for def in commands {
             if is_private(&def.id) {
                 continue;

@@ -1354,3 +1354,98 @@ fn timeouts_and_cancels_free_a_member_for_the_balance() {
         .collect();
     assert_eq!(loads.iter().sum::<u64>(), 2, "{to}: {loads:?}");
 }
+
+fn list_from(r: &mut Router, from: &str, ids: &[&str]) {
+    r.handle_message(
+        from,
+        Message::ListResponse {
+            id: new_id(),
+            thid: "x".into(),
+            commands: ids.iter().map(|i| CommandDef::new(*i)).collect(),
+        },
+        0,
+    )
+    .unwrap();
+    r.take_actions();
+}
+
+/// Where `id` routes, if the router knows it (not the router-channel fallback).
+fn owner(r: &Router, id: &str) -> Option<String> {
+    r.list_commands()
+        .iter()
+        .any(|d| d.id == id)
+        .then(|| r.route_of(id))
+        .flatten()
+}
+
+#[test]
+fn a_list_response_replaces_what_the_same_channel_listed_before() {
+    let a = || Some("a".to_string());
+    let mut r = with_channels("main", None, &["a", "b"]);
+    register(&mut r, "a", "a.registered");
+    list_from(&mut r, "a", &["a.one", "a.two", "a.registered"]);
+    list_from(&mut r, "b", &["b.one"]);
+    assert_eq!(owner(&r, "a.one"), a());
+    // `a` lists again without `a.one`: that command left a's side.
+    list_from(&mut r, "a", &["a.two", "a.three"]);
+    assert_eq!(owner(&r, "a.one"), None);
+    assert_eq!(owner(&r, "a.two"), a());
+    assert_eq!(owner(&r, "a.three"), a());
+    // What a registered lasts until a closes; what b listed is b's.
+    assert_eq!(owner(&r, "a.registered"), a());
+    assert_eq!(owner(&r, "b.one"), Some("b".to_string()));
+    // An empty list forgets all it listed.
+    list_from(&mut r, "a", &[]);
+    assert_eq!(owner(&r, "a.two"), None);
+    assert_eq!(owner(&r, "a.registered"), a());
+
+    // The router channel's list replaces the router's routes the same way.
+    let mut w = with_channels("w", Some("up"), &["up"]);
+    list_from(&mut w, "up", &["up.one", "up.two"]);
+    assert_eq!(owner(&w, "up.one"), Some("up".to_string()));
+    list_from(&mut w, "up", &["up.two"]);
+    assert_eq!(owner(&w, "up.one"), None);
+    assert_eq!(owner(&w, "up.two"), Some("up".to_string()));
+}
+
+#[test]
+fn a_request_for_a_detached_router_is_channel_disconnected_not_not_found() {
+    // `mid` has a router channel configured but not attached (it is reconnecting): a child's
+    // request for a command mid does not know may exist above it.
+    let mut r = with_channels("mid", Some("up"), &["child"]);
+    r.handle_message("child", exec_req("elsewhere.cmd"), 0)
+        .unwrap();
+    let (to, m) = only_send(&r.take_actions());
+    assert_eq!(to, "child");
+    assert!(
+        matches!(
+            m,
+            Message::ExecuteResponse {
+                response: Err(ExecError {
+                    code: ErrorCode::ChannelDisconnected,
+                    ..
+                }),
+                ..
+            }
+        ),
+        "{m:?}"
+    );
+    // Without a router channel the same request is `not_found`.
+    let mut root = with_channels("root", None, &["child"]);
+    root.handle_message("child", exec_req("elsewhere.cmd"), 0)
+        .unwrap();
+    let (_, m) = only_send(&root.take_actions());
+    assert!(
+        matches!(
+            m,
+            Message::ExecuteResponse {
+                response: Err(ExecError {
+                    code: ErrorCode::NotFound,
+                    ..
+                }),
+                ..
+            }
+        ),
+        "{m:?}"
+    );
+}
