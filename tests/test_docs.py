@@ -40,6 +40,7 @@ PAGES = {
     "schemas.md": 3,
     "performance.md": 1,
     "remote.md": 3,
+    "mcp.md": 4,
     "limits.md": 0,
 }
 

@@ -495,7 +495,9 @@ async def test_100k_unanswered_requests_stay_bounded_and_all_time_out(registries
 async def test_max_pending_counts_forwards_and_refuses_at_once(registries: Make) -> None:
     # A small cap shows the same rule with forwarded requests: a peer's request beyond the
     # cap is answered internal_error at once instead of being forwarded.
-    reg = registries("mid", router_channel="up", request_ttl=30.0, max_pending=10)
+    reg = registries(
+        "mid", router_channel="up", request_ttl=30.0, max_pending=10, max_pending_per_channel=10
+    )
     up, down = FakeChannel("up"), FakeChannel("down")
     await reg.register_channel(up)
     await reg.register_channel(down)
@@ -582,7 +584,7 @@ async def test_peer_requests_to_local_handlers_are_bounded(registries: Make) -> 
     # A peer's requests for a local handler are requests in flight too: without a cap, a
     # hostile peer starts any number of concurrent handler runs (each a task and a job-table
     # entry). Beyond max_pending it should be answered at once, as a forward is.
-    reg = registries("main", max_pending=10)
+    reg = registries("main", max_pending=10, max_pending_per_channel=10)
     release = asyncio.Event()
     running = 0
 
@@ -637,3 +639,86 @@ def test_local_event_payload_over_the_limits_is_refused_at_emit() -> None:
             assert info.value.args[0] == "message_too_deep"
 
     asyncio.run(main())
+
+
+async def test_one_peer_cannot_take_every_slot_of_max_pending(registries: Make) -> None:
+    # A peer whose calls timed out on its side while the handlers still run here (or a
+    # hostile one) holds at most max_pending_per_channel slots (default: half of
+    # max_pending): every other caller is still served.
+    reg = registries("svc", max_pending=10)
+    release = asyncio.Event()
+    running: list[str] = []
+
+    async def slow(who: str) -> str:
+        running.append(who)
+        await release.wait()
+        return who
+
+    await reg.register_command("slow", slow, validate=False)
+    greedy, other = FakeChannel("greedy"), FakeChannel("other")
+    await reg.register_channel(greedy)
+    await reg.register_channel(other)
+    greedy.take()
+    other.take()
+    for _ in range(8):
+        greedy.inject(
+            {
+                "id": new_id(),
+                "type": "execute.command.request",
+                "commandId": "slow",
+                "request": {"who": "greedy"},
+            }
+        )
+    await eventually(lambda: len(running) + len(greedy.of_type("execute.command.response")) >= 8)
+    try:
+        assert running.count("greedy") == 5
+        refused = greedy.of_type("execute.command.response")
+        assert len(refused) == 3
+        assert {r["response"]["error"]["code"] for r in refused} == {"internal_error"}
+        assert "max_pending_per_channel" in refused[0]["response"]["error"]["message"]
+        other.inject(
+            {
+                "id": new_id(),
+                "type": "execute.command.request",
+                "commandId": "slow",
+                "request": {"who": "other"},
+            }
+        )
+        await eventually(lambda: "other" in running)
+        # So is a local caller.
+        call = asyncio.ensure_future(reg.execute_command("slow", {"who": "local"}))
+        await eventually(lambda: "local" in running)
+    finally:
+        release.set()
+    assert await call == "local"
+    await eventually(lambda: len(greedy.of_type("execute.command.response")) == 8)
+
+
+async def test_a_peer_registers_a_bounded_number_of_bounded_commands(
+    registries: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    # spec-v1 has one registration error, so a refusal is `duplicate_command` on the wire,
+    # with the real reason logged here.
+    reg = registries("root", max_commands_per_channel=3, max_command_size=1000)
+    peer = FakeChannel("peer")
+    await reg.register_channel(peer)
+    peer.take()
+
+    def register(cmd: dict[str, Any]) -> dict[str, Any]:
+        rid = new_id()
+        peer.inject({"id": rid, "type": "register.command.request", "command": cmd})
+        (answer,) = [m for m in peer.take() if m.get("thid") == rid]
+        return answer["response"]
+
+    with caplog.at_level(logging.WARNING, logger="cmd_ipc"):
+        for i in range(3):
+            assert register({"id": f"p.{i}"}) == {"ok": True}
+        assert register({"id": "p.0"}) == {"ok": True}  # again: not one more
+        assert register({"id": "p.3"}) == {"ok": False, "error": "duplicate_command"}
+        assert register({"id": "q", "description": "x" * 2000}) == {
+            "ok": False,
+            "error": "duplicate_command",
+        }
+    assert "max_commands_per_channel" in caplog.text
+    assert "max_command_size" in caplog.text
+    assert sorted(c["id"] for c in reg.list_commands()) == ["p.0", "p.1", "p.2"]

@@ -6,6 +6,12 @@ which peers have listed their commands. Python channels hand their frames to the
 here; native channels are read by the driver (:mod:`cmd_ipc._driver`). It gets the node, the
 driver and an ``on_router`` hook (run each time the router channel is attached) injected,
 and never sees the registry.
+
+The table also owns the :class:`CommandWatch` of its registry (``table.watch``): what tells
+listeners that the set of commands the registry can route to changed. Channels are where
+that set changes most (a peer listed its commands, a child registered one, a channel
+closed); the registrations and the worker table poke the same watch for local commands and
+workers that became ready.
 """
 
 from __future__ import annotations
@@ -22,12 +28,114 @@ from cmd_ipc.channels.base import Channel
 from cmd_ipc.channels.native import NativeChannel
 from cmd_ipc.errors import ChannelDisconnectedError
 
-__all__ = ["ChannelTable", "CloseListener"]
+__all__ = ["ChannelTable", "CloseListener", "CommandWatch", "CommandsListener"]
 
 logger = logging.getLogger("cmd_ipc")
 
 #: Called with ``(channel_id, reason)`` when a channel closes.
 CloseListener = Callable[[str, str], None]
+#: Called with no argument when the set of routable commands changed.
+CommandsListener = Callable[[], None]
+
+#: The message types whose sending means a registration was escalated or acknowledged.
+_REGISTRATION_TYPES = frozenset({"register.command.request", "register.command.response"})
+
+
+class CommandWatch:
+    """Tells listeners when the set of commands a registry can route to changed.
+
+    "The set" is what :meth:`CommandRegistry.list_commands` returns: ids with their
+    descriptions and schemas, local (private ones included), registered by children,
+    advertised by peers. Everything that may change it calls :meth:`poke`; the watch then
+    compares the list once, at the loop's next turn (a burst of pokes costs one
+    comparison), and calls every listener if it differs from the last one seen. Pokes come
+    from what Python sees: local registrations, frames of channels written in Python, a
+    peer's command list, closes, workers that became ready. A registration that travels
+    only between native channels (a worker's sub-worker registering after its worker was
+    ready) is seen by a backstop comparison every ``interval`` seconds, made only while
+    someone listens.
+
+    Args:
+        node: The registry's native node.
+        driver: The registry's driver (its loop).
+        interval: Seconds between two backstop comparisons while someone listens.
+    """
+
+    def __init__(self, node: _core.Node, driver: Driver, *, interval: float = 2.0) -> None:
+        self._node = node
+        self._driver = driver
+        self._interval = interval
+        self._listeners: dict[int, CommandsListener] = {}
+        self._next_key = 0
+        self._last: list[Any] | None = None
+        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._stopped = False
+
+    def add(self, fn: CommandsListener) -> Callable[[], None]:
+        """Calls ``fn()`` after each change; returns an idempotent unsubscribe callable."""
+        if not callable(fn):
+            raise TypeError("a commands listener must be callable")
+        key = self._next_key
+        self._next_key += 1
+        if not self._listeners:
+            self._last = self._node.list_commands()
+        self._listeners[key] = fn
+        self._arm()
+
+        def unsubscribe() -> None:
+            self._listeners.pop(key, None)
+            if not self._listeners:
+                self._disarm()
+
+        return unsubscribe
+
+    def poke(self) -> None:
+        """Something may have changed the set: compare it soon (coalesced)."""
+        if not self._listeners or self._scheduled or self._stopped:
+            return
+        loop = self._driver.loop
+        if loop is None:
+            return
+        self._scheduled = True
+        loop.call_soon(self._check)
+        self._arm()  # listening started before the registry had a loop
+
+    def stop(self) -> None:
+        """Stops watching (the registry closes); listeners are forgotten."""
+        self._stopped = True
+        self._listeners.clear()
+        self._disarm()
+
+    def _arm(self) -> None:
+        loop = self._driver.loop
+        if self._timer is None and loop is not None and not self._stopped:
+            self._timer = loop.call_later(self._interval, self._backstop)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _backstop(self) -> None:
+        self._timer = None
+        self._check()
+        if self._listeners:
+            self._arm()
+
+    def _check(self) -> None:
+        self._scheduled = False
+        if not self._listeners or self._stopped:
+            return
+        now = self._node.list_commands()
+        if now == self._last:
+            return
+        self._last = now
+        for fn in list(self._listeners.values()):
+            try:
+                fn()
+            except Exception:
+                logger.exception("commands listener failed")
 
 
 class ChannelTable:
@@ -69,6 +177,8 @@ class ChannelTable:
         self._listed_waiters: dict[str, asyncio.Event] = {}
         #: Set when the registry closes: nothing is re-attached any more.
         self.closed = False
+        #: Tells listeners when the set of routable commands changed.
+        self.watch = CommandWatch(node, driver)
         driver.on(_core.ACTION_SEND, self._send)
         driver.on(_core.ACTION_CLOSED, self._native_closed)
         driver.on(_core.ACTION_LISTED, self._mark_listed)
@@ -77,6 +187,9 @@ class ChannelTable:
         channel = self.by_id.get(act[1])
         if channel is not None and not isinstance(channel, NativeChannel):
             channel.send_with_head(act[2], act[3], act[4], act[5])
+            if act[3] in _REGISTRATION_TYPES:
+                # A child's registration was accepted (or escalated) on its way.
+                self.watch.poke()
 
     def expected(self, channel_id: str | None) -> bool:
         """Whether a close of ``channel_id`` (for any reason) was asked for."""
@@ -104,6 +217,7 @@ class ChannelTable:
                 self._driver.apply(self._node.close_channel(channel.id))
             raise
         self._driver.apply(actions)
+        self.watch.poke()
         if channel.id == self._router_channel:
             await self._on_router()
         if channel.wait_for_commands and not await self.wait_listed(
@@ -209,6 +323,8 @@ class ChannelTable:
         self._expected.pop(channel_id, None)
 
     def _notify_closed(self, channel_id: str, reason: str) -> None:
+        # Its commands left the route table with it.
+        self.watch.poke()
         waiter = self._listed_waiters.pop(channel_id, None)
         if waiter is not None:
             waiter.set()
@@ -226,6 +342,7 @@ class ChannelTable:
     def _mark_listed(self, act: tuple[Any, ...]) -> None:
         channel_id = act[1]
         self._listed.add(channel_id)
+        self.watch.poke()
         waiter = self._listed_waiters.pop(channel_id, None)
         if waiter is not None:
             waiter.set()
@@ -257,6 +374,7 @@ class ChannelTable:
     async def close_all(self) -> None:
         """Closes every channel (the registry closes)."""
         self.closed = True
+        self.watch.stop()
         if self._native:
             self._driver.apply(self._node.close_all_native())
         for channel in list(self.by_id.values()):

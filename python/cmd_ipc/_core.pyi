@@ -147,6 +147,9 @@ class Node:
         max_message_size: int = 67108864,
         max_depth: int = 64,
         spin_us: int = 50,
+        max_pending_per_channel: int | None = None,
+        max_commands_per_channel: int = 10000,
+        max_command_size: int = 262144,
     ) -> Node: ...
     @property
     def wake_fd(self) -> int:

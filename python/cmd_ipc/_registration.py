@@ -5,8 +5,8 @@ handler id, then asks the router to register the id; the router answers at once 
 a private id) or escalates to the router channel and answers when the tree acknowledged it.
 Only then is the handler bound to its command id (a rejected one is dropped). Commands
 declared with the decorator while the router channel is missing wait here until it is
-attached. It gets the node, the driver and the handler table injected, and never sees the
-registry.
+attached. It gets the node, the driver, the handler table and an ``on_change`` hook (told
+when a local command was added or removed) injected, and never sees the registry.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class Registrations:
         dispatch: The registry's handler table.
         owner: The registry's id (error messages).
         router_missing: Whether the registry has a router channel that is not attached.
+        on_change: Called when a local command was registered or unregistered.
     """
 
     def __init__(
@@ -67,12 +68,14 @@ class Registrations:
         owner: str,
         *,
         router_missing: Callable[[], bool],
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._node = node
         self._driver = driver
         self._dispatch = dispatch
         self._owner = owner
         self._router_missing = router_missing
+        self._on_change = on_change
         #: Declared while the router channel was missing: (handler id, description, schema).
         self._deferred: dict[str, tuple[int, str | None, Mapping[str, Any] | None]] = {}
         #: Escalated by the decorator and not acknowledged yet (what `ready` waits for).
@@ -95,6 +98,7 @@ class Registrations:
         def done(value: Any, err: BaseException | None) -> None:
             if err is None:
                 self._dispatch.bind(command_id, hid)
+                self._on_change()
             else:
                 self._dispatch.drop(hid)
                 if isinstance(err, DuplicateCommandError):
@@ -181,7 +185,10 @@ class Registrations:
         """See :meth:`CommandRegistry.unregister_command`."""
         self._deferred.pop(command_id, None)
         self._dispatch.unbind(command_id)
-        return self._node.unregister_local(command_id)
+        removed = self._node.unregister_local(command_id)
+        if removed:
+            self._on_change()
+        return removed
 
     async def register_service(self, service: object, localns: Mapping[str, Any]) -> list[str]:
         """See :meth:`CommandRegistry.register_service`."""

@@ -1,10 +1,11 @@
 """The ``cmd-ipc`` command (also ``python -m cmd_ipc``).
 
-Sub-commands: ``serve``, ``list``, ``call``, ``stubs``, ``bench`` and ``demo``; each has
-``--help``. A TARGET is where commands live: an HTTP URL (``http://host:port``, served by
-:mod:`cmd_ipc.server.http`), a WebSocket URL (``ws://host:port``, served by
-:mod:`cmd_ipc.server.websocket`), or ``package.module:setup``, a function that registers
-commands on a registry, run in this process.
+Sub-commands: ``serve``, ``list``, ``call``, ``stubs``, ``mcp serve``, ``bench`` and
+``demo``; each has ``--help``. A TARGET is where commands live: an HTTP URL
+(``http://host:port``, served by :mod:`cmd_ipc.server.http`), a WebSocket URL
+(``ws://host:port``, served by :mod:`cmd_ipc.server.websocket`), or
+``package.module:setup``, a function that registers commands on a registry, run in this
+process.
 
 Human output is a table (with colour when stdout is a terminal); ``--json`` prints JSON for
 scripts. ``call`` exits with 0 on success and, on failure, prints the error code and message
@@ -455,6 +456,68 @@ async def _serve(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if signalled and signalled[0] == signal.SIGINT else 0
 
 
+async def _mcp_serve(args: argparse.Namespace) -> int:
+    from cmd_ipc.registry import CommandRegistry
+    from cmd_ipc.server import mcp
+
+    http_at = _host_port(args.http, "--http") if args.http else None
+    if args.token and http_at is None:
+        raise UsageError("--token protects the HTTP endpoint: it needs --http HOST:PORT")
+    options: dict[str, Any] = {"expose": args.expose}
+    stop = asyncio.Event()
+    signalled: list[int] = []
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: int) -> None:
+        signalled.append(sig)
+        stop.set()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(s)
+
+    async with CommandRegistry(args.id) as registry:
+        if http_at is None:
+            # stdout carries MCP only: the streams are claimed before the setup runs, so
+            # whatever it (or a worker it spawns) prints goes to stderr.
+            async with mcp.stdio_streams() as (read, write):
+                await run_setup(registry, args.setup)
+                async with mcp.MCPServer(registry, **options) as server:
+                    for sig in (signal.SIGINT, signal.SIGTERM):
+                        loop.add_signal_handler(sig, on_signal, sig)
+                    print(
+                        f"cmd-ipc mcp: serving {len(server.tools())} tools of {args.id!r} "
+                        "over stdio",
+                        file=sys.stderr,
+                    )
+                    serving = asyncio.ensure_future(server.serve_streams(read, write))
+                    stopping = asyncio.ensure_future(stop.wait())
+                    await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    for task in (serving, stopping):
+                        task.cancel()
+                    await asyncio.gather(serving, stopping, return_exceptions=True)
+        else:
+            await run_setup(registry, args.setup)
+            http = await mcp.serve_http(
+                registry, http_at[0], http_at[1], path=args.path, token=args.token, **options
+            )
+            try:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, on_signal, sig)
+                tools = len(http.mcp.tools())
+                if args.json:
+                    print(json.dumps({"id": args.id, "url": http.url, "tools": tools}))
+                else:
+                    auth = "bearer token required" if args.token else "no token: anyone may call"
+                    _console().print(
+                        f"serving [bold]{args.id}[/] over MCP at [bold cyan]{http.url}[/] "
+                        f"({tools} tools; {auth}); Ctrl-C stops"
+                    )
+                sys.stdout.flush()
+                await stop.wait()
+            finally:
+                await http.close()
+    return EXIT_INTERRUPTED if signalled and signalled[0] == signal.SIGINT else 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -595,6 +658,45 @@ def build_parser() -> argparse.ArgumentParser:
         'print {"output": PATH, "bytes": N} once the module is written, instead of a message',
     )
 
+    p = sub.add_parser(
+        "mcp",
+        help="serve a registry's commands as MCP tools (for AI agents)",
+        description="Model Context Protocol. `cmd-ipc mcp serve SETUP` serves the tools.",
+    )
+    mcp_sub = p.add_subparsers(dest="mcp_command", metavar="MCP_COMMAND")
+    p = mcp_sub.add_parser(
+        "serve",
+        help="serve every public command of a registry (workers' included) as MCP tools",
+        description=(
+            "Creates a registry, calls SETUP (package.module:function) to register commands "
+            "(and spawn workers), and serves every public command the registry can route to "
+            "as MCP tools: over stdio by default (what an agent that starts the server "
+            "expects; stdout then carries MCP only, everything else printed goes to "
+            "stderr), or over streamable HTTP with --http. Agents are told of every change "
+            "of the tool list (notifications/tools/list_changed). Needs cmd-ipc[mcp]."
+        ),
+    )
+    p.add_argument("setup", metavar="SETUP", help="package.module:function")
+    p.add_argument("--http", metavar="HOST:PORT", help="serve streamable HTTP here (not stdio)")
+    p.add_argument("--path", default="/mcp", help="the HTTP endpoint's path (default /mcp)")
+    p.add_argument("--id", default="cmd-ipc", help="the registry's id (default cmd-ipc)")
+    p.add_argument(
+        "--token",
+        default=os.environ.get(_TOKEN_ENV),
+        help=f"require this bearer token over HTTP (default: ${_TOKEN_ENV}; none: no auth)",
+    )
+    p.add_argument(
+        "--expose",
+        action="append",
+        metavar="PATTERN",
+        help="serve only the commands matching this glob pattern (repeatable)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='with --http, print one JSON line {"id", "url", "tools": N} once serving',
+    )
+
     sub.add_parser(
         "demo",
         help="run a three-level in-process tree and print what happens",
@@ -633,6 +735,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in _ASYNC:
             return asyncio.run(_ASYNC[args.command](args))
+        if args.command == "mcp":
+            if getattr(args, "mcp_command", None) != "serve":
+                parser.parse_args(["mcp", "--help"])
+            return asyncio.run(_mcp_serve(args))
         if args.command == "demo":
             from cmd_ipc.demo import main as demo_main
 

@@ -84,6 +84,13 @@ class CommandRegistry:
         event_ttl: Seconds an event id is remembered to deliver each event once.
         max_pending: Maximum requests in flight (calls plus forwarded); beyond it calls fail
             with ``internal_error`` at once.
+        max_pending_per_channel: Maximum requests of one channel served here at once
+            (handler runs plus forwards; default: half of ``max_pending``, so one peer never
+            takes every slot); beyond it that channel's requests are answered
+            ``internal_error`` at once.
+        max_commands_per_channel: Maximum commands one channel may register (or list) here.
+        max_command_size: Maximum bytes of one command definition a peer registers or lists
+            (id, description and schemas).
         max_dedup: Maximum event ids remembered.
         max_message_size: Maximum encoded size of a message, in bytes.
         max_depth: Maximum nesting depth of a message.
@@ -115,6 +122,9 @@ class CommandRegistry:
         max_message_size: int = 64 * 1024 * 1024,
         max_depth: int = 64,
         spin_us: int = 50,
+        max_pending_per_channel: int | None = None,
+        max_commands_per_channel: int = 10_000,
+        max_command_size: int = 256 * 1024,
     ) -> None:
         self._node = _core.Node(
             id,
@@ -126,6 +136,9 @@ class CommandRegistry:
             max_message_size=max_message_size,
             max_depth=max_depth,
             spin_us=spin_us,
+            max_pending_per_channel=max_pending_per_channel,
+            max_commands_per_channel=max_commands_per_channel,
+            max_command_size=max_command_size,
         )
         self._node.set_fast_codec(unpack, encode)
         self._id = id
@@ -149,6 +162,7 @@ class CommandRegistry:
                 unexpect_close=lambda channel_id: self._channels.unexpect_close(channel_id),
                 add_close_listener=self.add_close_listener,
                 set_pool=self._node.set_pool,
+                commands_changed=lambda: self._channels.watch.poke(),
             )
         )
         self._background: BackgroundLoop | None = None
@@ -161,7 +175,12 @@ class CommandRegistry:
             on_router=self._router_attached,
         )
         self._registrations = Registrations(
-            self._node, driver, self._dispatch, id, router_missing=self._router_missing
+            self._node,
+            driver,
+            self._dispatch,
+            id,
+            router_missing=self._router_missing,
+            on_change=self._channels.watch.poke,
         )
         #: Whether the router channel was attached once (a second attach re-announces).
         self._router_seen = False
@@ -657,16 +676,20 @@ class CommandRegistry:
         self._eventless.attached(channel.id, channel, self._listeners.listening())
 
     async def _router_attached(self) -> None:
-        """A router channel attached again after a disconnect forgot what this subtree had
-        registered through it: announce it again (rejections are logged). Commands declared
-        while it was missing are registered now."""
-        if self._router_seen:
-            n, actions = self._node.reannounce(self._driver.now())
-            if n:
-                logger.info(
-                    "registry %r re-registered %d commands with %r", self.id, n, self.router_channel
-                )
-            self._driver.apply(actions)
+        """The router channel attached: announce to it what this subtree registered while it
+        was missing (children that registered before its first attach, and everything again
+        after a disconnect, which made the router forget; rejections are logged). Commands
+        declared here while it was missing are registered now."""
+        n, actions = self._node.reannounce(self._driver.now())
+        if n:
+            logger.info(
+                "registry %r %s %d commands with %r",
+                self.id,
+                "re-registered" if self._router_seen else "registered its children's",
+                n,
+                self.router_channel,
+            )
+        self._driver.apply(actions)
         self._router_seen = True
         await self._registrations.flush_deferred()
 
@@ -677,6 +700,39 @@ class CommandRegistry:
         whose peer goes away: the parent reports that death). Holds until a channel of that
         id is attached again; no-op for an unknown channel."""
         self._channels.expect_close(channel_id, reason)
+
+    def on_commands_changed(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Calls ``fn()`` whenever the set of commands this registry can route to changed
+        (what :meth:`list_commands` returns: a command registered here or by a child, a
+        worker that became ready, a peer that listed its commands, a channel or a worker
+        that went away, a description or schema that changed); returns an idempotent
+        unsubscribe callable.
+
+        ``fn`` runs on the registry's loop thread, once per turn of the loop however many
+        changes that turn saw, and only when the list differs from the one it last saw
+        (read it with :meth:`list_commands`). Changes seen only between native channels (a
+        worker's sub-worker registering after its worker was ready) are caught by a check
+        every 2 s made while someone listens. The MCP server (:mod:`cmd_ipc.mcp`) sends
+        ``notifications/tools/list_changed`` from it.
+
+        Example:
+            >>> async def main():
+            ...     async with CommandRegistry("main") as registry:
+            ...         changed = asyncio.Event()
+            ...         registry.on_commands_changed(changed.set)
+            ...         await registry.register_command("calc.add", lambda a, b: a + b)
+            ...         await asyncio.wait_for(changed.wait(), 5)
+            ...         return [c["id"] for c in registry.list_commands()]
+            >>> asyncio.run(main())
+            ['calc.add']
+        """
+        self._driver.check_process()
+        if self._driver.off_loop_thread():
+            return cast(
+                "Callable[[], None]",
+                self._driver.call_on_loop(lambda: self.on_commands_changed(fn)),
+            )
+        return self._channels.watch.add(fn)
 
     def add_close_listener(self, fn: Callable[[str, str], None]) -> Callable[[], None]:
         """Calls ``fn(channel_id, reason)`` when a channel closes (for whatever reason);

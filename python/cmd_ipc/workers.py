@@ -69,6 +69,8 @@ class WorkerHost:
         add_close_listener: ``fn(channel_id, reason)`` on every close; returns an
             unsubscribe callable.
         set_pool: Declares a channel a member of a pool (``None``: of none).
+        commands_changed: Told each time a worker process became ready (its commands
+            joined the tree: a spawn, a restart).
     """
 
     id: str
@@ -82,6 +84,7 @@ class WorkerHost:
     unexpect_close: Callable[[str], None]
     add_close_listener: Callable[[Callable[[str, str], None]], Callable[[], None]]
     set_pool: Callable[[str, str | None], None]
+    commands_changed: Callable[[], None] = lambda: None
 
 
 @dataclass(frozen=True)
@@ -300,6 +303,7 @@ class Worker:
         if op == "ready":
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
+            self._host.commands_changed()
         elif op == "failed":
             if self._ready is not None and not self._ready.done():
                 # The spawn raises: the channel's coming close is no news of its own.

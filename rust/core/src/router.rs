@@ -65,6 +65,15 @@ pub struct Config {
     pub event_ttl: Micros,
     /// Maximum number of requests waiting for a response (local calls plus forwarded).
     pub max_pending: usize,
+    /// Maximum number of one channel's requests this registry serves at once (handler runs
+    /// plus requests it forwarded for that channel), so that one peer cannot take every
+    /// slot of `max_pending` (its timed-out calls whose handlers still run, say).
+    pub max_pending_per_channel: usize,
+    /// Maximum number of commands one channel may register here.
+    pub max_commands_per_channel: usize,
+    /// Maximum size in bytes of a command definition a peer registers or lists (its id,
+    /// description and schemas, as encoded).
+    pub max_command_size: usize,
     /// Maximum number of event ids remembered for dedup.
     pub max_dedup: usize,
     /// Codec limits for inbound frames and local payloads.
@@ -80,6 +89,9 @@ impl Config {
             request_ttl: 30_000_000,
             event_ttl: 5_000_000,
             max_pending: 100_000,
+            max_pending_per_channel: 50_000,
+            max_commands_per_channel: 10_000,
+            max_command_size: 256 * 1024,
             max_dedup: 100_000,
             limits: Limits::default(),
         }
@@ -322,6 +334,11 @@ pub struct Router {
     ids: Box<dyn IdSource>,
     /// Pool of each channel declared a pool member (kept across the channel's reconnects).
     pools: HashMap<String, Arc<str>>,
+    /// Requests of each channel being served here (handler runs, forwards), while > 0: a
+    /// handler may outlive its channel, so this is not in [`ChannelState`].
+    serving: HashMap<ChannelId, usize>,
+    /// Commands each channel registered here (routes it owns or is a pool member of).
+    registered: HashMap<ChannelId, usize>,
 }
 
 impl Router {
@@ -353,6 +370,8 @@ impl Router {
             actions: Vec::new(),
             ids,
             pools: HashMap::with_hasher(keys.clone()),
+            serving: HashMap::with_hasher(keys.clone()),
+            registered: HashMap::with_hasher(keys),
         }
     }
 
@@ -416,6 +435,26 @@ impl Router {
             kind,
             reason,
         });
+    }
+
+    /// One more request of `channel` is being served here.
+    fn serve_start(&mut self, channel: &ChannelId) {
+        *self.serving.entry(channel.clone()).or_insert(0) += 1;
+    }
+
+    /// A request of `channel` served here ended (answered, timed out, or dropped).
+    fn serve_end(&mut self, channel: &ChannelId) {
+        if let Some(n) = self.serving.get_mut(channel) {
+            *n -= 1;
+            if *n == 0 {
+                self.serving.remove(channel);
+            }
+        }
+    }
+
+    /// Requests of `channel` being served here.
+    pub fn serving(&self, channel: &str) -> usize {
+        self.serving.get(channel).copied().unwrap_or(0)
     }
 
     fn in_flight(&self) -> usize {
@@ -587,6 +626,7 @@ impl Router {
         let Some((id, _)) = self.channels.remove_entry(name) else {
             return Err(UsageError::UnknownChannel(name.to_string()));
         };
+        self.registered.remove(&id);
         self.routes.retain(|_, r| match &mut r.owner {
             Owner::Channel { channel, .. } => channel != &id,
             Owner::Local { .. } => true,
@@ -627,6 +667,7 @@ impl Router {
         dead_forwards.sort_unstable();
         for key in dead_forwards {
             if let Some(f) = self.forwards.remove(&key) {
+                self.serve_end(&f.origin);
                 if f.target == id && self.channels.contains_key(&f.origin) {
                     let err = disconnected("a forwarded request");
                     let msg_id = self.new_id();
@@ -654,11 +695,13 @@ impl Router {
             if let Some(r) = self.registrations.remove(&key) {
                 // A child's registration has no wire error for this case; the child's own
                 // request TTL ends it. A local one fails now.
-                if let RegFor::Local { call, .. } = r.for_ {
-                    self.actions.push(Action::RegisterDone {
+                match r.for_ {
+                    RegFor::Local { call, .. } => self.actions.push(Action::RegisterDone {
                         call,
                         result: Err(disconnected("the registration")),
-                    });
+                    }),
+                    RegFor::Child { channel, .. } => self.serve_end(&channel),
+                    RegFor::Again => {}
                 }
             }
         }
@@ -877,6 +920,7 @@ impl Router {
                 self.actions.push(Action::CallDone { call, result });
             }
             Reply::Channel(channel, thid) => {
+                self.serve_end(&channel);
                 if self.channels.contains_key(&channel) {
                     let result = self.adapt_result(result, &channel);
                     let limit = self.config.limits.max_message_size;
@@ -1242,6 +1286,18 @@ impl Router {
             let err = self.not_found(&command_id);
             return self.reply_error(from, id, err);
         }
+        let serving = self.serving(from);
+        if serving >= self.config.max_pending_per_channel {
+            let err = ExecError::new(
+                ErrorCode::InternalError,
+                format!(
+                    "registry '{}' is serving {serving} requests of channel '{from}' \
+                     (max_pending_per_channel); retry later",
+                    self.config.id
+                ),
+            );
+            return self.reply_error(from, id, err);
+        }
         let target = match self.routes.get(&command_id) {
             Some(Route {
                 owner: Owner::Local { handler },
@@ -1254,6 +1310,7 @@ impl Router {
                 }
                 let job = self.token();
                 self.jobs.insert(job, Reply::Channel(from.clone(), id));
+                self.serve_start(from);
                 self.actions.push(Action::RunHandler {
                     job,
                     handler,
@@ -1313,6 +1370,7 @@ impl Router {
             },
         );
         self.forwarded += 1;
+        self.serve_start(from);
         self.request_sent(&target);
         self.send(
             &target,
@@ -1352,6 +1410,7 @@ impl Router {
             }
             if let Some(f) = self.forwards.remove(&thid) {
                 self.request_ended(&f.target);
+                self.serve_end(&f.origin);
                 if self.channels.contains_key(&f.origin) {
                     let response = self.adapt_result(response, &f.origin);
                     let msg_id = self.new_id();
@@ -1381,6 +1440,20 @@ impl Router {
         command: CommandDef,
         now: Micros,
     ) {
+        if let Some(reason) = self.over_registration_bounds(from, &command) {
+            // spec-v1 has one registration error: the peer is told `duplicate_command`, and
+            // the real reason is logged here.
+            self.drop_msg(Some(from), DropKind::Rejected, reason);
+            let msg_id = self.new_id();
+            return self.send(
+                from,
+                Message::RegisterResponse {
+                    id: msg_id,
+                    thid: id,
+                    response: Err(RegisterError::DuplicateCommand),
+                },
+            );
+        }
         if self.owner_conflict(&command.id, Some(from)).is_some() {
             let msg_id = self.new_id();
             return self.send(
@@ -1421,6 +1494,7 @@ impl Router {
                     && !is_private(&command.id)
                     && self.channels.contains_key(&router) =>
             {
+                self.serve_start(from);
                 self.escalate(
                     command,
                     RegFor::Child {
@@ -1458,10 +1532,12 @@ impl Router {
                 if *p == pool {
                     if !members.contains(from) {
                         members.push(from.clone());
+                        *self.registered.entry(from.clone()).or_insert(0) += 1;
                     }
                     return;
                 }
             }
+            *self.registered.entry(from.clone()).or_insert(0) += 1;
             self.routes.insert(
                 def.id.clone(),
                 Route {
@@ -1475,6 +1551,12 @@ impl Router {
             );
             return;
         }
+        let again = matches!(self.routes.get(&def.id),
+            Some(Route { owner: Owner::Channel { channel, learned: Learned::Registered }, .. })
+                if channel == from);
+        if !again {
+            *self.registered.entry(from.clone()).or_insert(0) += 1;
+        }
         self.routes.insert(
             def.id.clone(),
             Route {
@@ -1485,6 +1567,34 @@ impl Router {
                 },
             },
         );
+    }
+
+    /// Why `from` may not register `def` here (too many commands from it, or too big a
+    /// definition), if so.
+    fn over_registration_bounds(&self, from: &ChannelId, def: &CommandDef) -> Option<String> {
+        let size = def_size(def);
+        if size > self.config.max_command_size {
+            return Some(format!(
+                "registration of '{}' refused: its definition is {size} bytes \
+                 (max_command_size {})",
+                truncated(&def.id),
+                self.config.max_command_size
+            ));
+        }
+        let holds_it = match self.routes.get(&def.id).map(|r| &r.owner) {
+            Some(Owner::Channel { channel, .. }) => channel == from,
+            Some(Owner::Pool { members, .. }) => members.contains(from),
+            _ => false,
+        };
+        let held = self.registered.get(from).copied().unwrap_or(0) + self.serving(from);
+        if !holds_it && held >= self.config.max_commands_per_channel {
+            return Some(format!(
+                "registration of '{}' refused: channel '{from}' already registered {held} \
+                 commands (max_commands_per_channel)",
+                truncated(&def.id)
+            ));
+        }
+        None
     }
 
     fn on_register_response(
@@ -1514,6 +1624,9 @@ impl Router {
             RegFor::Child { channel, .. } => Some(channel.clone()),
             RegFor::Local { .. } | RegFor::Again => None,
         };
+        if let Some(c) = &child {
+            self.serve_end(c);
+        }
         let rejected = response.is_err();
         // Re-check: another owner may have appeared here while the ack was on its way.
         let conflict = match response {
@@ -1634,10 +1747,19 @@ impl Router {
             } if channel == from => listed.binary_search(&id.as_str()).is_ok(),
             _ => true,
         });
+        let mut taken = 0usize;
+        let mut refused = 0usize;
         for def in commands {
             if is_private(&def.id) {
                 continue;
             }
+            if taken >= self.config.max_commands_per_channel
+                || def_size(&def) > self.config.max_command_size
+            {
+                refused += 1;
+                continue;
+            }
+            taken += 1;
             let replace = match self.routes.get(&def.id).map(|r| &r.owner) {
                 None => true,
                 Some(Owner::Channel {
@@ -1658,6 +1780,14 @@ impl Router {
                     },
                 );
             }
+        }
+        if refused > 0 {
+            let reason = format!(
+                "{refused} commands listed by '{from}' ignored: over max_commands_per_channel \
+                 ({}) or max_command_size ({} bytes)",
+                self.config.max_commands_per_channel, self.config.max_command_size
+            );
+            self.drop_msg(Some(from), DropKind::Rejected, reason);
         }
     }
 
@@ -1767,6 +1897,7 @@ impl Router {
                 TimerKind::Forward => {
                     if let Some(f) = self.forwards.remove(&key) {
                         self.request_ended(&f.target);
+                        self.serve_end(&f.origin);
                         if self.channels.contains_key(&f.origin) {
                             let err = ExecError::new(
                                 ErrorCode::Timeout,
@@ -1794,7 +1925,7 @@ impl Router {
                                 let target = r.target.clone();
                                 self.drop_msg(Some(&target), DropKind::Rejected, msg);
                             }
-                            RegFor::Child { .. } => {}
+                            RegFor::Child { channel, .. } => self.serve_end(&channel),
                         }
                     }
                 }
@@ -1859,6 +1990,23 @@ pub enum InboundError {
 }
 
 /// A cheap "did you mean" test: same namespace, or a small edit distance.
+/// The bytes a command definition holds (what its peer makes this registry keep).
+fn def_size(def: &CommandDef) -> usize {
+    let schema = def.schema.as_ref().map_or(0, |s| {
+        s.request.as_ref().map_or(0, |p| p.data.len()) + s.response.as_ref().map_or(0, |p| p.data.len())
+    });
+    def.id.len() + def.description.as_ref().map_or(0, String::len) + schema
+}
+
+/// At most 80 bytes of a peer-chosen id, for a log line.
+fn truncated(id: &str) -> &str {
+    let mut end = id.len().min(80);
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    &id[..end]
+}
+
 fn similar(candidate: &str, wanted: &str) -> bool {
     let ns = |s: &str| s.split('.').next().unwrap_or("").to_string();
     if candidate.contains('.') && ns(candidate) == ns(wanted) {

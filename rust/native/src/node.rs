@@ -394,11 +394,14 @@ impl Node {
 
     /// Reads and routes everything waiting on a native channel; then, if `spin_us` > 0,
     /// spins that long over every shared-memory channel (a reply to a request just forwarded
-    /// arrives on another one) before arming the doorbells. Returns at once, with
-    /// `busy`, if a blocking caller holds this channel's reading role. `socket_first`: also
-    /// read the channel's socket on the first pass (do, after a wake-up on [`Node::endpoint_fd`]:
-    /// it drains the doorbell and sees a hang-up; a caller polling again at once need not).
-    pub fn poll_endpoint(&self, id: &str, spin_us: u64, socket_first: bool) -> Poll {
+    /// arrives on another one) before arming the doorbells. Once a frame was read, the spin
+    /// lasts at least `follow_us` from the last one (the next request, or the reply to one
+    /// just forwarded, usually follows within microseconds), so a bare doorbell costs no
+    /// spin while a busy channel is read without wake-ups. Returns at once, with `busy`, if
+    /// a blocking caller holds this channel's reading role. `socket_first`: also read the
+    /// channel's socket on the first pass (do, after a wake-up on [`Node::endpoint_fd`]: it
+    /// drains the doorbell and sees a hang-up; a caller polling again at once need not).
+    pub fn poll_endpoint(&self, id: &str, spin_us: u64, follow_us: u64, socket_first: bool) -> Poll {
         let mut out = Poll::default();
         let Some(ep) = self.endpoint(id) else {
             return out;
@@ -407,7 +410,8 @@ impl Node {
             out.busy = true;
             return out;
         };
-        let others = if spin_us > 0 {
+        let mut spin_us = spin_us;
+        let others = if spin_us > 0 || follow_us > 0 {
             self.shm_endpoints(id)
         } else {
             Vec::new()
@@ -424,6 +428,7 @@ impl Node {
                 Pass::Closed => return out,
                 Pass::Got => {
                     spin_start = None;
+                    spin_us = spin_us.max(follow_us);
                     if !out.actions.is_empty() {
                         out.again = true; // Python has work: hand it over, then poll again
                         break;
@@ -450,6 +455,7 @@ impl Node {
             }
             if other_got {
                 spin_start = None;
+                spin_us = spin_us.max(follow_us);
                 if !out.actions.is_empty() {
                     out.again = true;
                     break;

@@ -97,13 +97,22 @@ struct Server {
 impl Server {
     fn start(
         node: Arc<Node>,
+        on_run: impl FnMut(&Node, u64, Option<Payload>) + Send + 'static,
+    ) -> Server {
+        Server::on(node, "a", on_run)
+    }
+
+    /// Serves `node`'s channel `channel`.
+    fn on(
+        node: Arc<Node>,
+        channel: &'static str,
         mut on_run: impl FnMut(&Node, u64, Option<Payload>) + Send + 'static,
     ) -> Server {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = thread::spawn(move || {
             while !flag.load(Ordering::Relaxed) {
-                let poll = node.poll_endpoint("a", 0, true);
+                let poll = node.poll_endpoint(channel, 0, 0, true);
                 for a in poll.actions {
                     match a {
                         NodeAction::Router(Action::RunHandler { job, request, .. }) => {
@@ -114,7 +123,7 @@ impl Server {
                     }
                 }
                 if !poll.again {
-                    let Some(fd) = node.endpoint_fd("a") else {
+                    let Some(fd) = node.endpoint_fd(channel) else {
                         return;
                     };
                     let _ = transport::wait_readable(&[fd], 10);
@@ -200,13 +209,13 @@ fn the_loop_steps_aside_while_a_blocking_caller_reads_a_stream_channel() {
         // The caller waits in poll() on the socket holding the reading role: the event loop
         // finds the channel busy and must not read (it would race for the reply's bytes).
         assert!(a.endpoint_busy("b"));
-        let poll = a.poll_endpoint("b", 0, true);
+        let poll = a.poll_endpoint("b", 0, 0, true);
         assert!(poll.busy && poll.actions.is_empty(), "{poll:?}");
         release.send(()).unwrap();
         assert_eq!(caller.join().unwrap(), Ok(request(7)));
         // Handed back: the loop reads the channel again.
         assert!(!a.endpoint_busy("b"));
-        assert!(!a.poll_endpoint("b", 0, true).busy);
+        assert!(!a.poll_endpoint("b", 0, 0, true).busy);
     });
 }
 
@@ -224,7 +233,7 @@ fn replies_read_by_another_thread_complete_the_blocking_caller() {
                 let (a, stop) = (a.clone(), stop.clone());
                 thread::spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
-                        let poll = a.poll_endpoint("b", 20, true);
+                        let poll = a.poll_endpoint("b", 20, 0, true);
                         if poll.busy || !poll.again {
                             let fd = a.endpoint_fd("b").unwrap();
                             let _ = transport::wait_readable(&[fd, a.wake_fd()], 1);
@@ -387,4 +396,75 @@ fn call_many_sync_keeps_at_most_window_calls_in_flight() {
             assert_eq!(*most.lock().unwrap(), window, "{kind:?}");
         });
     }
+}
+
+#[test]
+fn a_read_that_forwarded_a_request_spins_on_for_the_reply() {
+    // a -> m -> c over shared memory: `m` forwards natively (no action for its loop). One
+    // poll of `m` with a follow-on spin reads the request, forwards it, and forwards c's
+    // reply back too, so the caller is answered without `m` waiting for a doorbell; with no
+    // follow-on spin the reply would sit in m's ring until m's next wake-up.
+    within(20, || {
+        let mut config = Config::new("a");
+        config.router_channel = Some("m".into());
+        let a = Arc::new(Node::new(config, Box::new(SeededIds::new(1))).unwrap());
+        let m = Arc::new(Node::new(Config::new("m"), Box::new(SeededIds::new(2))).unwrap());
+        let mut config = Config::new("c");
+        config.router_channel = Some("m".into());
+        let c = Arc::new(Node::new(config, Box::new(SeededIds::new(3))).unwrap());
+        let (am, ma) = endpoints(Kind::Shm);
+        let (cm, mc) = endpoints(Kind::Shm);
+        a.add_endpoint("m", am).unwrap();
+        m.add_endpoint("a", ma).unwrap();
+        c.add_endpoint("m", cm).unwrap();
+        m.add_endpoint("c", mc).unwrap();
+        // c registers `echo` upward; m learns the route (and acknowledges).
+        c.with_router(|r| r.register_local(CommandDef::new("echo"), ECHO, 0));
+        // c's list answer is taken too, so that m's reads below see only the call.
+        let deadline = transport::monotonic_micros() + 10 * SEC;
+        let mut listed = false;
+        while !listed || m.with_router(|r| r.route_of("echo")).0.as_deref() != Some("c") {
+            assert!(transport::monotonic_micros() < deadline, "echo never registered");
+            let _ = c.poll_endpoint("m", 0, 0, true);
+            let poll = m.poll_endpoint("c", 0, 0, true);
+            listed |= poll
+                .actions
+                .iter()
+                .any(|x| matches!(x, NodeAction::Router(Action::Listed { .. })));
+            thread::sleep(Duration::from_millis(1));
+        }
+        let _server = Server::on(c, "m", |node, job, request| {
+            complete(node, job, Ok(request))
+        });
+        // The list exchange of attach: a answers m's list request, m takes a's answer.
+        let deadline = transport::monotonic_micros() + 10 * SEC;
+        loop {
+            let _ = a.poll_endpoint("m", 0, 0, true);
+            let poll = m.poll_endpoint("a", 0, 0, true);
+            if poll
+                .actions
+                .iter()
+                .any(|x| matches!(x, NodeAction::Router(Action::Listed { .. })))
+            {
+                break;
+            }
+            assert!(transport::monotonic_micros() < deadline, "a never listed");
+            thread::sleep(Duration::from_millis(1));
+        }
+        // m parks on "a" (nothing there now), so a's request rings m's doorbell.
+        assert!(m.poll_endpoint("a", 0, 0, true).actions.is_empty());
+        let (done_tx, done) = mpsc::channel();
+        let caller = {
+            let a = a.clone();
+            thread::spawn(move || done_tx.send(call(&a, request(9), 10 * SEC)).unwrap())
+        };
+        // Wait for the request's doorbell, then poll m once.
+        let fd = m.endpoint_fd("a").unwrap();
+        transport::wait_readable(&[fd], 10_000).unwrap();
+        let poll = m.poll_endpoint("a", 0, 300_000, true);
+        assert!(poll.actions.is_empty(), "{poll:?}");
+        let got = done.recv_timeout(Duration::from_secs(5));
+        assert_eq!(got, Ok(Ok(request(9))), "the reply was not forwarded by that one poll");
+        caller.join().unwrap();
+    });
 }

@@ -370,7 +370,8 @@ impl Node {
     #[new]
     #[pyo3(signature = (id, router_channel=None, *, request_ttl=30.0, event_ttl=5.0,
         max_pending=100_000, max_dedup=100_000, max_message_size=67_108_864, max_depth=64,
-        spin_us=50))]
+        spin_us=50, max_pending_per_channel=None, max_commands_per_channel=10_000,
+        max_command_size=262_144))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         id: &str,
@@ -382,6 +383,9 @@ impl Node {
         max_message_size: usize,
         max_depth: usize,
         spin_us: u64,
+        max_pending_per_channel: Option<usize>,
+        max_commands_per_channel: usize,
+        max_command_size: usize,
     ) -> PyResult<Self> {
         if id.is_empty() {
             return Err(PyValueError::new_err(
@@ -400,9 +404,22 @@ impl Node {
                 )));
             }
         }
-        if max_depth == 0 || max_message_size == 0 || max_pending == 0 || max_dedup == 0 {
+        // Half of max_pending by default: one peer never takes every slot.
+        let per_channel = max_pending_per_channel.unwrap_or((max_pending / 2).max(1));
+        if [
+            max_depth,
+            max_message_size,
+            max_pending,
+            max_dedup,
+            per_channel,
+            max_commands_per_channel,
+            max_command_size,
+        ]
+        .contains(&0)
+        {
             return Err(PyValueError::new_err(
-                "max_pending, max_dedup, max_message_size and max_depth must be positive",
+                "max_pending, max_pending_per_channel, max_dedup, max_message_size, max_depth, \
+                 max_commands_per_channel and max_command_size must be positive",
             ));
         }
         let mut config = Config::new(id);
@@ -410,6 +427,9 @@ impl Node {
         config.request_ttl = to_micros(request_ttl);
         config.event_ttl = to_micros(event_ttl);
         config.max_pending = max_pending;
+        config.max_pending_per_channel = per_channel;
+        config.max_commands_per_channel = max_commands_per_channel;
+        config.max_command_size = max_command_size;
         config.max_dedup = max_dedup;
         config.limits = Limits {
             max_message_size,
@@ -490,14 +510,17 @@ impl Node {
 
     /// Reads a native channel (GIL released); returns (actions, again, want_write, busy).
     /// Requests for plain sync handlers (see `set_fast_handler`) are served right here, up
-    /// to `budget` read passes, without returning to Python in between.
-    #[pyo3(signature = (channel, spin_us=0, budget=64))]
+    /// to `budget` read passes, without returning to Python in between. `spin_us`: spin
+    /// for a first frame; `follow_us`: after a frame was read, spin that long for the next
+    /// (see `Node::poll_endpoint`).
+    #[pyo3(signature = (channel, spin_us=0, budget=64, follow_us=0))]
     fn poll_native<'py>(
         &self,
         py: Python<'py>,
         channel: &str,
         spin_us: u64,
         budget: u32,
+        follow_us: u64,
     ) -> PyResult<(Bound<'py, PyList>, bool, bool, bool)> {
         let node = &self.inner;
         let mut for_python: Vec<NodeAction> = Vec::new();
@@ -506,7 +529,10 @@ impl Node {
         let has_fast = !self.fast_table().handlers.is_empty();
         for pass in 0..budget.max(1) {
             // The socket is read once per call (after the loop's wake-up), not per request.
-            let poll = py.detach(|| node.poll_endpoint(channel, spin_us, pass == 0));
+            // A pass after one that served requests spins for the next (a client's next
+            // call usually comes within microseconds of its reply).
+            let spin = if pass == 0 { spin_us } else { spin_us.max(follow_us) };
+            let poll = py.detach(|| node.poll_endpoint(channel, spin, follow_us, pass == 0));
             again = poll.again;
             want_write |= poll.want_write;
             busy = poll.busy;

@@ -1449,3 +1449,158 @@ fn a_request_for_a_detached_router_is_channel_disconnected_not_not_found() {
         "{m:?}"
     );
 }
+
+fn error_code_of(m: &Message) -> Option<ErrorCode> {
+    match m {
+        Message::ExecuteResponse {
+            response: Err(e), ..
+        } => Some(e.code),
+        _ => None,
+    }
+}
+
+#[test]
+fn one_channel_cannot_take_every_slot_of_max_pending() {
+    let mut c = Config::new("svc");
+    c.max_pending = 10;
+    c.max_pending_per_channel = 3;
+    let mut r = Router::new(c, ids_for("svc"));
+    for ch in ["a", "b", "w"] {
+        r.add_channel(ch, Encoding::Json).unwrap();
+    }
+    r.take_actions();
+    r.register_local(CommandDef::new("slow"), 1, 0);
+    register(&mut r, "w", "remote");
+    // a's handler runs never finish (its calls timed out on a's side, say).
+    let mut jobs = Vec::new();
+    for _ in 0..3 {
+        r.handle_message("a", exec_req("slow"), 0).unwrap();
+        let acts = r.take_actions();
+        match &acts[..] {
+            [Action::RunHandler { job, .. }] => jobs.push(*job),
+            other => panic!("{other:#?}"),
+        }
+    }
+    // The fourth, to a handler or forwarded, is refused at once.
+    for cmd in ["slow", "remote"] {
+        r.handle_message("a", exec_req(cmd), 0).unwrap();
+        let (to, m) = only_send(&r.take_actions());
+        assert_eq!(to, "a");
+        assert_eq!(error_code_of(&m), Some(ErrorCode::InternalError), "{m:?}");
+    }
+    assert_eq!(r.serving("a"), 3);
+    // b is still served.
+    r.handle_message("b", exec_req("slow"), 0).unwrap();
+    assert!(matches!(r.take_actions()[..], [Action::RunHandler { .. }]));
+    // A run that ends frees a slot of a's.
+    r.complete_job(jobs[0], Ok(None)).unwrap();
+    r.take_actions();
+    assert_eq!(r.serving("a"), 2);
+    r.handle_message("a", exec_req("remote"), 0).unwrap();
+    let (to, fwd) = only_send(&r.take_actions());
+    assert_eq!(to, "w");
+    assert_eq!(r.serving("a"), 3);
+    // A forward that times out frees its slot too; so does one that is answered.
+    r.tick(r.config().request_ttl + 1);
+    r.take_actions();
+    assert_eq!(r.serving("a"), 2);
+    let _ = fwd;
+    r.handle_message("a", exec_req("remote"), 0).unwrap();
+    let (_, fwd) = only_send(&r.take_actions());
+    r.handle_message(
+        "w",
+        Message::ExecuteResponse {
+            id: new_id(),
+            thid: fwd.id().to_string(),
+            response: ok_payload("1"),
+        },
+        0,
+    )
+    .unwrap();
+    r.take_actions();
+    assert_eq!(r.serving("a"), 2);
+    // The runs of a channel that closed still count until they end, then nothing is left.
+    r.close_channel("a").unwrap();
+    r.take_actions();
+    assert_eq!(r.serving("a"), 2);
+    for job in &jobs[1..] {
+        r.complete_job(*job, Ok(None)).unwrap();
+    }
+    assert_eq!(r.serving("a"), 0);
+}
+
+#[test]
+fn a_channel_registers_a_bounded_number_of_bounded_commands() {
+    let mut c = Config::new("root");
+    c.max_commands_per_channel = 3;
+    c.max_command_size = 100;
+    let mut r = Router::new(c, ids_for("root"));
+    for ch in ["a", "b"] {
+        r.add_channel(ch, Encoding::Json).unwrap();
+    }
+    r.take_actions();
+    let refused = |acts: &[Action]| {
+        let (_, m) = only_send(acts);
+        let dropped = acts.iter().any(|a| {
+            matches!(a, Action::Dropped { kind: DropKind::Rejected, reason, .. }
+                if reason.contains("max_command"))
+        });
+        matches!(
+            m,
+            Message::RegisterResponse {
+                response: Err(RegisterError::DuplicateCommand),
+                ..
+            }
+        ) && dropped
+    };
+    for i in 0..3 {
+        assert!(!refused(&register(&mut r, "a", &format!("a.{i}"))));
+    }
+    // Registering again an id it holds (a restarted worker) is not one more.
+    assert!(!refused(&register(&mut r, "a", "a.0")));
+    assert!(refused(&register(&mut r, "a", "a.3")));
+    assert_eq!(owner(&r, "a.3"), None);
+    // Another channel has its own count; a definition over the size bound is refused.
+    assert!(!refused(&register(&mut r, "b", "b.0")));
+    let mut big = CommandDef::new("b.big");
+    big.description = Some("x".repeat(200));
+    r.handle_message(
+        "b",
+        Message::RegisterRequest {
+            id: new_id(),
+            command: big,
+        },
+        0,
+    )
+    .unwrap();
+    assert!(refused(&r.take_actions()));
+    // A list is bounded the same way.
+    let mut listed: Vec<CommandDef> = (0..5).map(|i| CommandDef::new(format!("l.{i}"))).collect();
+    listed[0].description = Some("y".repeat(200));
+    r.handle_message(
+        "b",
+        Message::ListResponse {
+            id: new_id(),
+            thid: "t".into(),
+            commands: listed,
+        },
+        0,
+    )
+    .unwrap();
+    let acts = r.take_actions();
+    assert!(acts
+        .iter()
+        .any(|a| matches!(a, Action::Dropped { kind: DropKind::Rejected, .. })));
+    let known: Vec<String> = r
+        .list_commands()
+        .into_iter()
+        .map(|d| d.id)
+        .filter(|i| i.starts_with("l."))
+        .collect();
+    assert_eq!(known, ["l.1", "l.2", "l.3"]);
+    // A channel that closes and comes back starts from nothing.
+    r.close_channel("a").unwrap();
+    r.add_channel("a", Encoding::Json).unwrap();
+    r.take_actions();
+    assert!(!refused(&register(&mut r, "a", "a.3")));
+}

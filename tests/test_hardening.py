@@ -1,0 +1,47 @@
+"""A broken or hostile peer holds a bounded share of a registry (issue: hardening)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from cmd_ipc import CommandRegistry, CommandTimeoutError, InternalError
+from cmd_ipc.http import HTTPChannel, serve
+from helpers import eventually
+
+
+async def test_timed_out_http_calls_cannot_grow_the_servers_jobs_without_limit() -> None:
+    """Calls through the HTTP server that time out on the client while their handlers keep
+    running: the server's handler runs for that endpoint stop at max_pending_per_channel,
+    later calls are refused at once with a clear error, and the server recovers when the
+    runs end."""
+    release = asyncio.Event()
+    async with CommandRegistry("api", max_pending=20) as api:
+
+        async def stuck() -> str:
+            await release.wait()
+            return "late"
+
+        await api.register_command("stuck", stuck)
+        await api.register_command("ping", lambda: "pong")
+        server = await serve(api, host="127.0.0.1", port=0)
+        try:
+            async with CommandRegistry("client") as client:
+                await client.register_channel(HTTPChannel("api", server.url))
+                outcomes: list[Any] = []
+                for _ in range(30):
+                    try:
+                        await client.execute_command("stuck", timeout=0.2)
+                    except (CommandTimeoutError, InternalError) as e:
+                        outcomes.append(e)
+                jobs = api.stats()["jobs"]
+                assert jobs <= 10, f"{jobs} handler runs kept for one endpoint (cap 10)"
+                refused = [e for e in outcomes if isinstance(e, InternalError)]
+                assert len(refused) == 20, outcomes
+                assert "max_pending_per_channel" in str(refused[0])
+                release.set()
+                # Every stuck run returns; then the endpoint is served again.
+                await eventually(lambda: api.stats()["jobs"] == 0, 5)
+                assert await client.execute_command("ping") == "pong"
+        finally:
+            await server.close()
