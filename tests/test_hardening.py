@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from typing import Any
 
-from cmd_ipc import CommandRegistry, CommandTimeoutError, InternalError
+from cmd_ipc import CommandRegistry, CommandTimeoutError, InternalError, RestartPolicy
 from cmd_ipc.http import HTTPChannel, serve
 from helpers import eventually
 
@@ -45,3 +47,24 @@ async def test_timed_out_http_calls_cannot_grow_the_servers_jobs_without_limit()
                 assert await client.execute_command("ping") == "pong"
         finally:
             await server.close()
+
+
+async def test_a_worker_killed_while_its_restart_starts_is_restarted_again() -> None:
+    async with CommandRegistry("main") as main:
+        worker = await main.spawn_worker(
+            "w", "hardening_targets:slow_start", restart=RestartPolicy(backoff=0.05)
+        )
+        first = worker.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        # The restart spawns a new process, which takes a second to be ready: kill it then.
+        await eventually(lambda: worker.pid not in (None, first), 10)
+        second = worker.pid
+        assert second is not None
+        os.kill(second, signal.SIGKILL)
+        await eventually(lambda: worker.pid not in (None, first, second), 15)
+        await worker.ready(15)
+        pid = await main.execute_command("slow.pid", timeout=10)
+        assert pid == worker.pid
+        assert worker.restarts >= 2
+        await worker.stop()

@@ -385,19 +385,22 @@ class Worker:
             # The data channel saw end-of-file already; make sure it is gone before a restart.
             if self._host.has_channel(self.id):
                 self._loop.create_task(self._host.close_channel(self.id))
-            policy = self.restart
-            down = f"worker {self.id!r} exited with status {code}"
-            if policy is None or self._host.is_closed():
-                self._down = down + " and has no restart policy" if policy is None else down
-                return
-            if policy.max_restarts is not None and self.restarts >= policy.max_restarts:
-                logger.error("worker %r: giving up after %d restarts", self.id, self.restarts)
-                self._down = f"{down}; gave up after {self.restarts} restarts"
-                return
-            delay = policy.delay(self.restarts)
-            self._restart_task = self._loop.create_task(self._restart(delay))
+            self._apply_policy(f"worker {self.id!r} exited with status {code}")
         finally:
             self._notify()
+
+    def _apply_policy(self, down: str) -> None:
+        """The worker is down (``down`` says why): restart it if its policy allows."""
+        policy = self.restart
+        if policy is None or self._host.is_closed():
+            self._down = down + " and has no restart policy" if policy is None else down
+            return
+        if policy.max_restarts is not None and self.restarts >= policy.max_restarts:
+            logger.error("worker %r: giving up after %d restarts", self.id, self.restarts)
+            self._down = f"{down}; gave up after {self.restarts} restarts"
+            return
+        delay = policy.delay(self.restarts)
+        self._restart_task = self._loop.create_task(self._restart(delay))
 
     async def _restart(self, delay: float) -> None:
         await asyncio.sleep(delay)  # the policy's backoff
@@ -410,8 +413,15 @@ class Worker:
             await self._start()
             logger.info("worker %r restarted (pid %s)", self.id, self.pid)
         except Exception as e:
+            # (stop() cancels this task: a failure here is never a stop asked for.)
             logger.error("restart of worker %r failed: %s", self.id, e)
-            self._down = f"the restart of worker {self.id!r} failed: {e}"
+            if self._host.is_closed():
+                return
+            # A restart that fails (killed while it started, its setup raised) is one more
+            # exit: the policy decides again (its backoff keeps a failing setup from
+            # spinning). The failed start marked its own end as expected; the next is not.
+            self._stopping = False
+            self._apply_policy(f"the restart of worker {self.id!r} failed: {e}")
             self._notify()
 
     async def _detached(self) -> None:
