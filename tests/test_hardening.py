@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from typing import Any
 
+import aiohttp
 from cmd_ipc import CommandRegistry, CommandTimeoutError, InternalError, RestartPolicy
 from cmd_ipc.http import HTTPChannel, serve
 from helpers import eventually
@@ -68,3 +70,54 @@ async def test_a_worker_killed_while_its_restart_starts_is_restarted_again() -> 
         assert pid == worker.pid
         assert worker.restarts >= 2
         await worker.stop()
+
+
+async def test_numbers_no_peer_can_carry_are_invalid_request_before_the_handler() -> None:
+    """Over HTTP, ``1e400`` (infinity to Python) and integers outside 64 bits used to run
+    the handler and fail afterwards as ``internal_error``; now they are a 400, as is an
+    empty ``id``. (Over a channel, the request is answered ``invalid_request``.)"""
+    ran: list[Any] = []
+    async with CommandRegistry("api") as api:
+
+        def echo(**kw: Any) -> Any:
+            ran.append(kw)
+            return kw
+
+        await api.register_command("echo", echo, validate=False)
+        server = await serve(api, host="127.0.0.1", port=0)
+        try:
+            async with aiohttp.ClientSession() as session:
+
+                async def post(body: str) -> tuple[int, Any]:
+                    async with session.post(
+                        server.url + "/cmd",
+                        data=body,
+                        headers={"Content-Type": "application/json"},
+                    ) as r:
+                        text = await r.text()
+                        return r.status, json.loads(text) if r.status == 200 else text
+
+                for n in ["1e400", "18446744073709551616", "-9223372036854775809"]:
+                    status, answer = await post(
+                        '{"id":"r1","type":"execute.command.request","commandId":"echo",'
+                        f'"request":{{"a":{n}}}}}'
+                    )
+                    # Refused as the malformed message it is, before anything runs.
+                    assert status == 400, (n, answer)
+                    assert "out of range" in answer, (n, answer)
+                status, _ = await post(
+                    '{"id":"","type":"execute.command.request","commandId":"echo"}'
+                )
+                assert status == 400
+                assert ran == []
+                # The edges of the range are carried.
+                status, answer = await post(
+                    '{"id":"r2","type":"execute.command.request","commandId":"echo",'
+                    '"request":{"a":18446744073709551615,"b":1e300}}'
+                )
+                assert answer["response"] == {
+                    "ok": True,
+                    "result": {"a": 18446744073709551615, "b": 1e300},
+                }
+        finally:
+            await server.close()

@@ -412,7 +412,16 @@ BIG_INTS = [2**64, -(2**63) - 1, 10**30, -(10**30)]
 
 
 @pytest.mark.parametrize("value", BIG_INTS)
-def test_big_integer_json_to_json_is_exact(value: int) -> None:
+def test_big_integer_json_is_refused_even_json_to_json(value: int) -> None:
+    # No peer of the protocol carries integers beyond 64 bits (msgpack, the Rust and the
+    # TypeScript implementations): refused wherever JSON enters, so a handler never runs on
+    # a value that would fail on its way back.
+    with pytest.raises(ProtocolError, match="out of range"):
+        transcode(event_with(str(value)), "json", "json")
+
+
+@pytest.mark.parametrize("value", [2**64 - 1, -(2**63), 10**18])
+def test_integers_at_the_64_bit_edges_are_exact(value: int) -> None:
     out = transcode(event_with(str(value)), "json", "json")
     assert_same(value, json.loads(out)["payload"])
 

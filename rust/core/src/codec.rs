@@ -126,11 +126,57 @@ pub fn check_json_depth(data: &[u8], max_depth: usize) -> Result<(), CodecError>
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < data.len() && matches!(data[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') {
+                    i += 1;
+                }
+                check_json_number(&data[start..i])?;
+                continue;
+            }
             _ => {}
         }
         i += 1;
     }
     Ok(())
+}
+
+/// Refuses a JSON number no peer of the protocol can carry: an integer outside the 64-bit
+/// range msgpack holds (-2^63 .. 2^64-1), or a float that overflows a double (`1e400`, which
+/// Python would read as infinity). Short tokens, the common case, are not parsed.
+fn check_json_number(token: &[u8]) -> Result<(), CodecError> {
+    let float = token.iter().any(|b| matches!(b, b'.' | b'e' | b'E'));
+    let out_of_range = |what: &str| {
+        let shown = String::from_utf8_lossy(&token[..token.len().min(40)]).into_owned();
+        CodecError::InvalidMessage(format!("number {shown} is out of range ({what})"))
+    };
+    // Without an exponent a float needs over 300 digits to overflow; 18 digits fit i64.
+    let has_exp = token.iter().any(|b| matches!(b, b'e' | b'E'));
+    if float {
+        if !has_exp && token.len() < 300 {
+            return Ok(());
+        }
+        let Ok(text) = std::str::from_utf8(token) else {
+            return Ok(()); // the parser reports it
+        };
+        return match text.parse::<f64>() {
+            Ok(v) if !v.is_finite() => Err(out_of_range("beyond a 64-bit float")),
+            _ => Ok(()),
+        };
+    }
+    if token.len() <= 18 {
+        return Ok(());
+    }
+    let Ok(text) = std::str::from_utf8(token) else {
+        return Ok(());
+    };
+    if text.parse::<i64>().is_ok() || text.parse::<u64>().is_ok() {
+        return Ok(());
+    }
+    if text.bytes().all(|b| b == b'-' || b.is_ascii_digit()) {
+        return Err(out_of_range("integers are -2^63 .. 2^64-1"));
+    }
+    Ok(()) // not a number at all: the parser reports it
 }
 
 /// Prepares JSON text for transcoding to msgpack: integer literals must fit 64 bits (serde
@@ -1218,6 +1264,35 @@ impl Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_numbers_no_peer_can_carry_are_refused() {
+        let limits = Limits::default();
+        let msg = |n: &str| {
+            format!(r#"{{"id":"r1","type":"execute.command.request","commandId":"c","request":{{"a":{n}}}}}"#)
+        };
+        for bad in ["1e400", "-1e400", "18446744073709551616", "-9223372036854775809", "1E309"] {
+            let err = decode_json(msg(bad).as_bytes(), &limits).unwrap_err();
+            assert_eq!(err.code(), "invalid_message", "{bad}: {err}");
+            assert!(err.to_string().contains("out of range"), "{err}");
+            // Recognisably an execute request: answered invalid_request, not just dropped.
+            assert_eq!(
+                sniff_execute_request(msg(bad).as_bytes(), Encoding::Json, &err).as_deref(),
+                Some("r1")
+            );
+            let local = Payload::json(format!(r#"{{"a":{bad}}}"#));
+            assert!(validate_payload(&local, &limits).is_err(), "{bad}");
+        }
+        for good in [
+            "1e300", "-1.5", "0", "-0", "18446744073709551615", "-9223372036854775808",
+            "123456789012345678", "1.000000000000000000000001",
+        ] {
+            decode_json(msg(good).as_bytes(), &limits).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        // Digits inside strings are not numbers.
+        decode_json(msg(r#""99999999999999999999999""#).as_bytes(), &limits).unwrap();
+    }
+
 
     #[test]
     fn fast_msgpack_path_agrees_with_the_general_decoder() {
