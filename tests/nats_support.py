@@ -8,6 +8,7 @@ nothing depends on a server that happens to listen on this machine.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -17,9 +18,9 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from cmd_ipc import CommandRegistry
@@ -32,6 +33,7 @@ __all__ = [
     "mesh",
     "namespace",
     "nats_url",
+    "until",
 ]
 
 HERE = Path(__file__).resolve().parent
@@ -42,6 +44,25 @@ FAST: dict[str, Any] = {
     "reconnect_time_wait": 0.1,
     "open_timeout": 5.0,
 }
+
+
+T = TypeVar("T")
+
+
+async def until(
+    probe: Callable[[], Awaitable[T]], accept: Callable[[T], bool], timeout: float = 10.0
+) -> T:
+    """Awaits ``probe()`` (a round trip over NATS: a call, a KV read) again and again until
+    ``accept`` takes its result, which it returns; fails the test after ``timeout`` seconds.
+    Each try waits on its answer, never on a sleep."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        got = await asyncio.wait_for(probe(), max(deadline - loop.time(), 0.01))
+        if accept(got):
+            return got
+        if loop.time() > deadline:
+            raise AssertionError(f"not accepted within {timeout}s: {got!r}")
 
 
 @pytest.fixture(scope="session")

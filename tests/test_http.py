@@ -1196,6 +1196,35 @@ async def test_expose_limits_listing_and_calling_alike(
     assert resets == []
 
 
+async def test_expose_is_not_bypassed_by_json_escapes(
+    registries: Make, servers: Serve, session: aiohttp.ClientSession
+) -> None:
+    """The type and the command id are checked as the decoder reads them: spelled with
+    JSON escapes, a call of a hidden command is still not_found and never runs."""
+    api, runs = await api_with_commands(registries)
+    server = await servers(api, expose="calc.*")
+    for body in (
+        r'{"id":"e1","type":"execute.command.requ\u0065st","commandId":"stuck"}',
+        r'{"id":"e2","type":"\u0065xecute.command.request","commandId":"st\u0075ck"}',
+        r'{"id":"e3","type":"execute.command.request","commandId":"\u0073tuck"}',
+    ):
+        async with session.post(server.url + "/cmd", data=body, headers=JSON_HEADERS) as r:
+            assert r.status == 200, await r.text()
+            (answer,) = ndjson_lines(await r.read())
+        assert answer["thid"] == json.loads(body)["id"]
+        assert answer["response"]["error"] == {
+            "code": "not_found",
+            "message": "command 'stuck' is not registered anywhere registry 'api' can reach",
+        }, body
+    assert runs["stuck"] == 0
+    # An exposed command spelled with escapes is still called.
+    body = r'{"id":"e4","type":"execute.command.requ\u0065st","commandId":"calc.add",'
+    body += r'"request":{"a":1,"b":2}}'
+    async with session.post(server.url + "/cmd", data=body, headers=JSON_HEADERS) as r:
+        (answer,) = ndjson_lines(await r.read())
+    assert answer["response"] == {"ok": True, "result": 3}
+
+
 async def test_expose_takes_a_predicate_or_a_pattern(
     registries: Make, servers: Serve, session: aiohttp.ClientSession
 ) -> None:

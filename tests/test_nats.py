@@ -14,11 +14,14 @@ import asyncio
 import importlib
 import json
 import logging
+import shutil
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import nats
+import nats.js.errors
 import pytest
 import spec_support
 from cmd_ipc import (
@@ -42,7 +45,7 @@ from helpers import eventually, settle
 from hypothesis import given
 from hypothesis import strategies as st
 from nats.micro.service import ServiceInfo
-from nats_support import FAST, machines, mesh, namespace, nats_url
+from nats_support import FAST, machines, mesh, namespace, nats_url, until
 
 __all__ = ["machines", "mesh", "namespace", "nats_url"]  # fixtures
 
@@ -221,10 +224,14 @@ async def test_payloads_larger_than_max_payload(
     assert await b.execute_command("big.echo", {"text": "small"}) == "small"
     got: list[Any] = []
     a.add_event_listener("big.event", got.append)
+    a.add_event_listener("small.event", got.append)
     with caplog.at_level(logging.WARNING, "cmd_ipc.nats"):
         b.emit_event("big.event", "x" * (limit + 1))
     assert "max_payload" in caplog.text
-    assert got == []
+    # One connection publishes in order: once the marker arrived, the big one would have.
+    b.emit_event("small.event", "marker")
+    await eventually(lambda: "marker" in got, 5)
+    assert got == ["marker"]
 
 
 async def test_events_reach_every_machine_once(mesh: Any) -> None:
@@ -377,10 +384,23 @@ async def test_auth_options_reach_nats(namespace: str) -> None:
             await root.close()
 
 
+async def claim_of(channel: NatsChannel, command_id: str) -> Any:
+    """The entry of ``command_id`` in the claims bucket of ``channel``'s namespace (``None``
+    when there is none, or no bucket)."""
+    js = channel.client.jetstream()  # type: ignore[union-attr]
+    try:
+        kv = await js.key_value(f"cmdipc-{channel.namespace}-claims")
+        return await kv.get(encode_id(command_id))
+    except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError):
+        return None
+
+
 @own_server
-async def test_server_restart(namespace: str) -> None:
+@pytest.mark.parametrize("keep_store", [True, False], ids=["with-store", "store-lost"])
+async def test_server_restart(namespace: str, keep_store: bool) -> None:
     """Calls fail fast while the server is down, and work again once it is back (the
-    subscriptions, the claims and the root's commands restored)."""
+    subscriptions, the claims and the root's commands restored), also when the server
+    lost its JetStream data (the claims bucket is made and claimed again)."""
     with NatsServer() as server:
         a = CommandRegistry("a", router_channel="mesh", request_ttl=10.0)
         b = CommandRegistry("b", router_channel="mesh", request_ttl=10.0)
@@ -393,6 +413,8 @@ async def test_server_restart(namespace: str) -> None:
             await a.register_command("calc.add", lambda x, y: x + y)
             await cb.wait_available("calc.add")
             assert await b.execute_command("calc.add", {"x": 1, "y": 2}) == 3
+            before = await claim_of(ca, "calc.add")
+            assert before is not None and json.loads(before.value)["name"] == "a"
 
             never = asyncio.Event()
 
@@ -404,6 +426,8 @@ async def test_server_restart(namespace: str) -> None:
             waiting = asyncio.ensure_future(b.execute_command("slow.op", timeout=30))
             await eventually(lambda: ca.stats()["pending_in"] == 1, 5)
             server.kill()
+            if not keep_store:
+                shutil.rmtree(server.store_dir)
             # The call waiting on the mesh fails with channel_disconnected at once...
             with pytest.raises(ChannelDisconnectedError):
                 await asyncio.wait_for(waiting, 10)
@@ -417,7 +441,19 @@ async def test_server_restart(namespace: str) -> None:
             await ca.wait_connected(15)
             assert await b.execute_command("calc.add", {"x": 2, "y": 2}, timeout=10) == 4
             await eventually(lambda: "calc.add" in {c["id"] for c in b.list_commands()}, 5)
-            # The exclusive claim survived (a re-registration by another machine fails).
+            # The exclusive claim is in the bucket again: a's, claimed again after the
+            # reconnection (a later revision; a new bucket counts from 1 again).
+            after = await until(
+                lambda: claim_of(ca, "calc.add"),
+                lambda e: (
+                    e is not None
+                    and json.loads(e.value)["instance"] == ca.instance_id
+                    and (e.revision > before.revision or not keep_store)
+                ),
+                10,
+            )
+            assert json.loads(after.value)["name"] == "a"
+            # A re-registration by another machine fails.
             c = CommandRegistry("c", router_channel="mesh")
             try:
                 await c.register_channel(
@@ -432,6 +468,208 @@ async def test_server_restart(namespace: str) -> None:
         finally:
             await b.close()
             await a.close()
+
+
+@own_server
+async def test_wait_connected_waits_out_a_lost_connection(namespace: str) -> None:
+    """Attached while nats-py knows the connection is lost (the moment between the loss
+    and its report): wait_connected waits until connected again, it does not give up."""
+    with NatsServer(jetstream=False) as server:
+        root = CommandRegistry("a", router_channel="mesh")
+        channel = NatsChannel("mesh", server.url, namespace=namespace, name="a", **FAST)
+        try:
+            await root.register_channel(channel)
+            # The report of the loss is held back, as if nats-py had not called back yet.
+            channel._lost = lambda reason: None  # type: ignore[method-assign]
+            server.kill()
+            await eventually(lambda: not channel.client.is_connected, 5)  # type: ignore[union-attr]
+            server.start()
+            await channel.wait_connected(15)
+            assert channel.connected
+        finally:
+            channel.__dict__.pop("_lost", None)
+            await root.close()
+
+
+async def test_a_reply_after_the_channels_request_ttl_reaches_a_caller_still_waiting(
+    mesh: Any,
+) -> None:
+    """The caller's timeout, longer than the channel's request_ttl, decides."""
+    a, _ = await mesh("a")
+    b, cb = await mesh("b", request_ttl=0.2)
+    release = asyncio.Event()
+
+    async def slow() -> str:
+        await release.wait()
+        return "done"
+
+    await a.register_command("slow.op", slow)
+    await cb.wait_available("slow.op")
+    call = asyncio.ensure_future(b.execute_command("slow.op", timeout=10))
+    await eventually(lambda: cb.stats()["pending_out"] == 1, 5)
+    # The channel forgot the call (request_ttl passed); its caller still waits.
+    await eventually(lambda: cb.stats()["pending_out"] == 0, 5)
+    release.set()
+    assert await asyncio.wait_for(call, 10) == "done"
+
+
+async def test_a_reply_made_across_a_reconnection_of_the_serving_machine(mesh: Any) -> None:
+    """The serving machine's connection drops and comes back while a handler runs: its
+    reply is still published, and the caller (whose connection stayed) gets it."""
+    a, ca = await mesh("a")
+    b, cb = await mesh("b")
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> str:
+        started.set()
+        await release.wait()
+        return "done"
+
+    await a.register_command("slow.op", slow)
+    await cb.wait_available("slow.op")
+    call = asyncio.ensure_future(b.execute_command("slow.op", timeout=20))
+    await asyncio.wait_for(started.wait(), 5)
+    ca.client._transport._io_writer.transport.abort()  # type: ignore[union-attr]
+    await eventually(lambda: ca.stats()["reconnects"] == 1, 10)
+    await ca.wait_connected(15)
+    release.set()
+    assert await asyncio.wait_for(call, 20) == "done"
+
+
+async def test_closing_refuses_what_the_drain_did_not_answer(mesh: Any) -> None:
+    a, _ = await mesh("a", drain_timeout=0.2)
+    b, cb = await mesh("b")
+    started = asyncio.Event()
+
+    async def stuck() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    await a.register_command("stuck.op", stuck)
+    await cb.wait_available("stuck.op")
+    call = asyncio.ensure_future(b.execute_command("stuck.op", timeout=20))
+    await asyncio.wait_for(started.wait(), 5)
+    await a.close()
+    with pytest.raises(ChannelDisconnectedError, match="closed before"):
+        await asyncio.wait_for(call, 10)
+
+
+async def test_requests_that_are_not_execute_requests_are_refused(mesh: Any, nats_url: str) -> None:
+    a, ca = await mesh("a")
+    await a.register_command("calc.add", lambda x, y: x + y)
+    nc = await nats.connect(nats_url)
+    try:
+        subject = ca.command_subject("calc.add")
+        for payload, thid in (
+            (b"not json", "?"),
+            (b'{"id":"r-1","type":"execute.command.request"}', "r-1"),  # no commandId
+            (json.dumps({"id": "e-1", "type": "event", "eventId": "x"}).encode(), "e-1"),
+        ):
+            msg = await nc.request(subject, payload, timeout=5)
+            reply = spec_support.validate_frame(msg.data, "json")
+            assert reply["thid"] == thid, payload
+            assert reply["response"]["error"]["code"] == "invalid_request", payload
+    finally:
+        await nc.close()
+
+
+async def test_discovery_keeps_a_machine_that_answers_late(
+    mesh: Any, nats_url: str, namespace: str
+) -> None:
+    """A loaded machine answers a scan later than the others, though within the window:
+    it is not forgotten."""
+    a, _ = await mesh("a")
+    await a.register_command("quick.op", lambda: 1)
+    nc = await nats.connect(nats_url)
+    loop = asyncio.get_running_loop()
+    scans = []
+    info = {
+        "type": "io.nats.micro.v1.info_response",
+        "name": f"cmdipc-{namespace}",
+        "id": "slowpoke-instance",
+        "version": "0",
+        "metadata": {"cmd_ipc.namespace": namespace, "cmd_ipc.name": "slowpoke"},
+        "endpoints": [
+            {
+                "name": "slow_op",
+                "subject": f"cmdipc.{namespace}.cmd.slow.op",
+                "queue_group": "cmdipc",
+                "metadata": {"cmd_ipc.command": json.dumps({"id": "slow.op"})},
+            }
+        ],
+    }
+
+    async def answer_late(msg: Any) -> None:
+        scans.append(msg)
+        # Answered a third of the window later: after the others, before the window ends.
+        loop.call_later(
+            FAST["discovery_window"] / 3,
+            lambda: asyncio.ensure_future(nc.publish(msg.reply, json.dumps(info).encode())),
+        )
+
+    try:
+        await nc.subscribe(f"$SRV.INFO.cmdipc-{namespace}", cb=answer_late)
+        await nc.flush()
+        _b, cb = await mesh("b")
+        await cb.wait_available("quick.op", "slow.op")
+        # b's first scan, and three more: a machine missed by two is forgotten.
+        await eventually(lambda: sum(m.reply.startswith(cb._inbox) for m in scans) >= 4, 10)
+        assert cb.mesh_commands()["slow.op"] == ["slowpoke"]
+    finally:
+        await nc.close()
+
+
+async def test_two_exclusive_claimants_race_for_one_id(mesh: Any) -> None:
+    """Neither has heard of the other serving it: JetStream's atomic create decides."""
+    a, _ = await mesh("a", mode="exclusive")
+    b, _ = await mesh("b", mode="exclusive")
+    results = await asyncio.gather(
+        a.register_command("race.job", lambda: "a"),
+        b.register_command("race.job", lambda: "b"),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert len(refused) == 1 and isinstance(refused[0], DuplicateCommandError), results
+
+
+@own_server
+async def test_an_info_document_over_max_payload_is_warned_of(
+    namespace: str, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    config = tmp_path / "nats.conf"
+    config.write_text("max_payload: 2048\n")
+    with NatsServer(jetstream=False, args=["-c", str(config)]) as server:
+        root = CommandRegistry("a", router_channel="mesh")
+        try:
+            channel = NatsChannel("mesh", server.url, namespace=namespace, name="a", **FAST)
+            await root.register_channel(channel)
+            with caplog.at_level(logging.WARNING, "cmd_ipc.nats"):
+                for n in range(40):
+                    await root.register_command(f"command.number.{n:03}", lambda: None)
+                await eventually(lambda: "cannot discover" in caplog.text, 5)
+        finally:
+            await root.close()
+
+
+async def test_a_held_request_is_counted_once(mesh: Any, nats_url: str, namespace: str) -> None:
+    a, ca = await mesh("a")
+    await a.register_command("calc.add", lambda x, y: x + y)
+    nc = await nats.connect(nats_url)
+    try:
+        # Between a reconnection and the re-attachment: the request is held, then served.
+        ca._attached = False
+        request = {"id": "h-1", "type": "execute.command.request", "commandId": "calc.add"}
+        request["request"] = {"x": 1, "y": 2}  # type: ignore[assignment]
+        reply = asyncio.ensure_future(
+            nc.request(ca.command_subject("calc.add"), json.dumps(request).encode(), timeout=5)
+        )
+        await eventually(lambda: ca.stats()["held"] == 1, 5)
+        await ca.start(ca._on_frame, ca._on_close)  # type: ignore[arg-type]
+        assert json.loads((await reply).data)["response"] == {"ok": True, "result": 3}
+        msg = await nc.request(f"$SRV.STATS.cmdipc-{namespace}", timeout=5)
+        assert json.loads(msg.data)["endpoints"][0]["num_requests"] == 1
+    finally:
+        await nc.close()
 
 
 # ---------------------------------------------------------------------- machines
@@ -470,14 +708,12 @@ async def test_three_machines_call_each_other(machines: Any, mesh: Any) -> None:
     await client.execute_command("calc.emit", {"event_id": "topo.ping", "payload": {"n": 1}})
     await client.execute_command("calc.emit", {"event_id": "topo.ping", "payload": "marker"})
 
-    async def seen(ns: str) -> list[Any]:
-        return list(await client.execute_command(f"{ns}.seen"))
-
     for ns in ("calc", "image", "transform", "data"):
-        deadline = asyncio.get_running_loop().time() + 10
-        while "marker" not in (got := await seen(ns)):
-            assert asyncio.get_running_loop().time() < deadline, (ns, got)
-            await asyncio.sleep(0.02)
+
+        async def seen(ns: str = ns) -> list[Any]:
+            return list(await client.execute_command(f"{ns}.seen"))
+
+        got = await until(seen, lambda got: "marker" in got, 10)
         assert got == [{"n": 1}, "marker"], ns
 
 

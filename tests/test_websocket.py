@@ -671,6 +671,65 @@ async def test_expose_limits_what_clients_list_and_call(registries: Make, start:
     assert await below.execute_command("below.mul", {"a": 2, "b": 3}) == 6
 
 
+async def answer_to(ws: ClientConnection, body: str, thid: str) -> dict[str, Any]:
+    """Sends ``body`` (raw JSON text) and returns the answer whose ``thid`` is ``thid``."""
+    await ws.send(body)
+    while True:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        if msg.get("thid") == thid:
+            return msg
+
+
+async def test_expose_is_not_bypassed_by_json_escapes(registries: Make, start: Start) -> None:
+    """Frames are checked as the decoder reads them: a call of a hidden command spelled
+    with JSON escapes is still answered not_found and never runs."""
+    _hub, below, server = await hub_tree(registries, start, expose=["hub.*"])
+    runs: list[int] = []
+    await below.register_command("below.reset", lambda: runs.append(1))
+    async with connect(server.url, additional_headers={ID_HEADER: "esc"}) as ws:
+        for n, body in enumerate(
+            (
+                r'{"id":"%s","type":"execute.command.requ\u0065st","commandId":"below.reset"}',
+                r'{"id":"%s","type":"execute.command.request","commandId":"below\u002ereset"}',
+            )
+        ):
+            thid = f"esc-{n}"
+            answer = await answer_to(ws, body % thid, thid)
+            assert answer["response"]["error"] == {
+                "code": "not_found",
+                "message": "command 'below.reset' is not registered anywhere registry 'hub' "
+                "can reach",
+            }, body
+        body = r'{"id":"ok","type":"execute.command.requ\u0065st","commandId":"hub.add",'
+        answer = await answer_to(ws, body + r'"request":{"a":1,"b":2}}', "ok")
+        assert answer["response"] == {"ok": True, "result": 3}
+    assert runs == []
+
+
+async def test_registering_a_hidden_id_is_answered_as_for_a_free_one(
+    registries: Make, start: Start
+) -> None:
+    """A client that registers the id of a hidden command is not told it exists: it gets
+    ``ok`` as for a free id, and the hidden command stays the one the tree calls."""
+    hub, below, server = await hub_tree(registries, start, expose=["hub.*"])
+
+    def register(thid: str, command_id: str) -> str:
+        return json.dumps(
+            {"id": thid, "type": "register.command.request", "command": {"id": command_id}}
+        )
+
+    async with connect(server.url, additional_headers={ID_HEADER: "reg"}) as ws:
+        free = await answer_to(ws, register("r1", "edge.free"), "r1")
+        hidden = await answer_to(ws, register("r2", "below.mul"), "r2")
+        shown = await answer_to(ws, register("r3", "hub.add"), "r3")
+        spec_support.validator("register.command.response.json").validate(hidden)
+    assert free["response"] == hidden["response"] == {"ok": True}
+    # An exposed command the client can list anyway: refused as ever.
+    assert shown["response"] == {"ok": False, "error": "duplicate_command"}
+    assert await hub.execute_command("below.mul", {"a": 2, "b": 3}) == 6
+    assert await below.execute_command("below.mul", {"a": 2, "b": 3}) == 6
+
+
 async def test_expose_by_predicate_and_handler(registries: Make, start: Start) -> None:
     hub, _, server = await hub_tree(
         registries, start, expose=lambda command_id: command_id == "below.mul"

@@ -19,7 +19,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeGuard
 
 from cmd_ipc import _core
 
@@ -102,21 +102,61 @@ class Exposure:
         answer["commands"] = self.commands(answer.get("commands") or [])
         return _dumps(answer)
 
-    def hidden_call(self, frame: bytes) -> tuple[str, str] | None:
-        """``(message id, command id)`` of an ``execute.command.request`` frame (JSON) for a
-        command clients may not call; ``None`` for any other frame."""
-        if not self.restricted or b"execute.command.request" not in frame:
+    def hidden_call(self, frame: bytes, kind: str) -> str | None:
+        """The command id of an ``execute.command.request`` frame (JSON) for a command
+        clients may not call; ``None`` when it may be called, or for any other ``kind``.
+
+        ``kind`` is the type the native decoder read (:func:`cmd_ipc._core.inspect_message`),
+        never a guess from the raw bytes: JSON escapes (``"requ\\u0065st"``) spell the same
+        type with other bytes. The frame is one the decoder accepted; should it not read the
+        same here, the call is hidden (refused) rather than let through.
+        """
+        if not self.restricted or kind != "execute.command.request":
             return None
+        command_id = _field(frame, "commandId")
+        if command_id is None:
+            return ""  # unreadable here although the decoder took it: refuse, never pass
+        return None if self.allows(command_id) else command_id
+
+    def command_of(self, frame: bytes) -> str | None:
+        """The id of the command a ``register.command.request`` frame (JSON) announces, or
+        ``None`` if it cannot be read."""
         try:
             msg = json.loads(frame)
-        except ValueError:
-            return None  # the registry rejects it
-        if not isinstance(msg, dict) or msg.get("type") != "execute.command.request":
+            command_id = msg["command"]["id"]
+        except (ValueError, KeyError, TypeError):
             return None
-        command_id = msg.get("commandId")
-        if not isinstance(command_id, str) or self.allows(command_id):
-            return None
-        return str(msg.get("id", "")), command_id
+        return command_id if _is_text(command_id) else None
+
+    @staticmethod
+    def head(frame: bytes) -> tuple[str, str]:
+        """``(type, id)`` of a frame (JSON) as the native decoder reads them, for a channel
+        that gets frames the registry decodes later (WebSocket). A frame the decoder
+        refuses with the default limits is read here instead (its registry may allow
+        deeper nesting); ``""`` for what neither can read (the registry refuses it too)."""
+        try:
+            kind, message_id, _ = _core.inspect_message(
+                frame, "json", max_message_size=len(frame) + 1
+            )
+        except ValueError:  # ProtocolError is one
+            return _field(frame, "type") or "", _field(frame, "id") or ""
+        return kind, message_id
+
+    @staticmethod
+    def registration_answer(frame: bytes) -> bytes:
+        """A ``register.command.response`` frame (JSON) to a client's registration of a
+        hidden command id, with a ``duplicate_command`` refusal turned into ``ok``: the
+        client is answered as if the id were free, so the answer cannot tell it the hidden
+        command exists. Its registration stays refused (the tree never calls it there)."""
+        try:
+            msg = json.loads(frame)
+            refused = msg["response"].get("error") == "duplicate_command"
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return frame
+        if not refused:
+            return frame
+        msg["response"] = {"ok": True}
+        return _dumps(msg)
 
     def not_found(self, thid: str, command_id: str) -> bytes:
         """The ``execute.command.response`` (JSON) to a call of a hidden command: the
@@ -147,6 +187,27 @@ class Exposure:
         except (ValueError, KeyError, TypeError, AttributeError):
             pass
         return frame
+
+
+def _field(frame: bytes, name: str) -> str | None:
+    """The string field ``name`` of the JSON object ``frame``, or ``None``."""
+    try:
+        msg = json.loads(frame)
+    except (ValueError, RecursionError):
+        return None
+    value = msg.get(name) if isinstance(msg, dict) else None
+    return value if _is_text(value) else None
+
+
+def _is_text(value: object) -> TypeGuard[str]:
+    """A ``str`` that is valid Unicode (no lone surrogate from a ``\\ud800`` escape)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _not_found(command_id: str, registry_id: str) -> str:

@@ -37,13 +37,18 @@ How the registry's messages map onto NATS:
   subscribes to the command's subject in the queue group, flushes (the server knows the
   subscription before anyone hears of it), announces the change, and acknowledges ``ok``;
   ``duplicate_command`` when the ownership rules refuse (below). A registration of an id the
-  channel already serves is acknowledged at once (a restarted worker, a re-announce).
+  channel already serves is acknowledged at once (a restarted worker, a re-announce). spec-v1
+  has no other registration error: one that fails otherwise while connected (JetStream
+  missing in exclusive mode) is refused ``duplicate_command`` too, with the reason logged at
+  ERROR; one that fails while the connection is lost is not acknowledged (the registry fails
+  it ``channel_disconnected`` as it learns of the loss, and registers again after it).
 * ``list.commands.request`` -- answered with every command the *other* machines serve (from
   discovery); later changes are sent as further ``list.commands.response`` messages.
 * ``execute.command.request`` -- published as a NATS request; no responders -> ``not_found``
   at once; a request larger than the server's ``max_payload`` -> ``invalid_request`` without
   sending it; not connected -> ``channel_disconnected``. A call with no reply in time fails
-  with ``timeout`` from the registry's own deadline (its ``request_ttl`` or ``timeout=``).
+  with ``timeout`` from the registry's own deadline (its ``request_ttl`` or ``timeout=``),
+  even when that is longer than the channel's ``request_ttl``.
 * ``event`` -- published (dropped with a warning when larger than ``max_payload``).
 
 Ownership (``mode``):
@@ -69,9 +74,12 @@ Connection: nats-py reconnects by itself (``max_reconnect_attempts``, ``-1``: fo
 connection is reported to the registry as a close, so every call waiting on the mesh fails
 with ``channel_disconnected`` at once and new calls fail fast; once nats-py is connected again
 the registry attaches the channel again, which lists the mesh again and re-registers the
-tree's commands; the subscriptions (restored by nats-py) and the exclusive claims are kept.
-Requests that arrive between the reconnection and the re-attachment are held (at most
-``backlog``) and handled then. Auth and TLS options are passed to :func:`nats.connect`.
+tree's commands; the subscriptions (restored by nats-py) and the exclusive claims are kept (a
+server that lost its JetStream data gets the bucket and the claims again). Requests that
+arrive between the reconnection and the re-attachment are held (at most ``backlog``) and
+handled then; requests being served when the connection dropped are answered once it is
+back. :meth:`NatsChannel.close` refuses what the drain did not answer with
+``channel_disconnected``. Auth and TLS options are passed to :func:`nats.connect`.
 
 Limits: calls waiting for a reply and requests being served are each bounded by
 ``max_pending``; bytes queued for a connection that cannot take them by ``send_limit``; every
@@ -157,8 +165,11 @@ _PLAIN = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 _NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _B64 = re.compile(r"[A-Za-z0-9_-]*")
 _ENDPOINT_CHARS = re.compile(r"[^A-Za-z0-9_-]")
-#: Seconds a scan of ``$SRV.INFO`` waits for more answers after the last one.
-_STALL = 0.05
+#: The fraction of ``discovery_window`` a scan of ``$SRV.INFO`` waits for more answers
+#: after the last one, once every machine it knows of answered.
+_STALL = 0.25
+#: Seconds between checks of wait_connected when no state change woke it.
+_STATE_POLL = 1.0
 #: Errors nats-py reports while a connection is lost or being made again.
 _CONNECTION_ERRORS = (
     OSError,
@@ -167,6 +178,14 @@ _CONNECTION_ERRORS = (
     nats.errors.UnexpectedEOF,
     nats.errors.StaleConnectionError,
     nats.errors.ConnectionClosedError,
+)
+#: What JetStream answers once the claims bucket is gone (a server that restarted without
+#: its store): the stream is not found, or nothing answers for it.
+_BUCKET_GONE = (
+    nats.js.errors.NotFoundError,
+    nats.js.errors.BucketNotFoundError,
+    nats.js.errors.NoStreamResponseError,
+    nats.errors.NoRespondersError,
 )
 #: The NATS status header, and the status of a request nobody subscribes to.
 _STATUS = "Status"
@@ -207,6 +226,10 @@ def decode_id(token: str) -> str:
     raise ValueError(f"not an encoded id: {token!r}")
 
 
+def _describe(e: BaseException) -> str:
+    return str(e) or type(e).__name__
+
+
 def _endpoint_name(token: str) -> str:
     """An ADR-32 endpoint name (``[A-Za-z0-9_-]+``) for a subject token (not unique: the
     definition in the endpoint's metadata names the command)."""
@@ -226,6 +249,16 @@ def _exec_error(thid: str, code: str, message: str) -> bytes:
             "response": {"ok": False, "error": {"code": code, "message": message}},
         }
     )
+
+
+def _id_of(data: bytes) -> str:
+    """The ``id`` of a request the decoder refused, if it can be read (a ``thid`` must not
+    be empty: ``"?"`` otherwise)."""
+    try:
+        value = json.loads(data).get("id")
+    except (ValueError, AttributeError, RecursionError):
+        return "?"
+    return value if isinstance(value, str) and value else "?"
 
 
 def _is_not_found(frame: bytes) -> bool:
@@ -336,7 +369,7 @@ class _OutCall:
 
 
 class _InCall:
-    __slots__ = ("command_id", "data", "deadline", "reply", "subject")
+    __slots__ = ("answer", "command_id", "data", "deadline", "reply", "subject")
 
     def __init__(
         self, reply: str, subject: str, data: bytes, command_id: str, deadline: float
@@ -346,6 +379,8 @@ class _InCall:
         self.data = data
         self.command_id = command_id
         self.deadline = deadline
+        #: The reply, made while the connection was lost (published once it is back).
+        self.answer: bytes | None = None
 
 
 def _check_positive(value: float, what: str) -> float:
@@ -383,9 +418,11 @@ class NatsChannel(Channel):
         max_reconnect_attempts: Attempts per server before giving up (``-1``: never).
         ping_interval: Seconds between pings of the server (a dead server is noticed after
             two unanswered ones).
-        request_ttl: Seconds a call or a served request is remembered while waiting for its
-            reply (later replies are ignored); the caller's own timeout decides when it
-            gets ``timeout``.
+        request_ttl: Seconds a served request is remembered while its reply is made (a
+            later reply is not published), and a call out while waiting for its reply. A
+            call's reply that comes later still goes to the registry, which gives it to the
+            caller if the caller still waits: the caller's own timeout (``timeout=``, or the
+            registry's ``request_ttl``) decides when it gets ``timeout``, not this.
         claim_ttl: Seconds an exclusive claim lives without refresh (the claims bucket's TTL
             when this machine creates it).
         discovery_interval: Seconds between full scans of the mesh (machines that stopped
@@ -506,8 +543,10 @@ class NatsChannel(Channel):
         self._epoch = 0
         self._up = asyncio.Event()
         self._gone = asyncio.Event()
-        #: Set while attached (for wait_connected).
+        #: Set while attached.
         self._attached_event = asyncio.Event()
+        #: Futures of wait_connected, resolved at each change of the connection's state.
+        self._state_waiters: list[asyncio.Future[None]] = []
         self._started_at = datetime.datetime.now(datetime.timezone.utc)
 
         self._inbox = ""
@@ -531,6 +570,8 @@ class NatsChannel(Channel):
         self._relisting: asyncio.Future[set[str]] | None = None
         self._relist_id: str | None = None
         self._announce_due = False
+        #: The last INFO document made was over max_payload (warned once until it fits).
+        self._info_too_large = False
         self._kv: KeyValue | None = None
         self._claim_refresh = self.claim_ttl / 3
         self._waiters: list[tuple[frozenset[str], asyncio.Future[None]]] = []
@@ -628,24 +669,37 @@ class NatsChannel(Channel):
             TimeoutError: Not within ``timeout`` seconds.
             ChannelDisconnectedError: The channel was closed.
         """
-        if self._closed:
-            raise ChannelDisconnectedError(f"channel {self.id!r} was closed")
-        attached = asyncio.ensure_future(self._attached_event.wait())
-        gone = asyncio.ensure_future(self._gone.wait())
-        try:
-            await asyncio.wait(
-                {attached, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            attached.cancel()
-            gone.cancel()
-        if self._closed:
-            raise ChannelDisconnectedError(f"channel {self.id!r} was closed")
-        if not self.connected:
-            raise TimeoutError(f"channel {self.id!r} not connected within {timeout}s")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # Until connected, gone or the deadline: right after a server restart the channel
+        # may still be attached while nats-py knows the connection is lost (or not yet).
+        while True:
+            if self._closed or self._gone.is_set():
+                raise ChannelDisconnectedError(f"channel {self.id!r} was closed")
+            if self.connected:
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"channel {self.id!r} not connected within {timeout}s")
+            changed = loop.create_future()
+            self._state_waiters.append(changed)
+            try:
+                # Woken by every change of the connection or the attachment; the cap is a
+                # backstop for a change nats-py makes without a callback.
+                await asyncio.wait({changed}, timeout=min(remaining, _STATE_POLL))
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._state_waiters.remove(changed)
 
     def _peer_ids(self) -> set[str]:
         return {cid for peer in self._peers.values() for cid in peer.commands}
+
+    def _state_changed(self) -> None:
+        """Wakes wait_connected: the connection or the attachment changed."""
+        waiters, self._state_waiters = self._state_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -669,12 +723,15 @@ class NatsChannel(Channel):
         self._epoch += 1
         self._attached = True
         self._attached_event.set()
+        self._state_changed()
         held, self._held = self._held, deque()
         for served, msg in held:
             if served is None:
                 self._on_event(msg)
             else:
-                self._on_request(served, msg)
+                self._on_request(served, msg, replayed=True)
+        # Replies to requests served across the lost connection, made meanwhile.
+        self._flush_replies()
 
     async def _open(self) -> None:
         nc = _Client()
@@ -760,6 +817,7 @@ class NatsChannel(Channel):
             return
         self._closed = True
         self._gone.set()
+        self._state_changed()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -789,6 +847,19 @@ class NatsChannel(Channel):
             self._in_empty = asyncio.Event()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._in_empty.wait(), self.drain_timeout)
+        # What was not answered within drain_timeout: its callers learn it now, rather than
+        # waiting for their timeout.
+        left, self._in = self._in, {}
+        for rid, call in left.items():
+            self._publish(
+                call.reply,
+                _exec_error(
+                    rid,
+                    "channel_disconnected",
+                    f"machine {self.name!r} closed before {call.command_id!r} answered "
+                    f"(drain_timeout={self.drain_timeout}s)",
+                ),
+            )
         self._served.clear()
         self._publish(self._changed_subject, self._info_document(state="down"))
         kv = self._kv
@@ -805,18 +876,20 @@ class NatsChannel(Channel):
         """Reports the end of the current attachment once."""
         self._attached = False
         self._attached_event.clear()
+        self._state_changed()
         if not self._reported and self._on_close is not None:
             self._reported = True
             self._on_close(reason)
 
     def _lost(self, reason: str) -> None:
-        """The connection is gone: everything waiting on it fails (the registry fails the
-        calls when it learns of the close)."""
+        """The connection is gone: the calls waiting on it fail (the registry fails them
+        when it learns of the close). The requests being served stay: their handlers still
+        run, and their replies are published once the connection is back (those that
+        outlive ``request_ttl`` are forgotten by the sweep)."""
         if not self._attached:
             return
         logger.warning("channel %r: %s", self.id, reason)
         self._out.clear()
-        self._in.clear()
         if self._relisting is not None and not self._relisting.done():
             self._relisting.cancel()
         self._report(reason)
@@ -832,6 +905,7 @@ class NatsChannel(Channel):
 
     async def _disconnected_cb(self) -> None:
         self._up.clear()
+        self._state_changed()
         if not self._closed:
             self._lost("the connection to NATS was lost")
 
@@ -841,11 +915,14 @@ class NatsChannel(Channel):
         where = nc.connected_url.netloc if nc is not None and nc.connected_url else "?"
         logger.info("channel %r reconnected to %s", self.id, where)
         self._up.set()
+        self._state_changed()
+        self._flush_replies()
         self._spawn(self._after_reconnect())
 
     async def _closed_cb(self) -> None:
         self._up.clear()
         self._gone.set()
+        self._state_changed()
         if not self._closed:
             self._lost("the connection to NATS was closed")
 
@@ -992,7 +1069,11 @@ class NatsChannel(Channel):
             scan = self._scans.get(token)
             if scan is not None:
                 scan(msg)
-            return  # a late reply: its call already ended
+            elif token.isdigit() and msg.data and not msg.headers:
+                # A reply that came after request_ttl: the registry knows whether its caller
+                # still waits (a longer ``timeout=``) and drops it otherwise.
+                self._deliver(msg.data)
+            return
         headers = msg.headers
         if headers and headers.get(_STATUS) == _NO_RESPONDERS:
             self._stats["no_responders"] += 1
@@ -1010,8 +1091,9 @@ class NatsChannel(Channel):
 
     # ------------------------------------------------------------------ requests served
 
-    def _on_request(self, served: _Served, msg: Msg) -> None:
-        served.requests += 1
+    def _on_request(self, served: _Served, msg: Msg, *, replayed: bool = False) -> None:
+        if not replayed:  # a held request was counted when it came
+            served.requests += 1
         reply = msg.reply
         if not reply:
             return
@@ -1022,9 +1104,17 @@ class NatsChannel(Channel):
         try:
             kind, rid, _ = _core.inspect_message(data, "json")
         except ProtocolError as e:
-            logger.warning("channel %r: a request on %s was dropped: %s", self.id, msg.subject, e)
+            logger.warning("channel %r: a request on %s was refused: %s", self.id, msg.subject, e)
+            self._publish(
+                reply,
+                _exec_error(_id_of(data), "invalid_request", f"not a spec-v1 message: {e}"),
+            )
             return
         if kind != "execute.command.request":
+            self._publish(
+                reply,
+                _exec_error(rid, "invalid_request", f"a {kind} is not an execute.command.request"),
+            )
             return
         calls = self._in
         if rid in calls:
@@ -1062,12 +1152,17 @@ class NatsChannel(Channel):
             self._publish(msg.reply, _exec_error(rid, code, message))
 
     def _answer(self, frame: bytes, thid: str) -> None:
-        call = self._in.pop(thid, None)
-        if call is None:
+        call = self._in.get(thid)
+        if call is None or call.answer is not None:
             return
+        nc = self._nc
+        if nc is not None and not nc.is_connected and not nc.is_closed:
+            # A brief loss of the connection: the reply waits for it (bounded by the sweep).
+            call.answer = frame
+            return
+        del self._in[thid]
         if not self._in and self._in_empty is not None:
             self._in_empty.set()
-        nc = self._nc
         if nc is None:
             return
         if len(frame) > nc.max_payload:
@@ -1083,6 +1178,17 @@ class NatsChannel(Channel):
             self._spawn(self._recheck(call, frame))
             return
         self._publish(call.reply, frame)
+
+    def _flush_replies(self) -> None:
+        """Publishes the replies made while the connection was lost."""
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            return
+        for thid in [rid for rid, call in self._in.items() if call.answer is not None]:
+            call = self._in[thid]
+            answer, call.answer = call.answer, None
+            assert answer is not None
+            self._answer(answer, thid)
 
     async def _recheck(self, call: _InCall, frame: bytes) -> None:
         generation = self._generation
@@ -1174,7 +1280,16 @@ class NatsChannel(Channel):
                 try:
                     await nc.publish(subject, payload, reply=reply)
                 except Exception as e:
-                    logger.debug("channel %r: publishing on %s failed: %s", self.id, subject, e)
+                    # Too large is a message lost for good; a lost connection is reported
+                    # as such already.
+                    level = (
+                        logging.WARNING
+                        if isinstance(e, nats.errors.MaxPayloadError)
+                        else logging.DEBUG
+                    )
+                    logger.log(
+                        level, "channel %r: publishing on %s failed: %s", self.id, subject, e
+                    )
         finally:
             self._writer = None
 
@@ -1196,8 +1311,26 @@ class NatsChannel(Channel):
                 served = await self._serve(definition)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                logger.exception("channel %r: serving %r failed", self.id, definition["id"])
+            except Exception as e:
+                if not self._is_up():
+                    # Not acknowledged: the registry fails the registration with
+                    # channel_disconnected when it learns of the lost connection, and
+                    # registers the tree's commands again once the channel is back.
+                    logger.info(
+                        "channel %r: could not serve %r while disconnected: %s",
+                        self.id,
+                        definition["id"],
+                        _describe(e),
+                    )
+                    continue
+                # spec-v1 has one registration error: the registry is told
+                # duplicate_command, and the reason (JetStream missing...) is logged here.
+                logger.error(
+                    "channel %r: could not serve %r (refused as duplicate_command): %s",
+                    self.id,
+                    definition["id"],
+                    _describe(e),
+                )
                 served = None
             ok = served is not None
             frame = _dumps(
@@ -1211,6 +1344,11 @@ class NatsChannel(Channel):
             assert self._loop is not None
             self._loop.call_soon(self._acknowledge, self._epoch, frame, served)
 
+    def _is_up(self) -> bool:
+        """Connected to NATS (not between a loss and the reconnection)."""
+        nc = self._nc
+        return nc is not None and nc.is_connected and not self._closed
+
     def _acknowledge(self, epoch: int, frame: bytes, served: _Served | None) -> None:
         if epoch != self._epoch:
             return
@@ -1220,7 +1358,12 @@ class NatsChannel(Channel):
             served.generation = self._generation
 
     async def _serve(self, definition: dict[str, Any]) -> _Served | None:
-        """Starts serving a command of this machine's tree; None when ownership refuses."""
+        """Starts serving a command of this machine's tree; None when ownership refuses.
+
+        Raises:
+            Exception: Serving failed otherwise (the connection was lost, JetStream cannot
+                be reached in exclusive mode): not an ownership refusal.
+        """
         cid: str = definition["id"]
         served = self._served.get(cid)
         if served is not None:
@@ -1257,11 +1400,18 @@ class NatsChannel(Channel):
                     await self._release(self._kv, served)
                 return None
         nc = self._nc
-        if nc is None:
-            return None
-        served.sub = await nc.subscribe(
-            subject, queue=QUEUE_GROUP, future=_Inline(functools.partial(self._on_request, served))
-        )
+        try:
+            if nc is None:
+                raise ChannelDisconnectedError(f"channel {self.id!r} is not connected")
+            served.sub = await nc.subscribe(
+                subject,
+                queue=QUEUE_GROUP,
+                future=_Inline(functools.partial(self._on_request, served)),
+            )
+        except Exception:
+            if self._kv is not None and served.claim is not None:
+                await self._release(self._kv, served)
+            raise
         self._served[cid] = served
         with contextlib.suppress(Exception):
             # The server knows the subscription before anyone hears of the command.
@@ -1319,52 +1469,76 @@ class NatsChannel(Channel):
 
     async def _claim(self, cid: str) -> int | None:
         """Claims ``cid`` (or takes back this machine's own claim); the revision, or None
-        when another machine holds it or JetStream cannot be reached."""
-        key = encode_id(cid)
+        when another machine holds it.
+
+        Raises:
+            RuntimeError: JetStream cannot be reached (the reason is in the message).
+        """
         try:
-            kv = await self._claims()
             try:
-                return await kv.create(key, self._claim_value())
-            except nats.js.errors.KeyWrongLastSequenceError:
-                entry = await kv.get(key)
-                holder = json.loads(entry.value or b"{}")
-                if holder.get("instance") == self.instance_id and entry.revision is not None:
-                    return await kv.update(key, self._claim_value(), last=entry.revision)
-                logger.info(
-                    "channel %r: %r is claimed by %s: duplicate_command",
-                    self.id,
-                    cid,
-                    holder.get("name", "another machine"),
-                )
-                return None
+                return await self._try_claim(cid)
+            except _BUCKET_GONE:
+                # The server lost its JetStream data (a restart without its store): the
+                # bucket is made again.
+                self._kv = None
+                return await self._try_claim(cid)
         except Exception as e:
-            logger.error(
-                "channel %r: cannot claim %r in %s (exclusive mode needs JetStream): %s",
+            raise RuntimeError(
+                f"cannot claim {cid!r} in {self._bucket} (exclusive mode needs JetStream): "
+                f"{_describe(e)}"
+            ) from e
+
+    async def _try_claim(self, cid: str) -> int | None:
+        key = encode_id(cid)
+        kv = await self._claims()
+        try:
+            return await kv.create(key, self._claim_value())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            entry = await kv.get(key)
+            holder = json.loads(entry.value or b"{}")
+            if holder.get("instance") == self.instance_id and entry.revision is not None:
+                return await kv.update(key, self._claim_value(), last=entry.revision)
+            logger.info(
+                "channel %r: %r is claimed by %s: duplicate_command",
                 self.id,
                 cid,
-                self._bucket,
-                str(e) or type(e).__name__,
+                holder.get("name", "another machine"),
             )
             return None
 
     async def _refresh_claims(self) -> None:
-        kv = self._kv
-        if kv is None:
-            return
         for served in list(self._served.values()):
             if served.claim is None:
                 continue
+            kv = self._kv
+            if kv is not None:
+                try:
+                    served.claim = await kv.update(
+                        encode_id(served.id), self._claim_value(), last=served.claim
+                    )
+                    continue
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    pass  # expired, or the key was lost: claim again
+                except _BUCKET_GONE:
+                    # The server restarted without its JetStream data: bucket and claim are
+                    # made again.
+                    logger.warning(
+                        "channel %r: the claims bucket %s is gone: claiming %r again",
+                        self.id,
+                        self._bucket,
+                        served.id,
+                    )
+                    self._kv = None
+                except Exception as e:
+                    logger.warning(
+                        "channel %r: refreshing the claim of %r: %s", self.id, served.id, e
+                    )
+                    continue
             try:
-                served.claim = await kv.update(
-                    encode_id(served.id), self._claim_value(), last=served.claim
-                )
+                claim = await self._claim(served.id)
+            except RuntimeError as e:
+                logger.warning("channel %r: %s (tried again later)", self.id, e)
                 continue
-            except nats.js.errors.KeyWrongLastSequenceError:
-                pass  # expired, or the server lost it: claim again
-            except Exception as e:
-                logger.warning("channel %r: refreshing the claim of %r: %s", self.id, served.id, e)
-                continue
-            claim = await self._claim(served.id)
             if claim is None:
                 logger.error("channel %r: lost the exclusive claim of %r", self.id, served.id)
                 served.claim = None
@@ -1406,8 +1580,25 @@ class NatsChannel(Channel):
         )
         doc = _dumps(info.to_dict())
         nc = self._nc
-        if nc is not None and len(doc) > nc.max_payload and lean < 2:
-            return self._info_document(state, lean=lean + 1)
+        if nc is not None and len(doc) > nc.max_payload:
+            if lean < 2:
+                return self._info_document(state, lean=lean + 1)
+            if not self._info_too_large:
+                # Not published (nor answered): the other machines do not see this one's
+                # commands until it serves fewer or the server allows more.
+                logger.warning(
+                    "channel %r: the INFO document of %d commands is %d bytes even without "
+                    "schemas and descriptions, more than the NATS server's max_payload of %d "
+                    "bytes: the mesh cannot discover this machine's commands (raise "
+                    "max_payload in the server configuration)",
+                    self.id,
+                    len(endpoints),
+                    len(doc),
+                    nc.max_payload,
+                )
+            self._info_too_large = True
+        else:
+            self._info_too_large = False
         return doc
 
     def _metadata(self, state: str = "up") -> dict[str, str]:
@@ -1465,8 +1656,10 @@ class NatsChannel(Channel):
 
     async def _scan(self) -> dict[str, dict[str, Any]]:
         """Asks every machine of the namespace for its ``INFO`` (``$SRV.INFO.cmdipc-<ns>``)
-        and collects the answers for at most ``discovery_window`` seconds (less once they
-        stop coming, or at once when nobody answers)."""
+        and collects the answers for ``discovery_window`` seconds: less only once every
+        machine it knows of answered and no other answer came for a fraction of the window
+        (or at once when nobody answers). So a machine it knows of is missed only by a scan
+        that waited the whole window for it, however slow the answers (a loaded machine)."""
         nc = self._nc
         loop = asyncio.get_running_loop()
         if nc is None or not nc.is_connected:
@@ -1474,8 +1667,13 @@ class NatsChannel(Channel):
         self._seq += 1
         token = f"s{self._seq}"
         got: dict[str, dict[str, Any]] = {}
-        done = loop.create_future()
+        done: asyncio.Future[None] = loop.create_future()
+        # Resolved once every machine known before the scan answered (never for the first
+        # scan, which knows of none: it takes the whole window).
+        settled: asyncio.Future[None] = loop.create_future()
         last = [loop.time()]
+        known = set(self._peers)
+        stall = self.discovery_window * _STALL
 
         def on_answer(msg: Msg) -> None:
             if msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
@@ -1486,6 +1684,8 @@ class NatsChannel(Channel):
             if info is not None:
                 got[info["id"]] = info
                 last[0] = loop.time()
+                if known and known <= got.keys() and not settled.done():
+                    settled.set_result(None)
 
         self._scans[token] = on_answer
         try:
@@ -1493,11 +1693,17 @@ class NatsChannel(Channel):
             deadline = loop.time() + self.discovery_window
             while not done.done():
                 now = loop.time()
-                if now >= deadline or (got and now - last[0] >= _STALL):
-                    break
-                wait = min(deadline - now, _STALL) if got else deadline - now
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(done), wait)
+                if settled.done():
+                    # Every known machine answered: more answers (a machine that joined)
+                    # are waited for until none came for `stall`.
+                    end = min(deadline, last[0] + stall)
+                    if now >= end:
+                        break
+                    await asyncio.wait({done}, timeout=end - now)
+                else:
+                    if now >= deadline:
+                        break
+                    await asyncio.wait({done, settled}, timeout=deadline - now)
         finally:
             del self._scans[token]
         return got

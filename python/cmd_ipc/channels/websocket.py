@@ -663,6 +663,10 @@ class WebSocketChannel(_WebSocketBase):
         return f"{super().__repr__()[:-1]} url={self.url!r}>"
 
 
+#: At most this many registrations of hidden ids wait for their answer on one connection.
+_MAX_HIDDEN_REGISTRATIONS = 1024
+
+
 class WebSocketServerChannel(_WebSocketBase):
     """The server end of one accepted connection, made by :class:`WebSocketHandler`.
 
@@ -673,8 +677,10 @@ class WebSocketServerChannel(_WebSocketBase):
     :func:`~cmd_ipc.server.websocket.serve_websocket`), the command lists sent to the
     client leave out the hidden commands, a call of one from the client is answered
     ``not_found`` here (it never reaches the registry), and ``not_found`` answers carry no
-    "did you mean" hint. The frames of such a channel are parsed to do so; without it,
-    nothing here decodes them.
+    "did you mean" hint. The client's registration of a hidden id is answered ``ok`` as
+    for a free one (not ``duplicate_command``, which would tell it the id exists), though
+    it stays refused. The frames of such a channel are decoded to do so, every one (a type
+    spelled with JSON escapes is the same type); without it, nothing here decodes them.
     """
 
     def __init__(
@@ -690,6 +696,8 @@ class WebSocketServerChannel(_WebSocketBase):
         self._connection = connection
         self._started = False
         self._exposure = exposure if exposure is not None and exposure.restricted else None
+        # Message id -> hidden command id, of the client's registrations not yet answered.
+        self._hidden_registrations: dict[str, str] = {}
 
     async def start(self, on_frame: OnFrame, on_close: OnClose) -> None:
         if self._started:
@@ -711,18 +719,39 @@ class WebSocketServerChannel(_WebSocketBase):
                 frame = exposure.list_answer(frame)
             elif kind == "execute.command.response":
                 frame = exposure.answer(frame)
+            elif (
+                kind == "register.command.response"
+                and self._hidden_registrations.pop(reference or "", None) is not None
+            ):
+                frame = exposure.registration_answer(frame)
         self.send(frame)
 
     def _deliver(self, frame: bytes) -> None:
         exposure = self._exposure
         if exposure is not None:
-            hidden = exposure.hidden_call(frame)
+            # Always decoded here: a type or id spelled with JSON escapes is the same
+            # message to the registry, so nothing is skipped on what the raw bytes say.
+            kind, message_id = exposure.head(frame)
+            hidden = exposure.hidden_call(frame, kind)
             if hidden is not None:
                 # Answered here, as the registry answers a command it does not know.
-                logger.debug("connection %r: %r is not exposed", self.id, hidden[1])
-                self.send(exposure.not_found(hidden[0], hidden[1]))
+                logger.debug("connection %r: %r is not exposed", self.id, hidden)
+                self.send(exposure.not_found(message_id, hidden))
                 return
+            if kind == "register.command.request":
+                self._note_registration(exposure, frame, message_id)
         super()._deliver(frame)
+
+    def _note_registration(self, exposure: Exposure, frame: bytes, message_id: str) -> None:
+        """Remembers a registration of a hidden id, whose refusal must not reach the client
+        as ``duplicate_command`` (see :meth:`Exposure.registration_answer`)."""
+        command_id = exposure.command_of(frame)
+        if command_id is None or exposure.allows(command_id):
+            return
+        pending = self._hidden_registrations
+        if len(pending) >= _MAX_HIDDEN_REGISTRATIONS:
+            del pending[next(iter(pending))]  # the oldest: its answer came long ago or never
+        pending[message_id] = command_id
 
     async def wait_closed(self) -> None:
         """Returns once the connection ended (it must have been started)."""

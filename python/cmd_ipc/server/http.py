@@ -209,13 +209,14 @@ class _Endpoint:
             logger.info("HTTP POST from %s refused: a %s may not cross HTTP", request.remote, kind)
             return web.json_response({"error": f"Message type {kind} is not allowed"}, status=403)
         exposure = self.options.exposure
-        if kind == _EXECUTE_REQUEST and exposure.restricted:
-            hidden = exposure.hidden_call(body)
-            if hidden is not None:
-                # Answered as the registry answers a command it does not know.
-                logger.debug("HTTP POST from %s: %r is not exposed", request.remote, hidden[1])
-                answer = exposure.not_found(message_id, hidden[1])
-                return web.Response(body=answer + b"\n", headers={"Content-Type": _NDJSON})
+        # `kind` is what the decoder read, escapes and all: the check keys on it, never on
+        # the raw bytes.
+        hidden = exposure.hidden_call(body, kind)
+        if hidden is not None:
+            # Answered as the registry answers a command it does not know.
+            logger.debug("HTTP POST from %s: %r is not exposed", request.remote, hidden)
+            answer = exposure.not_found(message_id, hidden)
+            return web.Response(body=answer + b"\n", headers={"Content-Type": _NDJSON})
         return await self._answer(request, body, message_id, kind)
 
     async def _answer(
