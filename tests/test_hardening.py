@@ -6,9 +6,11 @@ import asyncio
 import json
 import os
 import signal
+import socket
 from typing import Any
 
 import aiohttp
+import pytest
 from cmd_ipc import CommandRegistry, CommandTimeoutError, InternalError, RestartPolicy
 from cmd_ipc.http import HTTPChannel, serve
 from helpers import eventually
@@ -119,5 +121,62 @@ async def test_numbers_no_peer_can_carry_are_invalid_request_before_the_handler(
                     "ok": True,
                     "result": {"a": 18446744073709551615, "b": 1e300},
                 }
+        finally:
+            await server.close()
+
+
+async def test_a_ping_flood_whose_pongs_are_never_read_is_bounded_then_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A WebSocket client floods pings and never reads: the server stops reading it while
+    its socket is full (so no pong queues up without bound), other clients are served, and
+    the connection is dropped after the stall timeout and counted."""
+    from cmd_ipc.channels import websocket as ws_channels
+    from cmd_ipc.websocket import WebSocketChannel, serve_websocket
+
+    monkeypatch.setattr(ws_channels._SinkConnection, "stall_timeout", 1.0)
+    async with CommandRegistry("hub") as hub:
+        await hub.register_command("ping", lambda: "pong")
+        server = await serve_websocket(hub, "127.0.0.1", 0, ping_interval=None)
+        try:
+            loop = asyncio.get_running_loop()
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", server.port))
+            await loop.sock_sendall(
+                sock,
+                b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            )
+            status = await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
+            assert b"101" in status.split(b"\r\n", 1)[0], status
+            sock.setblocking(True)
+            # A masked ping with a 125-byte payload (mask 0: the payload is sent as is).
+            ping = bytes([0x89, 0x80 | 125, 0, 0, 0, 0]) + b"p" * 125
+            burst = ping * 512
+            sock.settimeout(0.5)
+
+            def flood() -> int:
+                sent = 0
+                try:
+                    while sent < 200_000 * len(ping):
+                        sock.sendall(burst)
+                        sent += len(burst)
+                except (TimeoutError, OSError):
+                    pass
+                return sent
+
+            sent = await loop.run_in_executor(None, flood)
+            (conn,) = server.server.connections
+            backlog = conn.transport.get_write_buffer_size()
+            # Without the bound the pongs to every ping read so far would wait here.
+            assert backlog < 1024 * 1024, f"{backlog} bytes queued for a peer that reads nothing"
+            assert sent < 200_000 * len(ping), "the server read the whole flood"
+            async with CommandRegistry("other") as other:
+                await other.register_channel(WebSocketChannel("hub", server.url))
+                assert await other.execute_command("ping", timeout=10) == "pong"
+            await eventually(lambda: server.handler.stalled == 1, 10)
+            sock.close()
         finally:
             await server.close()

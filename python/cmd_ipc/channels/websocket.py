@@ -169,13 +169,71 @@ class _Sink:
             self.deliver(data)
 
 
+#: Seconds a connection may stay unable to write (its peer reads nothing) before it is
+#: closed; see :meth:`_SinkConnection.pause_writing`.
+STALL_TIMEOUT = 30.0
+
+
 class _SinkConnection(Connection):
     """Mixed into a client or server connection: its data frames go to a :class:`_Sink`.
-    (The handshake's request or response is not a :class:`Frame`: it goes on as before.)"""
+    (The handshake's request or response is not a :class:`Frame`: it goes on as before.)
+
+    Its outgoing bytes are bounded, control frames included: while the socket cannot take
+    more (the transport's buffer is over its high-water mark), the peer is not read either,
+    so a peer that floods pings and never reads the pongs gets no more pongs queued; and a
+    peer that stays so for :data:`STALL_TIMEOUT` seconds is disconnected (``stalled``)."""
+
+    #: Seconds the connection may stay unable to write before it is closed.
+    stall_timeout: float = STALL_TIMEOUT
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sink = _Sink()
+        #: Set when it was closed for not reading (see the class doc).
+        self.stalled = False
+        self._read_paused = False
+        self._stall: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if not self._read_paused:
+            self._read_paused = True
+            self.transport.pause_reading()
+        if self._stall is None:
+            self._stall = asyncio.get_running_loop().call_later(
+                self.stall_timeout, self._stalled
+            )
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        if self._read_paused:
+            self._read_paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def _stalled(self) -> None:
+        self._stall = None
+        if not self.paused or self.transport.is_closing():
+            return
+        self.stalled = True
+        logger.warning(
+            "WebSocket peer %s read nothing for %.0fs (%d bytes wait to be sent): "
+            "disconnected (1008)",
+            self.remote_address,
+            self.stall_timeout,
+            self.transport.get_write_buffer_size(),
+        )
+        # A close frame would wait behind what the peer does not read: end the connection.
+        self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        super().connection_lost(exc)
 
     def process_event(self, event: Any) -> None:
         if not isinstance(event, Frame) or not self.sink.take(event):

@@ -129,6 +129,10 @@ class WebSocketHandler:
         self.send_limit = send_limit
         self._token = None if token is None else token.encode()
         self._channels: set[WebSocketServerChannel] = set()
+        #: Connections closed because their client read nothing for
+        #: ``channels.websocket.STALL_TIMEOUT`` seconds (a ping flood whose pongs it never
+        #: reads, say): their outgoing bytes had reached the socket's bound.
+        self.stalled = 0
         self._lock: asyncio.Lock | None = None
         self._closed = False
 
@@ -218,6 +222,8 @@ class WebSocketHandler:
         try:
             await channel.wait_closed()
         finally:
+            if getattr(connection, "stalled", False):
+                self.stalled += 1
             self._channels.discard(channel)
             closing = channel._closing
             if closing is not None:  # replaced: its closing handshake ends here
