@@ -70,13 +70,19 @@ test-slow: build
 
 # Coverage-guided fuzzing with libFuzzer, FUZZ_SECONDS per target (default 60). Uses the
 # machine's stable toolchain (RUSTC_BOOTSTRAP for cargo-fuzz's flags) without a sanitizer.
-# New corpus entries land in rust/core/fuzz/corpus/<target>/ and are replayed by `cargo test`
-# (rust/core/tests/fuzz_corpus.rs); crashes land in rust/core/fuzz/artifacts/.
+# New corpus entries land in rust/<crate>/fuzz/corpus/<target>/ and are replayed by `cargo test`
+# (rust/<crate>/tests/fuzz_corpus.rs); crashes land in rust/<crate>/fuzz/artifacts/.
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := json_decode msgpack_decode frame_decode router_ops
+# The shm rings against a peer that writes anything into the shared memory.
+FUZZ_NATIVE_TARGETS := ring_state
 fuzz:
 	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 	cd rust/core/fuzz && for t in $(FUZZ_TARGETS); do \
+	  RUSTC_BOOTSTRAP=1 cargo fuzz run -s none --release $$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -rss_limit_mb=512 || exit 1; \
+	done
+	cd rust/native/fuzz && for t in $(FUZZ_NATIVE_TARGETS); do \
 	  RUSTC_BOOTSTRAP=1 cargo fuzz run -s none --release $$t -- \
 	    -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -rss_limit_mb=512 || exit 1; \
 	done

@@ -7,6 +7,7 @@ so a test reading the parent's stdout learns when the worker got that far.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 from cmd_ipc import CommandRegistry
@@ -51,3 +52,22 @@ async def serve_setup_hanging(registry: CommandRegistry) -> None:
     """For ``cmd-ipc serve``: a worker, then one that never gets ready."""
     await registry.spawn_worker("w1", "interrupt_targets:calc")
     await registry.spawn_worker("w2", "interrupt_targets:hanging")
+
+
+def slow(registry: CommandRegistry) -> None:
+    """:func:`calc`, plus ``<id>.wait(seconds)``: emits ``<id>.waiting``, then answers
+    ``"late"`` after ``seconds`` or once ``<id>.release()`` was called, whichever is first."""
+    calc(registry)
+    release = asyncio.Event()
+
+    @registry.command(f"{registry.id}.wait", validate=False)
+    async def wait(seconds: float) -> str:
+        registry.emit_event(f"{registry.id}.waiting")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(release.wait(), seconds)
+        return "late"
+
+    @registry.command(f"{registry.id}.release", validate=False)
+    def release_all() -> bool:
+        release.set()
+        return True

@@ -50,6 +50,34 @@ except KeyboardInterrupt:
 """
 
 
+#: Seconds the slow command of SLOW_SCRIPT takes unless interrupted.
+SLOW = 10.0
+
+SLOW_SCRIPT = """
+import sys, time
+from cmd_ipc import CommandRegistry
+
+mode, transport, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+with CommandRegistry("main") as registry:
+    registry.spawn_worker_sync("w", "interrupt_targets:slow", transport=transport)
+    registry.add_event_listener("w.waiting", lambda _: print("waiting", flush=True))
+    t0 = time.monotonic()
+    try:
+        if mode == "one":
+            registry.execute_command_sync("w.wait", {"seconds": seconds})
+        else:
+            registry.execute_many_sync("w.wait", [{"seconds": seconds}] * 4, window=4)
+        print("finished", time.monotonic() - t0, flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", time.monotonic() - t0, flush=True)
+    # The channel is still usable: the late replies (released now) are dropped, the next
+    # calls are answered with their own results.
+    assert registry.execute_command_sync("w.release") is True
+    print("next", registry.execute_command_sync("w.add", {"a": 1, "b": 2}), flush=True)
+    print("next", registry.execute_many_sync("w.add", [{"a": 2, "b": 2}] * 3), flush=True)
+"""
+
+
 def descendants(pid: int) -> set[int]:
     """Every process below ``pid`` (children, theirs...), from /proc."""
     parents: dict[int, int] = {}
@@ -215,3 +243,24 @@ def test_bench(run: Callable[..., subprocess.Popen[str]]) -> None:
         time.sleep(0.05)  # polls /proc for the first worker (there is no line to wait for)
     code, out, err = ctrl_c(proc)
     assert (code, err) == (130, ""), out + err
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", ["shm", "pipe"])
+@pytest.mark.parametrize("mode", ["one", "many"])
+def test_ctrl_c_interrupts_a_blocking_call(
+    run: Callable[..., subprocess.Popen[str]], tmp_path: Path, mode: str, transport: str
+) -> None:
+    """SIGINT while execute_command_sync (or execute_many_sync) waits in Rust for a slow
+    worker command: KeyboardInterrupt comes before the command would have finished, and the
+    channel answers the next calls right (the interrupted call's late reply is dropped)."""
+    (tmp_path / "slow.py").write_text(SLOW_SCRIPT)
+    proc = run("slow.py", mode, transport, str(SLOW), cwd=tmp_path)
+    read_until(proc, lambda line: line.strip() == "waiting", START_DEADLINE)
+    os.kill(proc.pid, signal.SIGINT)  # the program only (its worker has a group of its own)
+    out, err = proc.communicate(timeout=END_DEADLINE + SLOW)
+    assert proc.returncode == 0, out + err
+    lines = [line.split() for line in out.splitlines() if line and line != "waiting"]
+    assert lines[0][0] == "interrupted", out + err
+    assert float(lines[0][1]) < SLOW, f"interrupted only when the command ended: {out}"
+    assert lines[1:] == [["next", "3"], ["next", "[4,", "4,", "4]"]], out + err

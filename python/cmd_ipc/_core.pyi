@@ -205,7 +205,9 @@ class Node:
         ``(OUTCOME_VALUE, result, None)``, ``(OUTCOME_RESULT, data, encoding)`` (decode in
         Python), ``(OUTCOME_ERROR, code, message)``, ``(OUTCOME_ENCODE, None, None)`` (encode
         the request in Python and call again with bytes) or ``(OUTCOME_FALLBACK, None,
-        None)`` (the command is not behind a native channel)."""
+        None)`` (the command is not behind a native channel). On the main thread the wait
+        runs Python's signal handlers while it is parked: what they raise (Ctrl-C:
+        ``KeyboardInterrupt``) ends it, and the call is forgotten (its late reply dropped)."""
     def call_many_sync(
         self,
         command_id: str,
@@ -219,7 +221,8 @@ class Node:
         values, others)``: ``values`` holds the results decoded in Rust, ``others`` lists
         ``(index, OUTCOME_RESULT, data, encoding)`` to decode in Python and ``(index,
         OUTCOME_ERROR, code, message)`` for failures; or ``(OUTCOME_ENCODE, None, None)`` /
-        ``(OUTCOME_FALLBACK, None, None)`` as for :meth:`call_sync`."""
+        ``(OUTCOME_FALLBACK, None, None)`` as for :meth:`call_sync`. Interrupted as
+        :meth:`call_sync` is (the calls in flight forgotten, the results in dropped)."""
     def add_channel(self, channel: str, encoding: str) -> list[_Action]:
         """Attaches a channel (``"json"`` or ``"msgpack"``); queues a list request on it."""
     def close_channel(self, channel: str) -> list[_Action]:
@@ -328,7 +331,8 @@ def transcode(
     """
 
 def create_segment(ring_capacity: int = 1048576) -> int:
-    """Creates a shared-memory segment (a memfd) with two rings; returns its descriptor."""
+    """Creates a shared-memory segment (a memfd) with two rings, sealed against resizing;
+    returns its descriptor."""
 
 def new_id() -> str:
     """A fresh UUIDv4 string."""

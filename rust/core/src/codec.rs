@@ -128,7 +128,9 @@ pub fn check_json_depth(data: &[u8], max_depth: usize) -> Result<(), CodecError>
             b']' | b'}' => depth = depth.saturating_sub(1),
             b'-' | b'0'..=b'9' => {
                 let start = i;
-                while i < data.len() && matches!(data[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') {
+                while i < data.len()
+                    && matches!(data[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
                     i += 1;
                 }
                 check_json_number(&data[start..i])?;
@@ -1269,9 +1271,17 @@ mod tests {
     fn json_numbers_no_peer_can_carry_are_refused() {
         let limits = Limits::default();
         let msg = |n: &str| {
-            format!(r#"{{"id":"r1","type":"execute.command.request","commandId":"c","request":{{"a":{n}}}}}"#)
+            format!(
+                r#"{{"id":"r1","type":"execute.command.request","commandId":"c","request":{{"a":{n}}}}}"#
+            )
         };
-        for bad in ["1e400", "-1e400", "18446744073709551616", "-9223372036854775809", "1E309"] {
+        for bad in [
+            "1e400",
+            "-1e400",
+            "18446744073709551616",
+            "-9223372036854775809",
+            "1E309",
+        ] {
             let err = decode_json(msg(bad).as_bytes(), &limits).unwrap_err();
             assert_eq!(err.code(), "invalid_message", "{bad}: {err}");
             assert!(err.to_string().contains("out of range"), "{err}");
@@ -1284,15 +1294,20 @@ mod tests {
             assert!(validate_payload(&local, &limits).is_err(), "{bad}");
         }
         for good in [
-            "1e300", "-1.5", "0", "-0", "18446744073709551615", "-9223372036854775808",
-            "123456789012345678", "1.000000000000000000000001",
+            "1e300",
+            "-1.5",
+            "0",
+            "-0",
+            "18446744073709551615",
+            "-9223372036854775808",
+            "123456789012345678",
+            "1.000000000000000000000001",
         ] {
             decode_json(msg(good).as_bytes(), &limits).unwrap_or_else(|e| panic!("{good}: {e}"));
         }
         // Digits inside strings are not numbers.
         decode_json(msg(r#""99999999999999999999999""#).as_bytes(), &limits).unwrap();
     }
-
 
     #[test]
     fn fast_msgpack_path_agrees_with_the_general_decoder() {

@@ -1993,7 +1993,8 @@ pub enum InboundError {
 /// The bytes a command definition holds (what its peer makes this registry keep).
 fn def_size(def: &CommandDef) -> usize {
     let schema = def.schema.as_ref().map_or(0, |s| {
-        s.request.as_ref().map_or(0, |p| p.data.len()) + s.response.as_ref().map_or(0, |p| p.data.len())
+        s.request.as_ref().map_or(0, |p| p.data.len())
+            + s.response.as_ref().map_or(0, |p| p.data.len())
     });
     def.id.len() + def.description.as_ref().map_or(0, String::len) + schema
 }

@@ -7,10 +7,13 @@
 //!   endpoints, whose traffic (forwarding between them included) is carried out here by
 //!   whichever thread reads; blocking callers read their own replies.
 //! * [`ids`]: the production [`cmd_ipc_core::ids::IdSource`], random UUIDv4 ids.
+//! * [`fuzzing`]: fuzz target bodies (the shm rings against a hostile peer), replayed by
+//!   `cargo test` from `fuzz/corpus`.
 //!
 //! Nothing here knows Python; `rust/py` binds it.
 #![deny(missing_docs)]
 
+pub mod fuzzing;
 pub mod ids;
 pub mod node;
 pub mod transport;

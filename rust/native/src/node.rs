@@ -83,6 +83,10 @@ struct SyncSlot {
     thread: std::thread::ThreadId,
     /// Part of a batch: (batch, index in it); the result goes to `State::batch_done`.
     batch: Option<(u64, usize)>,
+    /// The caller stopped waiting (interrupted): the result, when it comes (the reply, or
+    /// the router's timeout), is dropped here. The router keeps the call pending until then,
+    /// as the peer is still running it.
+    abandoned: bool,
 }
 
 impl SyncSlot {
@@ -94,6 +98,7 @@ impl SyncSlot {
             ep: ep.clone(),
             thread: std::thread::current().id(),
             batch,
+            abandoned: false,
         }
     }
 }
@@ -213,8 +218,7 @@ impl Node {
                             let enc = ep.encoding();
                             match codec::encode(&message, enc) {
                                 Ok(frame) => match ep.send_frame(&frame) {
-                                    Err(e) => dead
-                                        .push((channel.to_string(), format!("send failed: {e}"))),
+                                    Err(e) => dead.push((channel.to_string(), send_failure(&e))),
                                     Ok(more) => {
                                         if more
                                             && ep.kind() == transport::Kind::Stream
@@ -240,6 +244,9 @@ impl Node {
                         None => py.push(Action::Send { channel, message }.into()),
                     },
                     Action::CallDone { call, result } => match st.sync_calls.get_mut(&call) {
+                        Some(slot) if slot.abandoned => {
+                            st.sync_calls.remove(&call);
+                        }
                         Some(slot) => {
                             // The waiting thread reading its own reply is awake: no signal.
                             if slot.thread != std::thread::current().id() {
@@ -401,7 +408,13 @@ impl Node {
     /// a blocking caller holds this channel's reading role. `socket_first`: also read the
     /// channel's socket on the first pass (do, after a wake-up on [`Node::endpoint_fd`]: it
     /// drains the doorbell and sees a hang-up; a caller polling again at once need not).
-    pub fn poll_endpoint(&self, id: &str, spin_us: u64, follow_us: u64, socket_first: bool) -> Poll {
+    pub fn poll_endpoint(
+        &self,
+        id: &str,
+        spin_us: u64,
+        follow_us: u64,
+        socket_first: bool,
+    ) -> Poll {
         let mut out = Poll::default();
         let Some(ep) = self.endpoint(id) else {
             return out;
@@ -482,10 +495,29 @@ impl Node {
                 self.rearm(oid, oep, &mut r, &mut out.actions);
             }
         }
-        if let Ok(more) = ep.flush() {
-            out.want_write = more && ep.kind() == transport::Kind::Stream;
+        match ep.flush() {
+            Ok(more) => out.want_write = more && ep.kind() == transport::Kind::Stream,
+            Err(e) => self.close_if_corrupt(id, &ep, &e, &mut out.actions),
         }
         out
+    }
+
+    /// After a flush failed because the peer left an impossible index in the ring: closes
+    /// the channel as a read pass would (`corrupt_ring`). Other flush failures are left to
+    /// the next read (a broken socket reads as end-of-file).
+    fn close_if_corrupt(&self, id: &str, ep: &Endpoint, e: &io::Error, py: &mut Vec<NodeAction>) {
+        if transport::CorruptRing::of(e).is_none() || ep.is_closed() {
+            return;
+        }
+        let mut st = self.lock();
+        self.detach(id);
+        ep.close();
+        let _ = st.router.close_channel(id);
+        self.dispatch(&mut st, py);
+        py.push(NodeAction::Closed {
+            channel: Arc::from(id),
+            reason: send_failure(e),
+        });
     }
 
     /// Flushes a native channel's outbox (when its socket became writable); returns whether
@@ -534,16 +566,34 @@ impl Node {
         request: Option<Payload>,
         ttl: Option<Micros>,
     ) -> SyncOutcome {
+        match self.call_sync_until(command_id, request, ttl, &mut || false) {
+            Ok(outcome) => outcome,
+            Err(Stopped) => unreachable!("never asked to stop"),
+        }
+    }
+
+    /// [`Node::call_sync`] that gives up when `stop()` says so (a Python signal handler
+    /// raised: Ctrl-C). `stop` is asked only off the fast path: after a park that brought no
+    /// bytes (at most every [`IDLE_CHECK_US`]), and every [`BUSY_CHECK_US`] while bytes keep
+    /// coming. A call given up is forgotten here; its late reply is dropped quietly and the
+    /// channel stays usable.
+    pub fn call_sync_until(
+        &self,
+        command_id: &str,
+        request: Option<Payload>,
+        ttl: Option<Micros>,
+        stop: &mut dyn FnMut() -> bool,
+    ) -> Result<SyncOutcome, Stopped> {
         // A stale signal on this thread's waker (a reply another thread completed earlier)
         // only ends a park early; the park path drains it.
         let waker = THREAD_WAKER.with(|w| w.as_raw_fd());
-        let (call, id, ep, deadline) = {
+        let (call, id, ep, deadline, now) = {
             let mut st = self.lock();
             let Some(target) = st.router.route_of(command_id) else {
-                return SyncOutcome::Fallback;
+                return Ok(SyncOutcome::Fallback);
             };
             let Some(ep) = self.endpoint(&target) else {
-                return SyncOutcome::Fallback;
+                return Ok(SyncOutcome::Fallback);
             };
             // From here until hand_back, this thread reads the channel: the reply must not
             // ring the event loop's doorbell.
@@ -562,11 +612,32 @@ impl Node {
                 st.queued.extend(py);
                 transport::eventfd_signal(self.waker.as_raw_fd());
             }
-            (call, target, ep, now.saturating_add(ttl))
+            (call, target, ep, now.saturating_add(ttl), now)
         };
-        let result = self.wait_sync(call, &id, &ep, deadline, waker);
+        let mut stop = Stop::new(stop, now);
+        let result = self.wait_sync(call, &id, &ep, deadline, waker, &mut stop);
+        if result.is_none() {
+            self.abandon(|c, _| c == call);
+        }
         self.hand_back(&id, &ep);
-        SyncOutcome::Done(result)
+        result.map(SyncOutcome::Done).ok_or(Stopped)
+    }
+
+    /// Forgets the blocking calls `which(call, slot)` selects, whose caller stopped waiting
+    /// (see `SyncSlot::abandoned`).
+    fn abandon(&self, which: impl Fn(u64, &SyncSlot) -> bool) {
+        let mut st = self.lock();
+        for (call, slot) in st.sync_calls.iter_mut() {
+            if which(*call, slot) {
+                slot.abandoned = true;
+                slot.batch = None;
+            }
+        }
+        // Their results may have come already.
+        st.sync_calls
+            .retain(|_, slot| !(slot.abandoned && slot.result.is_some()));
+        // Their deadlines were kept by the caller's thread: the loop's timer takes them over.
+        self.hand_to_loop(&mut st, Vec::new());
     }
 
     /// Blocking calls of one command with many requests, pipelined: when the command is
@@ -581,6 +652,23 @@ impl Node {
         ttl: Option<Micros>,
         window: usize,
     ) -> Option<Vec<ExecResult>> {
+        match self.call_many_sync_until(command_id, requests, ttl, window, &mut || false) {
+            Ok(results) => results,
+            Err(Stopped) => unreachable!("never asked to stop"),
+        }
+    }
+
+    /// [`Node::call_many_sync`] that gives up when `stop()` says so, as
+    /// [`Node::call_sync_until`] does: the batch's calls still in flight are forgotten, the
+    /// results already in are dropped.
+    pub fn call_many_sync_until(
+        &self,
+        command_id: &str,
+        requests: Vec<Option<Payload>>,
+        ttl: Option<Micros>,
+        window: usize,
+        stop: &mut dyn FnMut() -> bool,
+    ) -> Result<Option<Vec<ExecResult>>, Stopped> {
         let waker = THREAD_WAKER.with(|w| w.as_raw_fd());
         let n = requests.len();
         let window = window.max(1);
@@ -589,10 +677,14 @@ impl Node {
             // One thread reads one channel: a pool's members answer on several, so its
             // batches go through the event loop, which reads them all.
             if st.router.is_pooled(command_id) {
-                return None;
+                return Ok(None);
             }
-            let target = st.router.route_of(command_id)?;
-            let ep = self.endpoint(&target)?;
+            let Some(target) = st.router.route_of(command_id) else {
+                return Ok(None);
+            };
+            let Some(ep) = self.endpoint(&target) else {
+                return Ok(None);
+            };
             ep.claim();
             st.next_batch += 1;
             let ttl = ttl.unwrap_or(st.router.config().request_ttl);
@@ -602,7 +694,8 @@ impl Node {
             std::iter::repeat_with(|| None).take(n).collect();
         let mut requests = requests.into_iter().enumerate();
         let (mut sent, mut done) = (0usize, 0usize);
-        self.drive(&target, &ep, waker, || {
+        let mut stop = Stop::new(stop, transport::monotonic_micros());
+        let finished = self.drive(&target, &ep, waker, &mut stop, || {
             let mut st = self.lock();
             let mut py = Vec::new();
             let now = transport::monotonic_micros();
@@ -637,15 +730,23 @@ impl Node {
             }
             Step::Wait(next.unwrap_or(now.saturating_add(ttl)))
         });
+        if !finished {
+            self.abandon(|_, slot| slot.batch.is_some_and(|(b, _)| b == batch));
+            self.lock().batch_done.remove(&batch);
+        }
         self.hand_back(&target, &ep);
-        Some(
+        if !finished {
+            return Err(Stopped);
+        }
+        Ok(Some(
             results
                 .into_iter()
                 .map(|r| r.unwrap_or_else(call_lost))
                 .collect(),
-        )
+        ))
     }
 
+    /// Waits for one blocking call's result; `None` if `stop` ended the wait first.
     fn wait_sync(
         &self,
         call: u64,
@@ -653,25 +754,36 @@ impl Node {
         ep: &Arc<Endpoint>,
         deadline: Micros,
         waker: RawFd,
-    ) -> ExecResult {
+        stop: &mut Stop<'_>,
+    ) -> Option<ExecResult> {
         let mut out = None;
-        self.drive(id, ep, waker, || match self.sync_result(call, deadline) {
-            Some(r) => {
-                out = Some(r);
-                Step::Done
+        let finished = self.drive(id, ep, waker, stop, || {
+            match self.sync_result(call, deadline) {
+                Some(r) => {
+                    out = Some(r);
+                    Step::Done
+                }
+                None => Step::Wait(deadline),
             }
-            None => Step::Wait(deadline),
         });
-        out.unwrap_or_else(call_lost)
+        finished.then(|| out.unwrap_or_else(call_lost))
     }
 
     /// Reads channel `id` on behalf of a blocking caller until `step` says it is done:
-    /// `step` runs before each read, and may send more.
-    fn drive(&self, id: &str, ep: &Arc<Endpoint>, waker: RawFd, step: impl FnMut() -> Step) {
+    /// `step` runs before each read, and may send more. Returns false if `stop` ended the
+    /// wait first (asked only after `step` said to keep waiting).
+    fn drive(
+        &self,
+        id: &str,
+        ep: &Arc<Endpoint>,
+        waker: RawFd,
+        stop: &mut Stop<'_>,
+        step: impl FnMut() -> Step,
+    ) -> bool {
         if ep.kind() == transport::Kind::Shm {
-            self.drive_shm(id, ep, waker, step)
+            self.drive_shm(id, ep, waker, stop, step)
         } else {
-            self.drive_stream(id, ep, waker, step)
+            self.drive_stream(id, ep, waker, stop, step)
         }
     }
 
@@ -680,25 +792,34 @@ impl Node {
         id: &str,
         ep: &Arc<Endpoint>,
         waker: RawFd,
+        stop: &mut Stop<'_>,
         mut step: impl FnMut() -> Step,
-    ) {
+    ) -> bool {
         let mut spin_start: Option<Micros> = None;
         // After an empty spin round, while this thread alone reads the channel, nothing can
         // have finished its calls: `step` (the state lock) is skipped until bytes come, the
         // channel closes, or the deadline passes.
         let mut deadline = 0;
         let mut idle_spin = false;
+        // The last pass ended in a park (or a wait) that brought nothing.
+        let mut parked = false;
         loop {
-            if !idle_spin {
+            let stepped = !idle_spin;
+            if stepped {
                 let Step::Wait(d) = step() else {
-                    return;
+                    return true;
                 };
                 deadline = d;
             }
             idle_spin = false;
             let now = transport::monotonic_micros();
+            if stepped && stop.due(now, parked) {
+                return false;
+            }
+            parked = false;
             if ep.is_closed() {
                 wait_elsewhere(waker, deadline, now);
+                parked = true;
                 continue;
             }
             // Read the channel ourselves unless another thread is (then just wait for it).
@@ -740,6 +861,7 @@ impl Node {
             ep.park_blocking(waker, ms);
             transport::eventfd_drain(waker);
             spin_start = None;
+            parked = !ep.has_data();
         }
     }
 
@@ -776,36 +898,53 @@ impl Node {
         id: &str,
         ep: &Arc<Endpoint>,
         waker: RawFd,
+        stop: &mut Stop<'_>,
         mut step: impl FnMut() -> Step,
-    ) {
+    ) -> bool {
+        // The last pass ended in a wait (a park, or the loop thread's turn to read).
+        let mut parked = false;
         loop {
             let Step::Wait(deadline) = step() else {
-                return;
+                return true;
             };
+            let now = transport::monotonic_micros();
+            if stop.due(now, parked) {
+                return false;
+            }
             if ep.is_closed() {
-                wait_elsewhere(waker, deadline, transport::monotonic_micros());
+                wait_elsewhere(waker, deadline, now);
+                parked = true;
                 continue;
             }
             match ep.try_reader() {
                 Some(mut reader) => loop {
                     let pass = self.read_for_caller(id, ep, &mut reader);
                     let Step::Wait(deadline) = step() else {
-                        return;
+                        return true;
                     };
+                    let now = transport::monotonic_micros();
+                    if stop.due(now, parked && pass == Pass::Empty) {
+                        return false;
+                    }
+                    parked = false;
                     if pass == Pass::Closed {
                         break;
                     }
                     if pass == Pass::Empty {
-                        let left = deadline.saturating_sub(transport::monotonic_micros());
-                        let ms = (left / 1000 + 1).min(1000) as i32;
+                        // At most STREAM_PARK_MS, so that a signal delivered to another
+                        // thread of this process is still noticed soon (see `Stop`).
+                        let left = deadline.saturating_sub(now);
+                        let ms = (left / 1000 + 1).min(STREAM_PARK_MS) as i32;
                         ep.park_blocking(waker, ms);
                         transport::eventfd_drain(waker);
+                        parked = true;
                     }
                 },
                 None => {
                     // The loop thread is reading: it completes our slots and signals us.
                     let _ = transport::wait_readable(&[waker], 1);
                     transport::eventfd_drain(waker);
+                    parked = true;
                 }
             }
         }
@@ -841,11 +980,13 @@ impl Node {
     fn read_for_caller(&self, id: &str, ep: &Endpoint, reader: &mut Reader) -> Pass {
         let mut py = Vec::new();
         let pass = self.read_route(id, ep, reader, &mut py);
+        if let Err(e) = ep.flush() {
+            self.close_if_corrupt(id, ep, &e, &mut py);
+        }
         if !py.is_empty() {
             let mut st = self.lock();
             self.hand_to_loop(&mut st, py);
         }
-        let _ = ep.flush();
         pass
     }
 
@@ -907,6 +1048,54 @@ fn collect_batch(st: &mut State, batch: u64, results: &mut [Option<ExecResult>])
 /// The result of a blocking call whose slot is gone (never expected).
 fn call_lost() -> ExecResult {
     Err(ExecError::new(ErrorCode::InternalError, "call lost"))
+}
+
+/// Microseconds between two checks of a blocking caller's `stop` while it waits with nothing
+/// arriving (each check may take the GIL: never on the path of a reply).
+pub const IDLE_CHECK_US: Micros = 2_000;
+/// Microseconds between two checks while bytes keep arriving (a long pipelined batch).
+pub const BUSY_CHECK_US: Micros = 100_000;
+/// The longest park of a blocking caller on a stream channel, in milliseconds.
+const STREAM_PARK_MS: u64 = 100;
+
+/// A blocking caller gave up waiting because its `stop` said so (see
+/// [`Node::call_sync_until`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped;
+
+/// A blocking caller's `stop`, asked at most every [`IDLE_CHECK_US`] after an empty wait,
+/// or every [`BUSY_CHECK_US`] otherwise, and only after `step` said the call goes on (so a
+/// reply is never held up by it). A signal that reaches the caller's thread ends its futex
+/// or `poll()` wait at once (EINTR) and is checked then; one that another thread of the
+/// process receives is seen when the wait times out (at most 20 ms on a ring,
+/// `STREAM_PARK_MS` on a socket).
+struct Stop<'a> {
+    ask: &'a mut dyn FnMut() -> bool,
+    last: Micros,
+}
+
+impl<'a> Stop<'a> {
+    fn new(ask: &'a mut dyn FnMut() -> bool, now: Micros) -> Stop<'a> {
+        Stop { ask, last: now }
+    }
+
+    /// Whether to stop, asked if the interval for an idle (`parked`) or busy caller passed.
+    fn due(&mut self, now: Micros, parked: bool) -> bool {
+        let every = if parked { IDLE_CHECK_US } else { BUSY_CHECK_US };
+        if now.saturating_sub(self.last) < every {
+            return false;
+        }
+        self.last = now;
+        (self.ask)()
+    }
+}
+
+/// Why a native channel closes after a failed send.
+fn send_failure(e: &io::Error) -> String {
+    match transport::CorruptRing::of(e) {
+        Some(c) => format!("[corrupt_ring] {c}"),
+        None => format!("send failed: {e}"),
+    }
 }
 
 /// A blocking caller whose channel closed: its calls there have failed; calls still open

@@ -28,6 +28,20 @@
 //! futex (2). An idle channel costs no CPU, and a
 //! busy one issues no system call at all. Peer death closes the peer's socket: the reader
 //! sees end-of-file at once.
+//!
+//! A peer is never trusted with this process's memory safety or liveness:
+//!
+//! * The segment is sealed (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`) before it is handed
+//!   over, and a segment without the first two seals is refused on attach: a peer that could
+//!   truncate it would kill this process with SIGBUS on its next access to a ring.
+//! * Each side keeps its own index (`head` of the ring it writes, `tail` of the ring it reads)
+//!   in process memory; the shared copy is only published for the peer. Every index read from
+//!   the segment is checked against it before use: a peer's `head` more than `capacity` ahead
+//!   of our `tail` (or behind it), or a `tail` more than `capacity` behind our `head` (or
+//!   ahead of it), is impossible, and the endpoint reports [`ReadError::CorruptRing`] (the
+//!   node closes the channel, `corrupt_ring`) instead of reading or writing out of bounds or
+//!   spinning on a ring that can never be read. Frame lengths are checked by the frame
+//!   decoder (`frame_too_large`). The capacity is read once, at attach.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -36,6 +50,69 @@ use std::sync::Mutex;
 
 use cmd_ipc_core::frame::{self, FrameDecoder, FrameError, Hello, HEADER_LEN, PROTOCOL_VERSION};
 use cmd_ipc_core::message::Encoding;
+
+/// The seals every segment carries: its size can never change (and no seal can be added).
+const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+/// The seals an attaching side requires: without them a peer could truncate the segment.
+const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+
+/// A peer wrote an impossible value into a ring's shared header: the channel is unusable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorruptRing(pub String);
+
+impl std::fmt::Display for CorruptRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "corrupt shared-memory ring: {}", self.0)
+    }
+}
+
+impl std::error::Error for CorruptRing {}
+
+impl CorruptRing {
+    fn io(self) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, self)
+    }
+
+    /// The corruption an I/O error of a shm endpoint reports, if that is what it is.
+    pub fn of(e: &io::Error) -> Option<&CorruptRing> {
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<CorruptRing>())
+    }
+}
+
+/// Why a read pass found the channel unusable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadError {
+    /// The byte stream is broken (oversized frame, bad hello).
+    Frame(FrameError),
+    /// The peer wrote an impossible index into the shared memory.
+    CorruptRing(CorruptRing),
+}
+
+impl ReadError {
+    /// Stable code (`frame_too_large`, `handshake_failed`, `corrupt_ring`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ReadError::Frame(e) => e.code(),
+            ReadError::CorruptRing(_) => "corrupt_ring",
+        }
+    }
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Frame(e) => e.fmt(f),
+            ReadError::CorruptRing(e) => e.fmt(f),
+        }
+    }
+}
+
+impl From<FrameError> for ReadError {
+    fn from(e: FrameError) -> Self {
+        ReadError::Frame(e)
+    }
+}
 
 const MAGIC: u64 = 0x3130_4350_4944_4d43; // "CMDIPC01" little-endian
 const DATA_OFFSET: usize = 4096;
@@ -52,13 +129,17 @@ fn os_err(what: &str) -> io::Error {
 }
 
 /// Creates a shared-memory segment for a shm channel with two rings of `capacity` bytes
-/// (rounded up to a power of two) and returns its descriptor (close-on-exec).
+/// (rounded up to a power of two) and returns its descriptor (close-on-exec). The segment is
+/// sealed against resizing before anyone else can see it (see the module documentation).
 pub fn create_segment(capacity: usize) -> io::Result<OwnedFd> {
     let capacity = capacity.clamp(MIN_RING, MAX_RING).next_power_of_two();
     let size = DATA_OFFSET + 2 * capacity;
     // SAFETY: plain system calls on a fresh descriptor we own.
     unsafe {
-        let fd = libc::memfd_create(c"cmd-ipc".as_ptr(), libc::MFD_CLOEXEC);
+        let fd = libc::memfd_create(
+            c"cmd-ipc".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        );
         if fd < 0 {
             return Err(os_err("memfd_create"));
         }
@@ -70,6 +151,11 @@ pub fn create_segment(capacity: usize) -> io::Result<OwnedFd> {
         // fault (and the zeroing of the page), several microseconds, in the middle of a
         // call. Where the file system cannot, the pages come on first touch as before.
         let _ = libc::fallocate(fd.as_raw_fd(), 0, 0, size as libc::off_t);
+        // Sealed before the descriptor leaves this function: no process it is handed to can
+        // shrink it (SIGBUS in every process mapping it) or grow it.
+        if libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALS) != 0 {
+            return Err(os_err("sealing the shm segment (F_ADD_SEALS)"));
+        }
         let seg = Segment::map(fd.as_raw_fd(), size)?;
         // A fresh memfd is zero-filled: only the header needs writing.
         (seg.ptr as *mut u64).write(MAGIC);
@@ -113,8 +199,19 @@ impl Segment {
         })
     }
 
-    /// Maps a segment made by [`create_segment`], checking its header and size.
+    /// Maps a segment made by [`create_segment`], checking its seals, header and size.
     fn open(fd: RawFd) -> io::Result<(Segment, usize)> {
+        // Seals first: once present they can never be removed, so the size checked below
+        // stays the size of the mapping for its whole life.
+        // SAFETY: F_GET_SEALS on a descriptor the caller vouches for (EINVAL if not a memfd).
+        let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+        if seals < 0 || seals & REQUIRED_SEALS != REQUIRED_SEALS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "shm segment is not sealed against resizing (F_SEAL_SHRINK | F_SEAL_GROW): \
+                 refused, a peer could truncate it under this process",
+            ));
+        }
         // SAFETY: fstat into a zeroed struct.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         if unsafe { libc::fstat(fd, &mut st) } != 0 {
@@ -157,6 +254,12 @@ struct Ring {
     writer_waiting: *const AtomicU32,
     data: *mut u8,
     cap: u64,
+    /// This side's own index, in process memory: `head` for the ring it writes, `tail` for
+    /// the ring it reads. The shared copy is published for the peer and never read back
+    /// (the peer could have changed it). Only the side's writer (under the endpoint's writer
+    /// lock) or reader (under the reader role) stores it, so Relaxed suffices: those locks
+    /// order it between threads of this process.
+    own: AtomicU64,
 }
 
 // SAFETY: see Segment; the pointers stay valid while the owning Endpoint keeps the Segment.
@@ -164,19 +267,36 @@ unsafe impl Send for Ring {}
 unsafe impl Sync for Ring {}
 
 impl Ring {
-    fn new(seg: &Segment, index: usize, cap: usize) -> Ring {
+    /// The ring `index` of a mapped segment of rings of `cap` bytes.
+    ///
+    /// SAFETY: `base` points at a live mapping of at least `DATA_OFFSET + 2 * cap` bytes,
+    /// 8-byte aligned, that outlives the ring.
+    unsafe fn at(base: *mut u8, index: usize, cap: usize, producer: bool) -> Ring {
         let h = RING_HEADER_OFFSET[index];
-        // SAFETY: offsets are inside the checked mapping and 8-byte aligned.
-        unsafe {
+        // SAFETY: offsets are inside the mapping and 8-byte aligned (see above).
+        let ring = unsafe {
             Ring {
-                head: seg.ptr.add(h) as *const AtomicU64,
-                tail: seg.ptr.add(h + 64) as *const AtomicU64,
-                reader_parked: seg.ptr.add(h + 128) as *const AtomicU32,
-                writer_waiting: seg.ptr.add(h + 132) as *const AtomicU32,
-                data: seg.ptr.add(DATA_OFFSET + index * cap),
+                head: base.add(h) as *const AtomicU64,
+                tail: base.add(h + 64) as *const AtomicU64,
+                reader_parked: base.add(h + 128) as *const AtomicU32,
+                writer_waiting: base.add(h + 132) as *const AtomicU32,
+                data: base.add(DATA_OFFSET + index * cap),
                 cap: cap as u64,
+                own: AtomicU64::new(0),
             }
-        }
+        };
+        // Our index starts where the shared copy stands at attach (0 on a fresh segment; a
+        // peer that already moved it only misleads itself).
+        let start = if producer { ring.head() } else { ring.tail() };
+        ring.own
+            .store(start.load(Ordering::Acquire), Ordering::Relaxed);
+        ring
+    }
+
+    fn new(seg: &Segment, index: usize, cap: usize, producer: bool) -> Ring {
+        // SAFETY: the segment was checked to hold two rings of `cap` bytes after the header
+        // (Segment::open), and the Endpoint keeps it mapped as long as its rings.
+        unsafe { Ring::at(seg.ptr, index, cap, producer) }
     }
 
     fn head(&self) -> &AtomicU64 {
@@ -196,16 +316,21 @@ impl Ring {
         unsafe { &*self.writer_waiting }
     }
 
-    /// Producer: (head, free bytes); `None` for a corrupt peer's counters (never write out
-    /// of bounds).
-    fn free(&self) -> Option<(u64, u64)> {
-        // Only this side stores `head`, so a relaxed load sees our own last store.
-        let head = self.head().load(Ordering::Relaxed);
+    /// Producer: (head, free bytes), or the corruption when the peer's `tail` is impossible
+    /// (behind our head by more than the capacity, or ahead of it): then nothing is written.
+    fn free(&self) -> Result<(u64, u64), CorruptRing> {
+        let head = self.own.load(Ordering::Relaxed);
         // Acquire pairs with the consumer's Release store of `tail`: the space it freed is
         // no longer being read.
         let tail = self.tail().load(Ordering::Acquire);
         let used = head.wrapping_sub(tail);
-        (used <= self.cap).then(|| (head, self.cap - used))
+        if used > self.cap {
+            return Err(CorruptRing(format!(
+                "the peer's tail {tail} is impossible for head {head} (capacity {})",
+                self.cap
+            )));
+        }
+        Ok((head, self.cap - used))
     }
 
     /// Producer: copies `bytes` at ring position `at`, wrapping around.
@@ -230,13 +355,15 @@ impl Ring {
     /// full fence) publishes them to the consumer's Acquire load of `head`, and orders this
     /// store before our load of `reader_parked` (Dekker pairing with the reader's park).
     fn publish(&self, head: u64) {
+        self.own.store(head, Ordering::Relaxed);
         self.head().store(head, Ordering::SeqCst);
     }
 
     /// Producer: copies `a` then `b` if both fit whole, publishing them at once (one frame's
-    /// header and body); returns whether it did.
+    /// header and body); returns whether it did (never on a corrupt ring: [`Ring::write`]
+    /// reports it).
     fn write_both(&self, a: &[u8], b: &[u8]) -> bool {
-        let Some((head, free)) = self.free() else {
+        let Ok((head, free)) = self.free() else {
             return false;
         };
         if free < (a.len() + b.len()) as u64 {
@@ -252,48 +379,104 @@ impl Ring {
     }
 
     /// Producer: copies as much of `bytes` as fits; returns the count.
-    fn write(&self, bytes: &[u8]) -> usize {
-        let Some((head, free)) = self.free() else {
-            return 0;
-        };
+    fn write(&self, bytes: &[u8]) -> Result<usize, CorruptRing> {
+        let (head, free) = self.free()?;
         let n = free.min(bytes.len() as u64) as usize;
         if n == 0 {
-            return 0;
+            return Ok(0);
         }
         // SAFETY: n bytes are free.
         unsafe { self.copy_at(head, &bytes[..n]) };
         self.publish(head.wrapping_add(n as u64));
-        n
+        Ok(n)
     }
 
-    /// Consumer: appends everything available to `out`; returns the count.
-    fn read(&self, out: &mut Vec<u8>) -> usize {
-        let tail = self.tail().load(Ordering::Relaxed);
+    /// Consumer: appends everything available to `out`; returns the count, or the
+    /// corruption when the peer's `head` is impossible (more than the capacity ahead of our
+    /// tail, or behind it): then nothing is read.
+    fn read(&self, out: &mut Vec<u8>) -> Result<usize, CorruptRing> {
+        let tail = self.own.load(Ordering::Relaxed);
         // Acquire pairs with the producer's publishing store of `head`.
         let head = self.head().load(Ordering::Acquire);
         let avail = head.wrapping_sub(tail);
-        if avail == 0 || avail > self.cap {
-            return 0;
+        if avail == 0 {
+            return Ok(0);
+        }
+        if avail > self.cap {
+            return Err(CorruptRing(format!(
+                "the peer's head {head} is impossible for tail {tail} (capacity {})",
+                self.cap
+            )));
         }
         let n = avail as usize;
         let pos = (tail % self.cap) as usize;
         let first = n.min(self.cap as usize - pos);
         out.reserve(n);
-        // SAFETY: the producer published these n bytes and will not overwrite them until
-        // `tail` moves past them below.
+        // SAFETY: the producer published these n bytes (n <= cap, checked above) and will
+        // not overwrite them until `tail` moves past them below.
         unsafe {
             out.extend_from_slice(std::slice::from_raw_parts(self.data.add(pos), first));
             out.extend_from_slice(std::slice::from_raw_parts(self.data, n - first));
         }
+        let tail = tail.wrapping_add(n as u64);
+        self.own.store(tail, Ordering::Relaxed);
         // Release pairs with the producer's Acquire load of `tail`: we are done with the
         // bytes. SeqCst also orders it before our load of `writer_waiting`.
-        self.tail()
-            .store(tail.wrapping_add(n as u64), Ordering::SeqCst);
-        n
+        self.tail().store(tail, Ordering::SeqCst);
+        Ok(n)
     }
 
+    /// Consumer: whether the peer published bytes we have not read (or an impossible head,
+    /// which the next [`Ring::read`] reports).
     fn has_data(&self) -> bool {
-        self.head().load(Ordering::Acquire) != self.tail().load(Ordering::Relaxed)
+        self.head().load(Ordering::Acquire) != self.own.load(Ordering::Relaxed)
+    }
+}
+
+/// The ring code over any memory, for the fuzz target ([`crate::fuzzing::ring_state`]):
+/// not an API.
+#[doc(hidden)]
+pub mod fuzz_ring {
+    use super::{CorruptRing, Ring};
+
+    /// Offset of the first ring's data in a segment.
+    pub const DATA_OFFSET: usize = super::DATA_OFFSET;
+
+    /// One ring of a segment laid out at some address.
+    pub struct RingView(Ring);
+
+    impl RingView {
+        /// Ring `index` (0 or 1) of rings of `cap` bytes (a power of two) at `base`, seen by
+        /// its writer (`producer`) or its reader.
+        ///
+        /// # Safety
+        ///
+        /// `base` points at `DATA_OFFSET + 2 * cap` bytes, 8-byte aligned, that outlive the
+        /// view.
+        pub unsafe fn at(base: *mut u8, index: usize, cap: usize, producer: bool) -> RingView {
+            // SAFETY: the caller's promise, as `Ring::at` needs it.
+            RingView(unsafe { Ring::at(base, index, cap, producer) })
+        }
+        /// Reader: everything available, or the corruption.
+        pub fn read(&self, out: &mut Vec<u8>) -> Result<usize, CorruptRing> {
+            self.0.read(out)
+        }
+        /// Writer: as much of `bytes` as fits, or the corruption.
+        pub fn write(&self, bytes: &[u8]) -> Result<usize, CorruptRing> {
+            self.0.write(bytes)
+        }
+        /// Writer: `a` then `b` if both fit whole.
+        pub fn write_both(&self, a: &[u8], b: &[u8]) -> bool {
+            self.0.write_both(a, b)
+        }
+        /// Reader: whether the head moved from our tail.
+        pub fn has_data(&self) -> bool {
+            self.0.has_data()
+        }
+        /// This side's own index (head of a written ring, tail of a read one).
+        pub fn own(&self) -> u64 {
+            self.0.own.load(std::sync::atomic::Ordering::Relaxed)
+        }
     }
 }
 
@@ -344,8 +527,8 @@ pub struct ReadPass {
     pub progressed: bool,
     /// The peer is gone (after the last frame it sent).
     pub eof: bool,
-    /// The stream is unusable (oversized frame, bad hello): the channel must close.
-    pub fatal: Option<FrameError>,
+    /// The channel is unusable (oversized frame, bad hello, corrupt ring): it must close.
+    pub fatal: Option<ReadError>,
 }
 
 /// One end of a native channel.
@@ -357,6 +540,9 @@ pub struct Endpoint {
     writer: Mutex<Outbox>,
     reader: Mutex<Reader>,
     closed: AtomicBool,
+    /// Set when the writer found the peer's index impossible; the next read pass reports it
+    /// (the reader may be another thread).
+    broken: std::sync::OnceLock<CorruptRing>,
 }
 
 fn dup(fd: RawFd) -> io::Result<OwnedFd> {
@@ -400,8 +586,8 @@ impl Endpoint {
                 }
                 let (seg, cap) = Segment::open(mem_fd)?;
                 let (txi, rxi) = if side == 0 { (0, 1) } else { (1, 0) };
-                let tx = Ring::new(&seg, txi, cap);
-                let rx = Ring::new(&seg, rxi, cap);
+                let tx = Ring::new(&seg, txi, cap, true);
+                let rx = Ring::new(&seg, rxi, cap, false);
                 (Some(Shm { _seg: seg, tx, rx }), Kind::Shm)
             }
         };
@@ -421,6 +607,7 @@ impl Endpoint {
                 eof: false,
             }),
             closed: AtomicBool::new(false),
+            broken: std::sync::OnceLock::new(),
         };
         let hello = Hello {
             version: PROTOCOL_VERSION,
@@ -481,7 +668,10 @@ impl Endpoint {
     /// Writes raw bytes to the transport without blocking; returns how many were taken.
     fn write_bytes(&self, bytes: &[u8]) -> io::Result<usize> {
         match &self.shm {
-            Some(shm) => Ok(shm.tx.write(bytes)),
+            Some(shm) => shm.tx.write(bytes).map_err(|c| {
+                let _ = self.broken.set(c.clone());
+                c.io()
+            }),
             None => {
                 // SAFETY: non-blocking send from a valid buffer.
                 let n = unsafe {
@@ -788,13 +978,26 @@ impl Endpoint {
             if shm.rx.reader_parked().load(Ordering::Relaxed) != PARK_NONE {
                 shm.rx.reader_parked().store(PARK_NONE, Ordering::Relaxed);
             }
-            if r.decoder.append_with(|buf| shm.rx.read(buf)) > 0 {
-                pass.progressed = true;
-                // Pairs with the writer's store of `writer_waiting` then retry.
-                if shm.rx.writer_waiting().load(Ordering::SeqCst) == 1
-                    && shm.rx.writer_waiting().swap(0, Ordering::SeqCst) == 1
-                {
-                    self.doorbell();
+            if let Some(c) = self.broken.get() {
+                pass.fatal = Some(ReadError::CorruptRing(c.clone()));
+                return pass;
+            }
+            match r.decoder.append_with(|buf| shm.rx.read(buf)) {
+                Ok(0) => {}
+                Ok(_) => {
+                    pass.progressed = true;
+                    // Pairs with the writer's store of `writer_waiting` then retry.
+                    if shm.rx.writer_waiting().load(Ordering::SeqCst) == 1
+                        && shm.rx.writer_waiting().swap(0, Ordering::SeqCst) == 1
+                    {
+                        self.doorbell();
+                    }
+                }
+                Err(c) => {
+                    // Nothing more can be read from this ring, ever: frames already whole
+                    // are not delivered either (the peer is broken).
+                    pass.fatal = Some(ReadError::CorruptRing(c));
+                    return pass;
                 }
             }
         }
@@ -807,7 +1010,7 @@ impl Endpoint {
                             encoding: self.encoding,
                         };
                         if let Err(e) = Hello::check(r.decoder.frame(f), &ours) {
-                            pass.fatal = Some(e);
+                            pass.fatal = Some(e.into());
                             break;
                         }
                         r.hello_seen = true;
@@ -817,7 +1020,7 @@ impl Endpoint {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    pass.fatal = Some(e);
+                    pass.fatal = Some(e.into());
                     break;
                 }
             }
@@ -1119,6 +1322,131 @@ mod tests {
         unsafe { libc::send(a.as_raw_fd(), f.as_ptr() as *const _, f.len(), 0) };
         let mut r = ep.try_reader().unwrap();
         assert_eq!(ep.read(&mut r).fatal.unwrap().code(), "handshake_failed");
+    }
+
+    fn shm(ep: &Endpoint) -> &Shm {
+        ep.shm.as_ref().unwrap()
+    }
+
+    /// `b` after it read `a`'s hello: the state of a channel in use.
+    fn shm_pair_in_use() -> (Endpoint, Endpoint) {
+        let (a, b) = pair(Kind::Shm, 4096);
+        assert!(pump(&a, &b, 0).is_empty());
+        let mut r = b.try_reader().unwrap();
+        let _ = b.read(&mut r);
+        drop(r);
+        a.send_frame(b"one").unwrap();
+        assert_eq!(pump(&a, &b, 1), vec![b"one".to_vec()]);
+        (a, b)
+    }
+
+    #[test]
+    fn an_impossible_head_is_a_corrupt_ring_not_a_spin() {
+        let cap = 4096u64;
+        type Head = fn(u64, u64) -> u64; // (our tail, capacity) -> the peer's head
+        let cases: [(&str, Head); 3] = [
+            ("beyond capacity", |tail, cap| tail + cap + 1),
+            ("far beyond", |_, _| u64::MAX / 3),
+            ("moved backwards", |tail, _| tail - 1),
+        ];
+        for (what, head) in cases {
+            let (a, b) = shm_pair_in_use();
+            // The peer (a) writes an impossible head into the ring b reads.
+            let tail = shm(&b).rx.own.load(Ordering::Relaxed);
+            shm(&a).tx.head().store(head(tail, cap), Ordering::SeqCst);
+            // Before: bytes looked available forever while none could be read.
+            assert!(b.has_data(), "{what}");
+            let mut r = b.try_reader().unwrap();
+            let pass = b.read(&mut r);
+            let fatal = pass.fatal.expect(what);
+            assert_eq!(fatal.code(), "corrupt_ring", "{what}");
+            assert!(fatal.to_string().contains("impossible"), "{what}: {fatal}");
+            assert!(pass.frames.is_empty());
+            // read_ring (the spinning reader's pass) reports it too.
+            assert_eq!(b.read_ring(&mut r).fatal.unwrap().code(), "corrupt_ring");
+        }
+    }
+
+    #[test]
+    fn an_impossible_tail_fails_the_writer_and_then_its_reads() {
+        type Tail = fn(u64) -> u64; // our head -> the peer's tail
+        let cases: [(&str, Tail); 2] = [
+            ("ahead of our head", |head| head + 1),
+            ("more than capacity behind", |head| head.wrapping_sub(4097)),
+        ];
+        for (what, tail) in cases {
+            let (a, b) = shm_pair_in_use();
+            // The peer (b) writes an impossible tail into the ring a writes.
+            let head = shm(&a).tx.own.load(Ordering::Relaxed);
+            shm(&b).rx.tail().store(tail(head), Ordering::SeqCst);
+            let e = a.send_frame(b"two").expect_err(what);
+            assert!(CorruptRing::of(&e).is_some(), "{what}: {e}");
+            // The next read pass of a (maybe another thread) reports it.
+            let mut r = a.try_reader().unwrap();
+            assert_eq!(
+                a.read(&mut r).fatal.unwrap().code(),
+                "corrupt_ring",
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_peer_rewriting_our_own_published_indexes_changes_nothing_here() {
+        let (a, b) = shm_pair_in_use();
+        // b's own tail (of the ring it reads) and a's own head (of the ring it writes) are
+        // only published for the peer: garbage there is never read back.
+        shm(&a).rx.tail().store(u64::MAX, Ordering::SeqCst);
+        shm(&b).tx.head().store(12345, Ordering::SeqCst);
+        shm(&a)
+            .tx
+            .head()
+            .store(shm(&a).tx.own.load(Ordering::Relaxed), Ordering::SeqCst);
+        for i in 0..20u8 {
+            a.send_frame(&[i; 700]).unwrap();
+            assert_eq!(pump(&a, &b, 1), vec![vec![i; 700]]);
+        }
+    }
+
+    #[test]
+    fn segments_are_sealed_and_an_unsealed_one_is_refused() {
+        let seg = create_segment(4096).unwrap();
+        let fd = seg.as_raw_fd();
+        // SAFETY: test system calls on our own descriptor.
+        unsafe {
+            let seals = libc::fcntl(fd, libc::F_GET_SEALS);
+            assert_eq!(seals & SEALS, SEALS);
+            assert_ne!(libc::ftruncate(fd, 0), 0);
+            assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+            assert_ne!(libc::ftruncate(fd, 1 << 20), 0);
+            assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+        }
+        // A segment like ours in every way but the seals.
+        // SAFETY: as above.
+        let bare = unsafe {
+            let fd = libc::memfd_create(c"bare".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0);
+            let fd = OwnedFd::from_raw_fd(fd);
+            assert_eq!(
+                libc::ftruncate(fd.as_raw_fd(), (DATA_OFFSET + 2 * 4096) as _),
+                0
+            );
+            let seg = Segment::map(fd.as_raw_fd(), DATA_OFFSET + 2 * 4096).unwrap();
+            (seg.ptr as *mut u64).write(MAGIC);
+            (seg.ptr as *mut u64).add(1).write(4096);
+            fd
+        };
+        let (s, _peer) = socketpair().unwrap();
+        let e = Endpoint::open(
+            s.as_raw_fd(),
+            Some((bare.as_raw_fd(), 1)),
+            Encoding::Msgpack,
+            1024,
+        )
+        .err()
+        .expect("an unsealed segment is refused");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("not sealed"), "{e}");
     }
 
     #[test]

@@ -208,7 +208,15 @@ fn the_loop_steps_aside_while_a_blocking_caller_reads_a_stream_channel() {
         arrived.recv_timeout(Duration::from_secs(10)).unwrap();
         // The caller waits in poll() on the socket holding the reading role: the event loop
         // finds the channel busy and must not read (it would race for the reply's bytes).
-        assert!(a.endpoint_busy("b"));
+        // (The request may reach the server before the caller takes that role.)
+        let deadline = transport::monotonic_micros() + 10 * SEC;
+        while !a.endpoint_busy("b") {
+            assert!(
+                transport::monotonic_micros() < deadline,
+                "the caller never read"
+            );
+            thread::yield_now();
+        }
         let poll = a.poll_endpoint("b", 0, 0, true);
         assert!(poll.busy && poll.actions.is_empty(), "{poll:?}");
         release.send(()).unwrap();
@@ -424,7 +432,10 @@ fn a_read_that_forwarded_a_request_spins_on_for_the_reply() {
         let deadline = transport::monotonic_micros() + 10 * SEC;
         let mut listed = false;
         while !listed || m.with_router(|r| r.route_of("echo")).0.as_deref() != Some("c") {
-            assert!(transport::monotonic_micros() < deadline, "echo never registered");
+            assert!(
+                transport::monotonic_micros() < deadline,
+                "echo never registered"
+            );
             let _ = c.poll_endpoint("m", 0, 0, true);
             let poll = m.poll_endpoint("c", 0, 0, true);
             listed |= poll
@@ -464,7 +475,11 @@ fn a_read_that_forwarded_a_request_spins_on_for_the_reply() {
         let poll = m.poll_endpoint("a", 0, 300_000, true);
         assert!(poll.actions.is_empty(), "{poll:?}");
         let got = done.recv_timeout(Duration::from_secs(5));
-        assert_eq!(got, Ok(Ok(request(9))), "the reply was not forwarded by that one poll");
+        assert_eq!(
+            got,
+            Ok(Ok(request(9))),
+            "the reply was not forwarded by that one poll"
+        );
         caller.join().unwrap();
     });
 }

@@ -17,7 +17,7 @@ use cmd_ipc_core::message::{
     CommandDef, CommandSchema, Encoding, ErrorCode, ExecError, ExecResult, Message, Payload,
 };
 use cmd_ipc_core::router::{Action, Config, Micros, Router as CoreRouter};
-use cmd_ipc_native::node::{Node as CoreNode, NodeAction, SyncOutcome};
+use cmd_ipc_native::node::{Node as CoreNode, NodeAction, Stopped, SyncOutcome};
 use cmd_ipc_native::transport::Endpoint;
 use cmd_ipc_native::{ids, RandomIds};
 
@@ -39,6 +39,34 @@ pyo3::import_exception!(cmd_ipc.errors, ProtocolError);
 // ------------------------------------------------------------------------------------------
 // The one conversion point from Rust errors to Python exceptions.
 // ------------------------------------------------------------------------------------------
+
+/// A blocking call's `stop` (see `Node::call_sync_until`): on the main thread, runs
+/// Python's signal handlers (taking the GIL for a moment) and stops the wait when one raised
+/// (Ctrl-C: `KeyboardInterrupt`), keeping the exception in `raised`. Other threads never
+/// receive Python signals: for them it is always false, without the GIL.
+fn signal_check(raised: &mut Option<PyErr>) -> impl FnMut() -> bool + '_ {
+    thread_local! {
+        // SAFETY: gettid and getpid have no preconditions.
+        static MAIN: bool = unsafe { libc::gettid() == libc::getpid() };
+    }
+    move || {
+        if !MAIN.with(|m| *m) {
+            return false;
+        }
+        Python::attach(|py| match py.check_signals() {
+            Ok(()) => false,
+            Err(e) => {
+                *raised = Some(e);
+                true
+            }
+        })
+    }
+}
+
+/// The exception a blocking call stopped by [`signal_check`] raises.
+fn stopped(raised: Option<PyErr>) -> PyErr {
+    raised.unwrap_or_else(|| pyo3::exceptions::PyKeyboardInterrupt::new_err(()))
+}
 
 fn codec_err(e: CodecError) -> PyErr {
     ProtocolError::new_err((e.code(), e.to_string()))
@@ -531,7 +559,11 @@ impl Node {
             // The socket is read once per call (after the loop's wake-up), not per request.
             // A pass after one that served requests spins for the next (a client's next
             // call usually comes within microseconds of its reply).
-            let spin = if pass == 0 { spin_us } else { spin_us.max(follow_us) };
+            let spin = if pass == 0 {
+                spin_us
+            } else {
+                spin_us.max(follow_us)
+            };
             let poll = py.detach(|| node.poll_endpoint(channel, spin, follow_us, pass == 0));
             again = poll.again;
             want_write |= poll.want_write;
@@ -664,7 +696,8 @@ impl Node {
     /// encoding)` (for Python to decode), `(OUTCOME_ERROR, code, message)`, `(OUTCOME_ENCODE,
     /// None, None)` (the request is not plain: encode it in Python and call again with
     /// bytes), or `(OUTCOME_FALLBACK, None, None)`
-    /// when the command is not behind a native channel.
+    /// when the command is not behind a native channel. On the main thread, Python's signal
+    /// handlers run while the wait is parked; what they raise ends it (see `signal_check`).
     #[pyo3(signature = (command_id, request, ttl, encoded=false))]
     fn call_sync<'py>(
         &self,
@@ -679,7 +712,14 @@ impl Node {
             return (O::Encode, none(), none()).into_pyobject(py);
         };
         let node = &self.inner;
-        let outcome = py.detach(|| node.call_sync(command_id, request, ttl.map(to_micros)));
+        let mut raised = None;
+        let outcome = py.detach(|| {
+            let mut stop = signal_check(&mut raised);
+            node.call_sync_until(command_id, request, ttl.map(to_micros), &mut stop)
+        });
+        let Ok(outcome) = outcome else {
+            return Err(stopped(raised));
+        };
         match outcome {
             SyncOutcome::Fallback => (O::Fallback, none(), none()).into_pyobject(py),
             SyncOutcome::Done(r) => match sync_result(py, r) {
@@ -718,8 +758,12 @@ impl Node {
         }
         let node = &self.inner;
         let ttl = ttl.map(to_micros);
-        let Some(results) = py.detach(|| node.call_many_sync(command_id, payloads, ttl, window))
-        else {
+        let mut raised = None;
+        let results = py.detach(|| {
+            let mut stop = signal_check(&mut raised);
+            node.call_many_sync_until(command_id, payloads, ttl, window, &mut stop)
+        });
+        let Some(results) = results.map_err(|Stopped| stopped(raised))? else {
             return (O::Fallback, none(), none()).into_pyobject(py);
         };
         let values = PyList::empty(py);
@@ -902,7 +946,8 @@ impl Node {
 }
 
 /// Creates a shared-memory segment (a memfd) for a shm channel with two rings of
-/// `ring_capacity` bytes; returns its descriptor, owned by the caller.
+/// `ring_capacity` bytes, sealed against resizing; returns its descriptor, owned by the
+/// caller.
 #[pyfunction]
 #[pyo3(signature = (ring_capacity=1_048_576))]
 fn create_segment(ring_capacity: usize) -> PyResult<i32> {

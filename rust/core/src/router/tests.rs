@@ -1588,9 +1588,13 @@ fn a_channel_registers_a_bounded_number_of_bounded_commands() {
     )
     .unwrap();
     let acts = r.take_actions();
-    assert!(acts
-        .iter()
-        .any(|a| matches!(a, Action::Dropped { kind: DropKind::Rejected, .. })));
+    assert!(acts.iter().any(|a| matches!(
+        a,
+        Action::Dropped {
+            kind: DropKind::Rejected,
+            ..
+        }
+    )));
     let known: Vec<String> = r
         .list_commands()
         .into_iter()
