@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all venv build interop run test test-rust test-python test-slow lint fmt bench bench-rust demo fuzz clean
+.PHONY: all venv build interop run test test-rust test-python test-slow soak lint fmt bench bench-rust demo fuzz clean
 
 all: test
 
@@ -67,6 +67,11 @@ bench-rust:
 # Slow soak/property runs (more hypothesis examples), never in the default test run.
 test-slow: build
 	$(PY) -m pytest -m slow
+
+# The chaos soak (tests/test_soak.py): kills, stalls, floods against a tree of real workers
+# while callers call; SOAK_SECONDS long (default 300), well under 10 minutes in all.
+soak: build
+	$(PY) -m pytest -m soak -s -p no:cacheprovider -o timeout=900 tests/test_soak.py
 
 # Coverage-guided fuzzing with libFuzzer, FUZZ_SECONDS per target (default 60). Uses the
 # machine's stable toolchain (RUSTC_BOOTSTRAP for cargo-fuzz's flags) without a sanitizer.

@@ -23,7 +23,7 @@ from typing import Any, TypeGuard
 
 from cmd_ipc import _core
 
-__all__ = ["Expose", "Exposure"]
+__all__ = ["Expose", "Exposure", "PeerFilter"]
 
 logger = logging.getLogger("cmd_ipc")
 
@@ -187,6 +187,75 @@ class Exposure:
         except (ValueError, KeyError, TypeError, AttributeError):
             pass
         return frame
+
+
+#: At most this many registrations of hidden ids wait for their answer on one connection.
+_MAX_HIDDEN_REGISTRATIONS = 1024
+
+
+class PeerFilter:
+    """What one connection of a server (a channel to one client) lets through under an
+    :class:`Exposure`: the frames a streaming server channel (gRPC) sends and receives go
+    through it, in both directions.
+
+    Toward the client, command lists leave out hidden commands, and ``not_found`` answers
+    lose their "did you mean" hints. From the client, a call of a hidden command is
+    answered here, ``not_found`` as for a command that does not exist (it never reaches the
+    registry), and the client's registration of a hidden id is answered ``ok`` as for a
+    free one (not ``duplicate_command``, which would tell it the id exists) though it stays
+    refused. Every incoming frame is decoded to decide (a type spelled with JSON escapes
+    is the same type), never judged by its raw bytes.
+
+    Args:
+        exposure: The server's exposure (it should be restricted: an unrestricted one
+            needs no filter).
+
+    Example:
+        >>> f = PeerFilter(Exposure("api.*", "hub"))
+        >>> call = b'{"id":"1","type":"execute.command.request","commandId":"admin.x"}'
+        >>> json.loads(f.incoming(call))["response"]["error"]["code"]
+        'not_found'
+    """
+
+    __slots__ = ("_hidden_registrations", "exposure")
+
+    def __init__(self, exposure: Exposure) -> None:
+        self.exposure = exposure
+        # Message id -> hidden command id, of the client's registrations not yet answered.
+        self._hidden_registrations: dict[str, str] = {}
+
+    def outgoing(self, frame: bytes, kind: str, reference: str | None) -> bytes:
+        """The frame to send the client instead of ``frame`` (often ``frame`` itself);
+        ``kind`` and ``reference`` are what the registry gives ``send_with_head``."""
+        exposure = self.exposure
+        if kind == "list.commands.response":
+            return exposure.list_answer(frame)
+        if kind == "execute.command.response":
+            return exposure.answer(frame)
+        if (
+            kind == "register.command.response"
+            and self._hidden_registrations.pop(reference or "", None) is not None
+        ):
+            return exposure.registration_answer(frame)
+        return frame
+
+    def incoming(self, frame: bytes) -> bytes | None:
+        """``None`` when the client's ``frame`` goes on to the registry; else the answer to
+        send the client instead (a call of a hidden command)."""
+        exposure = self.exposure
+        kind, message_id = exposure.head(frame)
+        hidden = exposure.hidden_call(frame, kind)
+        if hidden is not None:
+            logger.debug("%r is not exposed", hidden)
+            return exposure.not_found(message_id, hidden)
+        if kind == "register.command.request":
+            command_id = exposure.command_of(frame)
+            if command_id is not None and not exposure.allows(command_id):
+                pending = self._hidden_registrations
+                if len(pending) >= _MAX_HIDDEN_REGISTRATIONS:
+                    del pending[next(iter(pending))]  # the oldest: answered long ago or never
+                pending[message_id] = command_id
+        return None
 
 
 def _field(frame: bytes, name: str) -> str | None:

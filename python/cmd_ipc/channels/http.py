@@ -1,5 +1,4 @@
-"""HTTP channels: the client channel to a registry served over HTTP, and the channel through
-which a served endpoint hands messages to its registry.
+"""The HTTP client channel: a registry served over HTTP, as a channel of this one.
 
 The wire is the TypeScript implementation's HTTPChannel: every message is one
 ``POST {base_url}/cmd`` whose body is the JSON message (``Content-Type: application/json``,
@@ -9,7 +8,9 @@ calls from a client to a server, never registrations or events.
 
 * :class:`HTTPChannel` (client): registered in a registry, it lists the server's commands and
   makes them callable (optionally under a ``command_prefix``), then POSTs every call.
-* The server (``create_app`` / ``add_routes`` / ``serve``) lives in :mod:`cmd_ipc.server.http`.
+* The servers live in :mod:`cmd_ipc.server.http` (aiohttp: ``create_app`` / ``add_routes`` /
+  ``serve``) and :mod:`cmd_ipc.asgi` (an ASGI application for uvicorn, Starlette, FastAPI...);
+  they share one endpoint (:mod:`cmd_ipc.server._endpoint`), so they answer alike.
 
 A frame the registry encoded is not parsed here: the registry gives its type, id and
 reference with it (:meth:`Channel.send_with_head`); with a ``command_prefix``, an execute
@@ -51,6 +52,15 @@ require("aiohttp", "http", "HTTPChannel")
 import aiohttp  # noqa: E402
 
 from cmd_ipc import _core  # noqa: E402
+from cmd_ipc._http_wire import (  # noqa: E402
+    _ANSWER_TYPE,
+    _EXECUTE_REQUEST,
+    _LIST_REQUEST,
+    _NDJSON,
+    _dumps,
+    _error_response,
+    _head,
+)
 from cmd_ipc.channels.base import Channel, OnClose, OnFrame  # noqa: E402
 from cmd_ipc.errors import ChannelDisconnectedError  # noqa: E402
 
@@ -65,51 +75,8 @@ DEFAULT_MAX_RESPONSE = 64 * 1024 * 1024
 #: called for every request (to refresh an access token, for instance).
 HeadersSource = Mapping[str, str] | Callable[[], Mapping[str, str] | Awaitable[Mapping[str, str]]]
 
-_LIST_REQUEST = "list.commands.request"
-_LIST_RESPONSE = "list.commands.response"
-_EXECUTE_REQUEST = "execute.command.request"
-_EXECUTE_RESPONSE = "execute.command.response"
-#: The answer each message type that may cross HTTP gets.
-_ANSWER_TYPE = {_LIST_REQUEST: _LIST_RESPONSE, _EXECUTE_REQUEST: _EXECUTE_RESPONSE}
-#: The message types that carry a ``thid``.
-_RESPONSES = frozenset({"register.command.response", _LIST_RESPONSE, _EXECUTE_RESPONSE})
-_NDJSON = "application/x-ndjson"
-
 #: Depth allowed when reading a frame the registry itself encoded.
 _TRUSTED_DEPTH = 1 << 16
-
-
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _head(frame: bytes) -> tuple[str, str, str | None]:
-    """``(type, id, reference)`` of a frame the registry encoded, for a caller of
-    :meth:`Channel.send` (the registry itself gives them to :meth:`Channel.send_with_head`).
-
-    Raises:
-        ProtocolError: Never for the registry's own frames.
-    """
-    msg = json.loads(frame)
-    if not isinstance(msg, dict):
-        raise ValueError("a message must be a JSON object")
-    kind = str(msg.get("type"))
-    ref = msg.get(
-        "thid" if kind in _RESPONSES else "commandId" if kind == _EXECUTE_REQUEST else "eventId"
-    )
-    if kind == "register.command.request":
-        ref = (msg.get("command") or {}).get("id")
-    return kind, str(msg.get("id")), None if ref is None else str(ref)
-
-
-def _error_response(thid: str, code: str, message: str) -> dict[str, Any]:
-    """An ``execute.command.response`` failing the request ``thid`` (valid per spec-v1)."""
-    return {
-        "id": _core.new_id(),
-        "type": _EXECUTE_RESPONSE,
-        "thid": thid,
-        "response": {"ok": False, "error": {"code": code, "message": message}},
-    }
 
 
 # ---------------------------------------------------------------------------------- client
@@ -479,56 +446,3 @@ async def _snippet(resp: aiohttp.ClientResponse, limit: int = 200) -> str:
     except Exception:
         return ""
     return data.decode("utf-8", "replace").strip()
-
-
-# ----------------------------------------------------------------------------- server side
-
-
-class _EndpointChannel(Channel):
-    """The channel through which an HTTP endpoint (:mod:`cmd_ipc.server.http`) hands POSTed
-    messages to its registry.
-
-    One per endpoint, attached on the first request. Each POSTed message is delivered as if
-    a peer had sent it; the router's answer (whose ``thid`` is the message's id) settles the
-    waiting request. Two messages with the same id cannot be in flight at once (the second
-    is refused with 409), so answers never cross. Everything else the router sends here
-    (the list request every new channel gets, events) does not cross HTTP and is dropped.
-    """
-
-    def __init__(self, id: str) -> None:
-        super().__init__(id, "json")
-        self.pending: dict[str, asyncio.Future[bytes]] = {}
-        self._on_frame: OnFrame | None = None
-        self._on_close: OnClose | None = None
-        self.closed = False
-
-    async def start(self, on_frame: OnFrame, on_close: OnClose) -> None:
-        self._on_frame, self._on_close = on_frame, on_close
-
-    def deliver(self, frame: bytes) -> None:
-        if not self.closed and self._on_frame is not None:
-            self._on_frame(frame)
-
-    def send(self, frame: bytes) -> None:
-        try:
-            head = _head(frame)
-        except ValueError:  # never raised for the registry's own frames; send never raises
-            return
-        self.send_with_head(frame, *head)
-
-    def send_with_head(self, frame: bytes, kind: str, message_id: str, thid: str | None) -> None:
-        if kind not in (_EXECUTE_RESPONSE, _LIST_RESPONSE) or thid is None:
-            return  # the list request every new channel gets, events: they do not cross
-        waiter = self.pending.pop(thid, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(frame)
-
-    async def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            for waiter in self.pending.values():
-                if not waiter.done():
-                    waiter.set_exception(ConnectionError("the registry closed the channel"))
-            self.pending.clear()
-            if self._on_close is not None:
-                self._on_close(None)

@@ -4,7 +4,9 @@
 message through a registry, so a client (:class:`~cmd_ipc.HTTPChannel`, or the TypeScript
 HTTPChannel) can call any command of the server's tree, and publish ``GET /cmds.json``.
 Bearer-token auth, a body size limit and a body read timeout are checked before anything
-reaches the registry. The wire is described in :mod:`cmd_ipc.channels.http`.
+reaches the registry. The wire is described in :mod:`cmd_ipc.channels.http`; what the
+endpoint answers is decided in :mod:`cmd_ipc.server._endpoint`, which the ASGI application
+(:mod:`cmd_ipc.asgi`) shares, so both servers answer alike.
 
 An example of both ends is in :mod:`cmd_ipc.channels.http`.
 
@@ -13,12 +15,7 @@ Logging goes to the ``cmd_ipc.http`` logger.
 
 from __future__ import annotations
 
-import asyncio
-import hmac
-import json
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from cmd_ipc._optional import require
@@ -27,121 +24,40 @@ require("aiohttp", "http", "the HTTP server (cmd_ipc.server.http)")
 
 from aiohttp import web  # noqa: E402
 
-from cmd_ipc import _core  # noqa: E402
-from cmd_ipc._expose import Expose, Exposure  # noqa: E402
-from cmd_ipc.channels.http import (  # noqa: E402
-    _ANSWER_TYPE,
-    _EXECUTE_REQUEST,
-    _LIST_REQUEST,
-    _NDJSON,
-    _dumps,
-    _EndpointChannel,
-    _error_response,
-)
-from cmd_ipc.errors import ProtocolError  # noqa: E402
+from cmd_ipc._expose import Expose  # noqa: E402
 from cmd_ipc.registry import CommandRegistry  # noqa: E402
+from cmd_ipc.server._endpoint import (  # noqa: E402
+    DEFAULT_MAX_BODY,
+    ClientGone,
+    Endpoint,
+    Options,
+    Refused,
+    Reply,
+)
 
 __all__ = ["DEFAULT_MAX_BODY", "HTTPServer", "add_routes", "create_app", "serve"]
 
 logger = logging.getLogger("cmd_ipc.http")
 
-#: Default largest request body the server reads, in bytes (1 MiB).
-DEFAULT_MAX_BODY = 1024 * 1024
-#: Seconds between two checks that the client of a waiting request is still connected.
-_DISCONNECT_POLL = 0.5
+
+def _response(reply: Reply) -> web.Response:
+    return web.Response(
+        status=reply.status,
+        body=reply.body,
+        headers={"Content-Type": reply.content_type, **reply.headers},
+    )
 
 
-@dataclass(frozen=True)
-class _Options:
-    token: bytes | None
-    max_body: int
-    read_timeout: float
-    answer_timeout: float | None
-    path: str
-    schema_path: str | None
-    schema_auth: bool
-    exposure: Exposure
+class _Handlers:
+    """The aiohttp handlers of one mounted endpoint (the answers are the endpoint's)."""
 
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
 
-class _Refused(Exception):
-    """The request is answered with ``status`` and the connection dropped unread."""
-
-    def __init__(self, status: int, error: str, headers: Mapping[str, str] | None = None):
-        super().__init__(error)
-        self.status = status
-        self.error = error
-        self.headers = dict(headers or {})
-
-
-class _Endpoint:
-    """The handlers of one mounted endpoint."""
-
-    def __init__(self, registry: CommandRegistry, options: _Options) -> None:
-        self.registry = registry
-        self.options = options
-        self.channel: _EndpointChannel | None = None
-        self._attaching: asyncio.Lock | None = None
-
-    async def _attached(self) -> _EndpointChannel:
-        """The endpoint's channel in the registry, attached on first use."""
-        channel = self.channel
-        if channel is not None and not channel.closed:
-            return channel
-        if self._attaching is None:
-            self._attaching = asyncio.Lock()
-        async with self._attaching:
-            channel = self.channel
-            if channel is None or channel.closed:
-                taken = set(self.registry.channels)
-                base = f"http:{self.options.path}"
-                name, n = base, 2
-                while name in taken:
-                    name, n = f"{base}#{n}", n + 1
-                channel = _EndpointChannel(name)
-                await self.registry.register_channel(channel)
-                self.channel = channel
-            return channel
-
-    async def aclose(self, _app: object = None) -> None:
-        """Detaches the endpoint's channel (on the application's cleanup)."""
-        channel, self.channel = self.channel, None
-        if channel is not None:
-            await channel.close()
-
-    # ----------------------------------------------------------------- checks
-
-    def _check_auth(self, request: web.BaseRequest) -> None:
-        token = self.options.token
-        if token is None:
-            return
-        header = request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            raise _Refused(401, "missing bearer token", {"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(given.strip().encode(), token):
-            raise _Refused(
-                401, "invalid bearer token", {"WWW-Authenticate": 'Bearer error="invalid_token"'}
-            )
-
-    def _check_length(self, request: web.BaseRequest) -> None:
-        length = request.content_length
-        if length is not None and length > self.options.max_body:
-            raise _Refused(
-                413, f"request body of {length} bytes exceeds {self.options.max_body} bytes"
-            )
-
-    async def _refuse(self, request: web.BaseRequest, refused: _Refused) -> web.StreamResponse:
+    async def _refuse(self, request: web.BaseRequest, refused: Refused) -> web.StreamResponse:
         """Answers and drops the connection, so a body that was not read never is."""
-        logger.info(
-            "HTTP %s %s from %s refused: %d %s",
-            request.method,
-            request.path,
-            request.remote,
-            refused.status,
-            refused.error,
-        )
-        resp = web.json_response(
-            {"error": refused.error}, status=refused.status, headers=refused.headers
+        resp = _response(
+            self.endpoint.refusal(request.method, request.path, request.remote, refused)
         )
         resp.force_close()
         await resp.prepare(request)
@@ -153,9 +69,9 @@ class _Endpoint:
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
         """``Expect: 100-continue``: refuse before the client sends the body."""
         try:
-            self._check_auth(request)
-            self._check_length(request)
-        except _Refused as refused:
+            self.endpoint.check_auth(request.headers.get("Authorization"))
+            self.endpoint.check_length(request.content_length)
+        except Refused as refused:
             return await self._refuse(request, refused)
         if request.headers.get("Expect", "").lower() != "100-continue":
             raise web.HTTPExpectationFailed(text=f"unknown Expect: {request.headers['Expect']}")
@@ -164,159 +80,37 @@ class _Endpoint:
             request.writer.output_size = 0  # the interim answer is not the body
         return None
 
-    async def _read_body(self, request: web.BaseRequest) -> bytes:
-        buf = bytearray()
-        limit = self.options.max_body
-        while True:
-            chunk = await request.content.readany()
-            if not chunk:
-                return bytes(buf)
-            buf += chunk
-            if len(buf) > limit:
-                raise _Refused(413, f"request body exceeds {limit} bytes")
-
-    # ----------------------------------------------------------------- POST /cmd
-
     async def handle_cmd(self, request: web.Request) -> web.StreamResponse:
+        endpoint = self.endpoint
         try:
-            self._check_auth(request)
-            self._check_length(request)
-            try:
-                if request.content.is_eof():
-                    # The whole body came with the headers (the usual small request).
-                    body = await self._read_body(request)
-                else:
-                    body = await asyncio.wait_for(
-                        self._read_body(request), self.options.read_timeout
-                    )
-            except asyncio.TimeoutError:
-                raise _Refused(
-                    408, f"request body not received within {self.options.read_timeout}s"
-                ) from None
-        except _Refused as refused:
+            endpoint.check_auth(request.headers.get("Authorization"))
+            endpoint.check_length(request.content_length)
+            # A body that came whole with the headers (the usual small request) is not timed.
+            body = await endpoint.read_body(
+                request.content.readany, timed=not request.content.is_eof()
+            )
+        except Refused as refused:
             return await self._refuse(request, refused)
-        try:
-            kind, message_id, _ = _core.inspect_message(
-                body, "json", max_message_size=self.options.max_body
-            )
-        except (ProtocolError, ValueError) as e:
-            issue = e.args[1] if isinstance(e, ProtocolError) and len(e.args) > 1 else str(e)
-            logger.debug("HTTP POST from %s: invalid message: %s", request.remote, issue)
-            return web.json_response(
-                {"error": "Invalid message format", "issues": [str(issue)]}, status=400
-            )
-        if kind not in _ANSWER_TYPE:
-            logger.info("HTTP POST from %s refused: a %s may not cross HTTP", request.remote, kind)
-            return web.json_response({"error": f"Message type {kind} is not allowed"}, status=403)
-        exposure = self.options.exposure
-        # `kind` is what the decoder read, escapes and all: the check keys on it, never on
-        # the raw bytes.
-        hidden = exposure.hidden_call(body, kind)
-        if hidden is not None:
-            # Answered as the registry answers a command it does not know.
-            logger.debug("HTTP POST from %s: %r is not exposed", request.remote, hidden)
-            answer = exposure.not_found(message_id, hidden)
-            return web.Response(body=answer + b"\n", headers={"Content-Type": _NDJSON})
-        return await self._answer(request, body, message_id, kind)
 
-    async def _answer(
-        self, request: web.Request, body: bytes, message_id: str, kind: str
-    ) -> web.StreamResponse:
-        if self.registry.closed:
-            return _unavailable(self.registry)
-        try:
-            answer = await self.route(body, message_id, request=request)
-        except _Refused as refused:
-            return web.json_response({"error": refused.error}, status=refused.status)
-        except _Unavailable:
-            return _unavailable(self.registry)
-        except _ClientGone:
-            logger.debug("HTTP client %s went away before its answer", request.remote)
-            return web.Response(status=499)
-        except asyncio.TimeoutError:
-            limit = self._answer_timeout()
-            if kind != _EXECUTE_REQUEST:
-                return web.json_response({"error": f"no answer within {limit}s"}, status=504)
-            answer = _dumps(_error_response(message_id, "timeout", f"no answer within {limit}s"))
-        exposure = self.options.exposure
-        if exposure.restricted:
-            if kind == _LIST_REQUEST:
-                answer = exposure.list_answer(answer)
-            else:
-                answer = exposure.answer(answer)
-        return web.Response(body=answer + b"\n", headers={"Content-Type": _NDJSON})
-
-    def _answer_timeout(self) -> float:
-        t = self.options.answer_timeout
-        return self.registry.request_ttl if t is None else t
-
-    async def route(
-        self, body: bytes, message_id: str, *, request: web.BaseRequest | None = None
-    ) -> bytes:
-        """Routes one message through the registry and returns the router's answer.
-
-        Raises:
-            asyncio.TimeoutError: No answer within the answer timeout.
-            _ClientGone: ``request``'s client disconnected first.
-        """
-        channel = await self._attached()
-        if message_id in channel.pending:
-            raise _Refused(409, f"a message with id {message_id!r} is already in flight")
-        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        channel.pending[message_id] = answer
-        try:
-            channel.deliver(body)
-            return await self._wait(answer, request)
-        finally:
-            if channel.pending.get(message_id) is answer:
-                del channel.pending[message_id]
-
-    async def _wait(self, answer: asyncio.Future[bytes], request: web.BaseRequest | None) -> bytes:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._answer_timeout()
-        while not answer.done():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise asyncio.TimeoutError
-            await asyncio.wait({answer}, timeout=min(remaining, _DISCONNECT_POLL))
-            if answer.done():
-                break
+        def gone() -> bool:
             # aiohttp does not cancel handlers when the client goes away unless the runner
             # was made with handler_cancellation=True (serve() does): look for ourselves.
-            transport = request.transport if request is not None else None
-            if request is not None and (transport is None or transport.is_closing()):
-                raise _ClientGone
-        try:
-            return answer.result()
-        except ConnectionError:
-            raise _Unavailable from None
+            transport = request.transport
+            return transport is None or transport.is_closing()
 
-    # ----------------------------------------------------------------- GET /cmds.json
+        try:
+            reply = await endpoint.post(body, remote=request.remote, gone=gone)
+        except ClientGone:
+            logger.debug("HTTP client %s went away before its answer", request.remote)
+            return web.Response(status=499)
+        return _response(reply)
 
     async def handle_schema(self, request: web.Request) -> web.StreamResponse:
-        if self.options.schema_auth:
-            try:
-                self._check_auth(request)
-            except _Refused as refused:
-                return await self._refuse(request, refused)
-        if self.registry.closed:
-            return _unavailable(self.registry)
-        list_id = _core.new_id()
-        answer = await self.route(_dumps({"id": list_id, "type": _LIST_REQUEST}), list_id)
-        commands = self.options.exposure.commands(json.loads(answer)["commands"])
-        return web.json_response({"cmdschema": "1.0.0", "commands": commands})
-
-
-def _unavailable(registry: CommandRegistry) -> web.Response:
-    return web.json_response({"error": f"registry {registry.id!r} is closed"}, status=503)
-
-
-class _Unavailable(Exception):
-    """The registry closed the endpoint's channel while a request waited."""
-
-
-class _ClientGone(Exception):
-    """The HTTP client disconnected before its answer was ready."""
+        try:
+            self.endpoint.check_schema_auth(request.headers.get("Authorization"))
+        except Refused as refused:
+            return await self._refuse(request, refused)
+        return _response(await self.endpoint.schema())
 
 
 def add_routes(
@@ -389,33 +183,23 @@ def add_routes(
         app = web.Application()
         add_routes(app, registry, token=secret, expose=["api.*", "health"])
     """
-    if token is not None and (not isinstance(token, str) or not token):
-        raise ValueError("token must be a non-empty string (or None for no auth)")
-    if max_body <= 0:
-        raise ValueError("max_body must be positive")
-    if not read_timeout > 0:
-        raise ValueError("read_timeout must be a positive number of seconds")
-    if answer_timeout is not None and not answer_timeout > 0:
-        raise ValueError("answer_timeout must be a positive number of seconds")
-    if not path.startswith("/") or (schema_path is not None and not schema_path.startswith("/")):
-        raise ValueError("paths must start with '/'")
-    if schema_auth and token is None:
-        raise ValueError("schema_auth=True needs a token")
-    opts = _Options(
-        token=None if token is None else token.encode(),
+    opts = Options.make(
+        registry.id,
+        token=token,
         max_body=max_body,
-        read_timeout=float(read_timeout),
+        read_timeout=read_timeout,
         answer_timeout=answer_timeout,
         path=path,
         schema_path=schema_path,
-        schema_auth=token is not None if schema_auth is None else schema_auth,
-        exposure=Exposure(expose, registry.id),
+        schema_auth=schema_auth,
+        expose=expose,
     )
-    endpoint = _Endpoint(registry, opts)
+    endpoint = Endpoint(registry, opts)
+    handlers = _Handlers(endpoint)
     app.on_cleanup.append(endpoint.aclose)
-    app.router.add_post(opts.path, endpoint.handle_cmd, expect_handler=endpoint.expect)
+    app.router.add_post(opts.path, handlers.handle_cmd, expect_handler=handlers.expect)
     if opts.schema_path is not None:
-        app.router.add_get(opts.schema_path, endpoint.handle_schema)
+        app.router.add_get(opts.schema_path, handlers.handle_schema)
 
 
 def create_app(
