@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cmd_ipc.bench import (
     BASE_AIOHTTP,
+    GRPC_CHANNEL,
     HTTP_CHANNEL,
     IDLE_ROWS,
     LABELS,
@@ -19,7 +20,7 @@ from cmd_ipc.bench import (
 from cmd_ipc.bench.results import BASE_NATS, NATS_CHANNEL
 
 #: Rows timed with --remote-calls calls (the NATS rows too).
-REMOTE_ROWS = (HTTP_CHANNEL, WS_CHANNEL, BASE_AIOHTTP, NATS_CHANNEL, BASE_NATS)
+REMOTE_ROWS = (HTTP_CHANNEL, WS_CHANNEL, GRPC_CHANNEL, BASE_AIOHTTP, NATS_CHANNEL, BASE_NATS)
 
 CALLS = 300
 PIPELINED = 2000

@@ -41,14 +41,16 @@ from cmd_ipc.registry import CommandRegistry
 from cmd_ipc.workers import Pool, RestartPolicy, Worker
 
 if TYPE_CHECKING:
+    from cmd_ipc.channels.grpc import GrpcChannel
     from cmd_ipc.channels.http import HTTPChannel
     from cmd_ipc.channels.nats import NatsChannel
     from cmd_ipc.channels.stdio import StdioChannel
     from cmd_ipc.channels.websocket import WebSocketChannel
 
-#: Names imported on first use: their optional dependencies (aiohttp, websockets, nats-py)
-#: load only when a program uses them.
+#: Names imported on first use: their optional dependencies (aiohttp, websockets, nats-py,
+#: grpcio) load only when a program uses them.
 _LAZY = {
+    "GrpcChannel": "cmd_ipc.channels.grpc",
     "HTTPChannel": "cmd_ipc.channels.http",
     "NatsChannel": "cmd_ipc.channels.nats",
     "WebSocketChannel": "cmd_ipc.channels.websocket",
@@ -75,6 +77,7 @@ __all__ = [
     "CommandRegistry",
     "CommandTimeoutError",
     "DuplicateCommandError",
+    "GrpcChannel",
     "HTTPChannel",
     "InMemoryChannel",
     "InternalError",

@@ -17,7 +17,8 @@ children, and times the round trip of ``add({"a": 1, "b": 2})`` (baseline in bra
 * pipelined await shm: ``await execute_command`` with ``--window`` calls in flight [Pipe];
 * remote, against one server child on loopback (:mod:`cmd_ipc.bench.remote`):
   ``HTTPChannel`` [a bare keep-alive aiohttp POST to the same server; its ratio is of
-  calls/s] and ``WebSocketChannel`` [the HTTPChannel row];
+  calls/s], ``WebSocketChannel`` and ``GrpcChannel`` [the HTTPChannel row; the gRPC row
+  only with grpcio installed];
 * baselines: ``multiprocessing.Pipe`` send/recv with a child process (Pipe), and
   length-prefixed msgpack over an asyncio Unix socket to a child process (streams);
 
@@ -60,6 +61,7 @@ from cmd_ipc.bench.results import (
     BLOCKING_SHM,
     DIRECT_SIBLING,
     FULL_CALLS,
+    GRPC_CHANNEL,
     HOP_SIBLING,
     HOP_SUB,
     HTTP_CHANNEL,
@@ -93,6 +95,7 @@ __all__ = [
     "CALL_TIMEOUT",
     "DIRECT_SIBLING",
     "FULL_CALLS",
+    "GRPC_CHANNEL",
     "HOP_SIBLING",
     "HOP_SUB",
     "HTTP_CHANNEL",

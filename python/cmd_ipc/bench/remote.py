@@ -1,5 +1,5 @@
-"""Remote rows of ``cmd-ipc bench``: HTTPChannel and WebSocketChannel next to a bare aiohttp
-POST, all against one server process on loopback.
+"""Remote rows of ``cmd-ipc bench``: HTTPChannel, WebSocketChannel and GrpcChannel next to a
+bare aiohttp POST, all against one server process on loopback.
 
 The server (:func:`serve_main`, started by :func:`start_server`) is one aiohttp application
 with:
@@ -7,20 +7,22 @@ with:
 * ``POST /bare``: the baseline, a plain aiohttp handler answering ``a + b`` as JSON;
 * ``POST /cmd``: :func:`cmd_ipc.server.http.add_routes` on a registry with ``remote.add``;
 
-and a WebSocket server (:func:`cmd_ipc.server.websocket.serve_websocket`) on the same
-registry. It prints ``{"http": URL, "ws": URL}`` on one line and serves until its stdin
-closes.
+and a WebSocket server (:func:`cmd_ipc.server.websocket.serve_websocket`) and, when grpcio
+is installed, a gRPC server (:func:`cmd_ipc.server.grpc.serve_grpc`) on the same registry.
+It prints ``{"http": URL, "ws": URL, "grpc": "host:port"}`` on one line (no ``"grpc"``
+without grpcio) and serves until its stdin closes.
 
 The client side times sequential calls (one in flight), each row on its own client: a
 keep-alive ``aiohttp.ClientSession`` POST for the baseline, ``execute_command`` through a
-registry holding an :class:`~cmd_ipc.HTTPChannel` or a :class:`~cmd_ipc.WebSocketChannel`.
-The three rows are interleaved in blocks of calls, so that machine noise weighs on them
-alike.
+registry holding an :class:`~cmd_ipc.HTTPChannel`, a :class:`~cmd_ipc.WebSocketChannel` or a
+:class:`~cmd_ipc.GrpcChannel`. The rows are interleaved in blocks of calls, so that machine
+noise weighs on them alike.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import subprocess
 import sys
@@ -33,7 +35,7 @@ from cmd_ipc.bench.children import reap
 from cmd_ipc.bench.results import REQ
 from cmd_ipc.bench.timing import time_async
 
-__all__ = ["REQ", "measure", "serve_main", "start_server", "stop_server"]
+__all__ = ["REQ", "has_grpc", "measure", "serve_main", "start_server", "stop_server"]
 
 #: The server's entry point, run with ``python -c`` (``-m`` would import this module twice:
 #: once as :mod:`cmd_ipc.bench.remote` through the package, once as ``__main__``).
@@ -62,12 +64,26 @@ async def _serve() -> None:
         await site.start()
         port = runner.addresses[0][1]
         ws = await serve_websocket(registry, "127.0.0.1", 0)
-        print(json.dumps({"http": f"http://127.0.0.1:{port}", "ws": ws.url}), flush=True)
+        urls = {"http": f"http://127.0.0.1:{port}", "ws": ws.url}
+        grpc_server = None
+        if has_grpc():
+            from cmd_ipc.server.grpc import serve_grpc
+
+            grpc_server = await serve_grpc(registry, "127.0.0.1", 0)
+            urls["grpc"] = grpc_server.target
+        print(json.dumps(urls), flush=True)
         loop = asyncio.get_running_loop()
         # Serve until the bench closes our stdin.
         await loop.run_in_executor(None, sys.stdin.read)
+        if grpc_server is not None:
+            await grpc_server.close()
         await ws.close()
         await runner.cleanup()
+
+
+def has_grpc() -> bool:
+    """Whether grpcio is installed (the gRPC row needs it; the others do not)."""
+    return importlib.util.find_spec("grpc") is not None
 
 
 def start_server(cpu: int | None) -> tuple[subprocess.Popen[str], dict[str, str]]:
@@ -108,10 +124,11 @@ BLOCK = 50
 async def measure(
     urls: dict[str, str], n: int, warmup: int, stop: threading.Event | None = None
 ) -> dict[str, tuple[list[int], float]]:
-    """All three rows: ``{"bare": (samples_ns, elapsed_s), "http": ..., "ws": ...}``.
+    """All the rows: ``{"bare": (samples_ns, elapsed_s), "http": ..., "ws": ..., "grpc": ...}``
+    (``"grpc"`` only when ``urls`` has a gRPC target).
 
-    The rows are interleaved in blocks of :data:`BLOCK` calls (bare, HTTP, WebSocket, bare,
-    ...), so that a slower or faster moment of the machine weighs on all three alike.
+    The rows are interleaved in blocks of :data:`BLOCK` calls (bare, HTTP, WebSocket, gRPC,
+    bare, ...), so that a slower or faster moment of the machine weighs on all alike.
 
     Raises:
         InterruptedError: ``stop`` was set (checked between two blocks of calls): the
@@ -133,9 +150,14 @@ async def measure(
         aiohttp.ClientSession() as session,
         CommandRegistry("bench-http") as http_client,
         CommandRegistry("bench-ws") as ws_client,
+        CommandRegistry("bench-grpc") as grpc_client,
     ):
         await http_client.register_channel(HTTPChannel("server", base))
         await ws_client.register_channel(WebSocketChannel("server", urls["ws"], reconnect=False))
+        if "grpc" in urls:
+            from cmd_ipc.channels.grpc import GrpcChannel
+
+            await grpc_client.register_channel(GrpcChannel("server", urls["grpc"], reconnect=False))
 
         async def bare() -> Any:
             async with session.post(base + "/bare", json=REQ) as resp:
@@ -147,6 +169,8 @@ async def measure(
             "http": lambda: http_client.execute_command("remote.add", REQ),
             "ws": lambda: ws_client.execute_command("remote.add", REQ),
         }
+        if "grpc" in urls:
+            calls["grpc"] = lambda: grpc_client.execute_command("remote.add", REQ)
         for call in calls.values():
             for i in range(warmup):
                 if i % BLOCK == 0:

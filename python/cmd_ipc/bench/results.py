@@ -28,6 +28,7 @@ BASE_PIPE = "baseline_mp_pipe"
 BASE_STREAMS = "baseline_asyncio_streams"
 HTTP_CHANNEL = "http_channel"
 WS_CHANNEL = "ws_channel"
+GRPC_CHANNEL = "grpc_channel"
 BASE_AIOHTTP = "baseline_aiohttp_post"
 NATS_CHANNEL = "nats_channel"
 BASE_NATS = "baseline_nats_request"
@@ -47,6 +48,7 @@ LABELS = {
     BASE_STREAMS: "asyncio streams (baseline)",
     HTTP_CHANNEL: "HTTPChannel, loopback",
     WS_CHANNEL: "WebSocketChannel, loopback",
+    GRPC_CHANNEL: "GrpcChannel, loopback",
     BASE_AIOHTTP: "aiohttp POST (baseline)",
     NATS_CHANNEL: "NatsChannel, loopback",
     BASE_NATS: "nats-py request (baseline)",
@@ -64,6 +66,7 @@ BASELINE_OF = {
     PIPELINED_AWAIT: BASE_PIPE,
     HTTP_CHANNEL: BASE_AIOHTTP,
     WS_CHANNEL: HTTP_CHANNEL,
+    GRPC_CHANNEL: HTTP_CHANNEL,
     NATS_CHANNEL: BASE_NATS,
 }
 SHORT = {BASE_PIPE: "Pipe", BASE_STREAMS: "streams", BASE_AIOHTTP: "aiohttp", HTTP_CHANNEL: "HTTP"}
@@ -82,6 +85,7 @@ LATENCY_ROWS = (
     BASE_STREAMS,
     HTTP_CHANNEL,
     WS_CHANNEL,
+    GRPC_CHANNEL,
     BASE_AIOHTTP,
     NATS_CHANNEL,
     BASE_NATS,

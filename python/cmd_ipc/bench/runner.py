@@ -33,6 +33,7 @@ from cmd_ipc.bench.results import (
     BLOCKING_PIPE,
     BLOCKING_SHM,
     DIRECT_SIBLING,
+    GRPC_CHANNEL,
     HOP_SIBLING,
     HOP_SUB,
     HTTP_CHANNEL,
@@ -523,7 +524,8 @@ class _Bench:
         self.registry = None
 
     def remote(self) -> None:
-        """HTTPChannel, WebSocketChannel and a bare aiohttp POST against one server child."""
+        """HTTPChannel, WebSocketChannel, GrpcChannel (with grpcio installed) and a bare
+        aiohttp POST against one server child."""
         n, warmup = self.cfg.n_remote, max(50, self.cfg.n_remote // 10)
         self.progress.set(f"remote rows ({n} calls each)")
         proc, urls = start_server(self.child_cpu)
@@ -534,7 +536,20 @@ class _Bench:
             timed = self.on_loop(lambda: measure(urls, n, warmup, stop), 600, stop)
         finally:
             stop_server(proc)
-        for key, name in ((BASE_AIOHTTP, "bare"), (HTTP_CHANNEL, "http"), (WS_CHANNEL, "ws")):
+        if "grpc" not in timed:
+            print(
+                f"cmd-ipc bench: the gRPC row left out: grpcio not installed "
+                f"({install_hint('grpc')})",
+                file=sys.stderr,
+            )
+        for key, name in (
+            (BASE_AIOHTTP, "bare"),
+            (HTTP_CHANNEL, "http"),
+            (WS_CHANNEL, "ws"),
+            (GRPC_CHANNEL, "grpc"),
+        ):
+            if name not in timed:
+                continue
             samples, elapsed = timed[name]
             samples.sort()
             note = "sequential, one server process on loopback"
