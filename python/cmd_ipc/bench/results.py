@@ -32,6 +32,8 @@ GRPC_CHANNEL = "grpc_channel"
 BASE_AIOHTTP = "baseline_aiohttp_post"
 NATS_CHANNEL = "nats_channel"
 BASE_NATS = "baseline_nats_request"
+POOL_ONE = "pool_one_member"
+POOL_TWO = "pool_two_members"
 IDLE_WORKER = "idle_worker"
 IDLE_PARENT = "idle_parent"
 
@@ -52,6 +54,8 @@ LABELS = {
     BASE_AIOHTTP: "aiohttp POST (baseline)",
     NATS_CHANNEL: "NatsChannel, loopback",
     BASE_NATS: "nats-py request (baseline)",
+    POOL_TWO: "pool of 2, 1 ms CPU-bound calls",
+    POOL_ONE: "pool of 1, 1 ms CPU-bound (baseline)",
     IDLE_WORKER: "idle worker (busiest)",
     IDLE_PARENT: "idle bench process",
 }
@@ -68,10 +72,12 @@ BASELINE_OF = {
     WS_CHANNEL: HTTP_CHANNEL,
     GRPC_CHANNEL: HTTP_CHANNEL,
     NATS_CHANNEL: BASE_NATS,
+    POOL_TWO: POOL_ONE,
 }
 SHORT = {BASE_PIPE: "Pipe", BASE_STREAMS: "streams", BASE_AIOHTTP: "aiohttp", HTTP_CHANNEL: "HTTP"}
 SHORT[BASE_NATS] = "nats-py"
-BASELINES = (BASE_PIPE, BASE_STREAMS, BASE_AIOHTTP, BASE_NATS)
+SHORT[POOL_ONE] = "pool of 1"
+BASELINES = (BASE_PIPE, BASE_STREAMS, BASE_AIOHTTP, BASE_NATS, POOL_ONE)
 LATENCY_ROWS = (
     BLOCKING_SHM,
     AWAIT_SHM,
@@ -89,6 +95,8 @@ LATENCY_ROWS = (
     BASE_AIOHTTP,
     NATS_CHANNEL,
     BASE_NATS,
+    POOL_TWO,
+    POOL_ONE,
 )
 IDLE_ROWS = (IDLE_WORKER, IDLE_PARENT)
 
@@ -198,7 +206,7 @@ class Results:
         row, base = self.rows.get(key), self.rows.get(base_key or "")
         if row is None or base is None:
             return None
-        if key in (PIPELINED, PIPELINED_AWAIT, HTTP_CHANNEL, NATS_CHANNEL):
+        if key in (PIPELINED, PIPELINED_AWAIT, HTTP_CHANNEL, NATS_CHANNEL, POOL_TWO):
             return base.calls_per_s / row.calls_per_s
         return row.percentile_us(0.5) / base.percentile_us(0.5)
 
@@ -306,6 +314,18 @@ class Results:
             ""
             if mesh is None or bare_nats is None
             else f"{mesh.calls_per_s:,.0f} / {bare_nats.calls_per_s:,.0f} calls/s",
+            higher_is_better=True,
+        )
+        two, one = self.rows.get(POOL_TWO), self.rows.get(POOL_ONE)
+        add(
+            (POOL_TWO,),
+            "pool of 2 calls/s >= 1.8x a pool of 1 (CPU-bound handler, 2 CPUs)",
+            None if two is None or one is None else two.calls_per_s / one.calls_per_s,
+            1.8,
+            "x",
+            ""
+            if two is None or one is None
+            else f"{two.calls_per_s:,.0f} / {one.calls_per_s:,.0f} calls/s",
             higher_is_better=True,
         )
         for key in IDLE_ROWS:

@@ -23,6 +23,7 @@ from cmd_ipc._optional import install_hint
 from cmd_ipc._procgroup import OWN_PROCESS_GROUP
 from cmd_ipc.bench import mesh
 from cmd_ipc.bench.children import child_env, reap
+from cmd_ipc.bench.pool import measure_pool
 from cmd_ipc.bench.remote import measure, start_server, stop_server
 from cmd_ipc.bench.render import Progress
 from cmd_ipc.bench.results import (
@@ -43,6 +44,8 @@ from cmd_ipc.bench.results import (
     NATS_CHANNEL,
     PIPELINED,
     PIPELINED_AWAIT,
+    POOL_ONE,
+    POOL_TWO,
     REQ,
     WS_CHANNEL,
     BenchConfig,
@@ -514,6 +517,7 @@ class _Bench:
                         self.res.rows.update(mesh.rows(self.on_loop, cfg.n_remote, self.child_cpu))
 
                     self.step(NATS_CHANNEL, 0.0, nats_rows)
+            self.step(POOL_TWO, 1.0, self.pools)
             self.progress.set(f"idle cost ({cfg.idle_seconds:g} s)")
             self.step(IDLE_WORKER, 1.0, self.idle)
             self.progress.set("stopping workers")
@@ -522,6 +526,26 @@ class _Bench:
                 with contextlib.suppress(Exception):
                     self.stop(wid)
         self.registry = None
+
+    def pools(self) -> None:
+        """Pool scaling: a pool of 1 then of 2 members, each call about 1 ms of pure-Python
+        work. The members may run on every CPU (a pinned run pins the bench process and
+        its other children, which would put both members on one CPU)."""
+        calls = max(100, self.cfg.calls // 50)
+        mine = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+        try:
+            for key, size in ((POOL_ONE, 1), (POOL_TWO, 2)):
+                out = measure_pool(self.reg, size, calls * size, pool_id=f"bench-{key}")
+                self.res.rows[key] = Row(
+                    key,
+                    out["samples_ns"],
+                    out["elapsed_s"],
+                    f"{size} member{'s' if size > 1 else ''} on any CPU, {2 * size} calls in "
+                    "flight; p50/p99 are of the time per call of each batch",
+                )
+        finally:
+            os.sched_setaffinity(0, mine)
 
     def remote(self) -> None:
         """HTTPChannel, WebSocketChannel, GrpcChannel (with grpcio installed) and a bare
