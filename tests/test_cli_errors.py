@@ -150,7 +150,7 @@ def test_unreachable_targets_say_so() -> None:
 
 
 def test_a_target_without_scheme_gets_a_suggestion() -> None:
-    for target in ("localhost:8765", "127.0.0.1:8765", "[::1]:8765"):
+    for target in ("localhost:8765", "127.0.0.1:8765", "[::1]:8765", "localhost:8765/cmd"):
         code, _, err = cli("call", target, "api.add")
         assert code == 2
         assert one_line(err) == (

@@ -117,7 +117,7 @@ async def run_setup(registry: Any, spec: str) -> None:
 
 
 #: ``HOST:PORT`` (a name, an IPv4 address or a bracketed IPv6 one): a URL without a scheme.
-_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[\w.-]+):\d{1,5}")
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[\w.-]+):\d{1,5}(/\S*)?")
 
 
 def http_base(url: str) -> str:
@@ -338,14 +338,21 @@ async def _call(args: argparse.Namespace) -> int:
             result = await registry.execute_command(args.command_id, request)
         except CommandError as e:
             message = e.message
-            if isinstance(e, CommandTimeoutError) and (
-                time.monotonic() - started >= 0.95 * args.timeout
-            ):
-                # This side gave up (not the target's own timeout): say after how long.
-                message = (
-                    f"{args.command_id} did not answer within {args.timeout:g} s "
-                    "(--timeout SECONDS waits longer)"
-                )
+            if isinstance(e, CommandTimeoutError):
+                waited = time.monotonic() - started
+                if waited >= 0.95 * args.timeout:
+                    # This side gave up: say after how long.
+                    message = (
+                        f"{args.command_id} did not answer within {args.timeout:g} s "
+                        "(--timeout SECONDS waits longer)"
+                    )
+                else:
+                    # The target's own request TTL ran out first (its message names its
+                    # internal channels): say so in the caller's terms.
+                    message = (
+                        f"{args.command_id} timed out at the target after {waited:.3g} s "
+                        "(the target's own request TTL; --timeout cannot extend it)"
+                    )
             if args.json:
                 out = {"ok": False, "error": {"code": e.code, "message": message}}
                 print(json.dumps(out, ensure_ascii=False))
