@@ -1,14 +1,17 @@
 """Targets of the MCP tests (tests/test_mcp.py).
 
 * :func:`setup` -- the setup of ``cmd-ipc mcp serve mcp_targets:setup``: typed commands of
-  every result shape, a failing one, a slow one, a private one, and ``workers.spawn`` /
-  ``workers.kill`` so that a test can make the serving process gain or lose a worker
-  through MCP itself;
-* :func:`worker` -- the target of that worker process (``w1.echo``, ``w1.pid``);
+  every result shape, a failing one, a slow one (``slow.started`` answers once a call of
+  it runs), a private one, ``workers.spawn`` / ``workers.kill`` so that a test can make
+  the serving process gain or lose a worker through MCP itself, and ``noisy.grow``
+  (prints to stdout every way it can, and registers the command ``grown.<n>``);
+* :func:`worker` -- the target of that worker process (``w1.echo``, ``w1.pid``, ``w1.grow``
+  registering ``w1.late``);
 * ``python mcp_targets.py sdk`` -- an MCP server written with the SDK's own server API
   (``mcp.server.mcpserver.MCPServer``), for the tests of :class:`MCPClientChannel`: ``add``,
-  ``fail``, ``slow``, ``grow`` / ``shrink`` (add or remove the tool ``extra`` and tell the
-  client), ``die`` (the process exits).
+  ``fail``, ``slow`` (``slow_started`` answers once a ``slow`` call runs), ``grow`` /
+  ``shrink`` (add or remove the tool ``extra`` and tell the client), ``die`` (the process
+  exits).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 from typing import Any
 
@@ -30,6 +34,7 @@ class User(BaseModel):
 
 
 _workers: dict[str, Worker] = {}
+_grown: list[str] = []
 
 
 def setup(registry: CommandRegistry) -> None:
@@ -55,9 +60,17 @@ def setup(registry: CommandRegistry) -> None:
     def boom() -> None:
         raise ValueError("it broke")
 
+    slow_started = asyncio.Event()
+
     @registry.command("slow")
     async def slow(seconds: float = 60.0) -> None:
+        slow_started.set()
         await asyncio.sleep(seconds)
+
+    @registry.command("slow.started", description="Answers once a call of slow runs")
+    async def started() -> bool:
+        await slow_started.wait()
+        return True
 
     @registry.command("_secret")
     def secret() -> str:
@@ -68,6 +81,19 @@ def setup(registry: CommandRegistry) -> None:
         w = await registry.spawn_worker("w1", "mcp_targets:worker")
         _workers["w1"] = w
         return w.pid or 0
+
+    @registry.command("noisy.grow")
+    async def grow() -> str:
+        # Stray output of a handler, of the process and of a child: none may reach the
+        # MCP stream of `cmd-ipc mcp serve` over stdio.
+        print("a handler's print")
+        sys.stdout.flush()
+        os.write(1, b"a raw write to fd 1\n")
+        subprocess.run(["echo", "a child's echo"], check=False)
+        name = f"grown.{len(_grown)}"
+        _grown.append(name)
+        await registry.register_command(name, lambda: 1)
+        return name
 
     @registry.command("workers.kill")
     def kill() -> bool:
@@ -86,6 +112,12 @@ def worker(registry: CommandRegistry) -> None:
     def pid() -> int:
         return os.getpid()
 
+    @registry.command("w1.grow")
+    async def grow() -> bool:
+        # Told to the root by the native channels only (its watch sees it late).
+        await registry.register_command("w1.late", lambda: 1)
+        return True
+
 
 def _sdk_server() -> Any:
     app: Any = MCPServer("sdk-server")
@@ -99,10 +131,18 @@ def _sdk_server() -> Any:
     def fail(message: str) -> str:
         raise ValueError(message)
 
+    started = asyncio.Event()
+
     @app.tool()
     async def slow(seconds: float = 60.0) -> str:
+        started.set()
         await asyncio.sleep(seconds)
         return "late"
+
+    @app.tool()
+    async def slow_started() -> str:
+        await started.wait()
+        return "started"
 
     def extra(x: int) -> int:
         """Appears with grow."""

@@ -42,26 +42,40 @@ async def test_changes_are_told_and_unsubscribe_works() -> None:
         assert main.unregister_command("a.one")
         assert await next_change() == []
 
+        # The barrier: listeners are called in one batch per change, so once this one ran
+        # for a.three, an unsubscribed listener still called would have run too.
+        barrier = asyncio.Event()
+        main.on_commands_changed(barrier.set)
         count = len(seen)
         unsubscribe()
         unsubscribe()  # idempotent
         await main.register_command("a.three", lambda: 3)
-        await asyncio.sleep(0)  # one turn of the loop: a listener would have run by now
-        await asyncio.sleep(0)
+        await asyncio.wait_for(barrier.wait(), DEADLINE)
         assert len(seen) == count
 
 
 async def test_a_burst_is_one_call() -> None:
     async with CommandRegistry("main") as main:
-        calls: list[int] = []
+        calls: list[list[str]] = []
         done = asyncio.Event()
-        main.on_commands_changed(lambda: (calls.append(1), done.set()))
+
+        def listener() -> None:
+            calls.append([c["id"] for c in main.list_commands()])
+            done.set()
+
+        main.on_commands_changed(listener)
         for i in range(5):
 
             @main.command(f"c.{i}", validate=False)
             def handler() -> int:
                 return 0
 
+        # The barrier: a later change, told after whatever the burst caused.
         await asyncio.wait_for(done.wait(), DEADLINE)
-        await asyncio.sleep(0)
-        assert calls == [1]
+        done.clear()
+        await main.register_command("z.after", lambda: 0)
+        while not calls or "z.after" not in calls[-1]:
+            await asyncio.wait_for(done.wait(), DEADLINE)
+            done.clear()
+        burst = [f"c.{i}" for i in range(5)]
+        assert calls == [burst, [*burst, "z.after"]]

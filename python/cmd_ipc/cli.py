@@ -468,8 +468,11 @@ async def _mcp_serve(args: argparse.Namespace) -> int:
     from cmd_ipc.server import mcp
 
     http_at = _host_port(args.http, "--http") if args.http else None
-    if args.token and http_at is None:
+    # Only an explicit --token is a usage error over stdio: $CMD_IPC_TOKEN, set for the
+    # other sub-commands, is read for --http only.
+    if args.token is not None and http_at is None:
         raise UsageError("--token protects the HTTP endpoint: it needs --http HOST:PORT")
+    token = args.token if args.token is not None else os.environ.get(_TOKEN_ENV) or None
     options: dict[str, Any] = {"expose": args.expose}
     stop = asyncio.Event()
     signalled: list[int] = []
@@ -504,7 +507,7 @@ async def _mcp_serve(args: argparse.Namespace) -> int:
         else:
             await run_setup(registry, args.setup)
             http = await mcp.serve_http(
-                registry, http_at[0], http_at[1], path=args.path, token=args.token, **options
+                registry, http_at[0], http_at[1], path=args.path, token=token, **options
             )
             try:
                 for sig in (signal.SIGINT, signal.SIGTERM):
@@ -513,7 +516,7 @@ async def _mcp_serve(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps({"id": args.id, "url": http.url, "tools": tools}))
                 else:
-                    auth = "bearer token required" if args.token else "no token: anyone may call"
+                    auth = "bearer token required" if token else "no token: anyone may call"
                     _console().print(
                         f"serving [bold]{args.id}[/] over MCP at [bold cyan]{http.url}[/] "
                         f"({tools} tools; {auth}); Ctrl-C stops"
@@ -689,8 +692,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", default="cmd-ipc", help="the registry's id (default cmd-ipc)")
     p.add_argument(
         "--token",
-        default=os.environ.get(_TOKEN_ENV),
-        help=f"require this bearer token over HTTP (default: ${_TOKEN_ENV}; none: no auth)",
+        default=None,
+        help=f"require this bearer token over HTTP (default with --http: ${_TOKEN_ENV}; "
+        "none: no auth)",
     )
     p.add_argument(
         "--expose",

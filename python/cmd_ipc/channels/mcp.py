@@ -23,12 +23,21 @@ they escalate to the root like any command.
   ``channel_disconnected``.
 * Changes: on ``notifications/tools/list_changed`` (handshake-era servers) or a
   ``toolsListChanged`` event of a ``subscriptions/listen`` stream (2026-07-28 servers) the
-  channel lists the tools again and registers the new and changed ones. The spec has no
+  channel lists the tools again and registers the new and changed ones. A listen stream
+  that ends while the session goes on is opened again (after a back-off: 0.1 s, doubling
+  up to 30 s; a warning is logged); the tools are listed again each time a stream is
+  acknowledged, since changes made before (after the first listing, or while a lost stream
+  was down) were not heard. The spec has no
   message to unregister a command: a removed tool is answered ``not_found`` by the channel
   at once, and leaves the registry when the channel re-attaches itself (which it does as
   soon as no call is in flight on it: the registry lists it again, as after a reconnect).
 * Exit: when the server process exits (end of its stdout) or the HTTP transport ends, the
   channel closes at once, so every call waiting on it fails with ``channel_disconnected``.
+  An HTTP server that went away is noticed by the next request to it: a tool call whose
+  connection fails, whose response stream ends without a response, or whose session the
+  server no longer knows (``Session terminated``, ``Session not found``) fails with
+  ``channel_disconnected`` and closes the channel. An idle channel to a vanished HTTP
+  server notices nothing until its next call (MCP has no heartbeat).
 
 Example::
 
@@ -66,7 +75,10 @@ require("mcp", "mcp", "MCPClientChannel")
 import httpx2  # noqa: E402
 import mcp_types as types  # noqa: E402
 from mcp import Client, StdioServerParameters, stdio_client  # noqa: E402
-from mcp.client.streamable_http import streamable_http_client  # noqa: E402
+from mcp.client.streamable_http import (  # noqa: E402
+    StreamableHTTPError,
+    streamable_http_client,
+)
 from mcp.client.subscriptions import ListenNotSupportedError  # noqa: E402
 from mcp.shared.exceptions import MCPError  # noqa: E402
 from mcp.shared.message import SessionMessage  # noqa: E402
@@ -85,6 +97,12 @@ _CODES = frozenset(
     {"not_found", "invalid_request", "internal_error", "timeout", "channel_disconnected"}
 )
 _RESULT = "result"
+#: The back-off of reopening a lost ``subscriptions/listen`` stream: first, and at most.
+_LISTEN_DELAY = 0.1
+_LISTEN_DELAY_MAX = 30.0
+#: The messages of the SDK's JSON-RPC errors that say an HTTP session is gone (a 404 of
+#: the SDK's client, the body of a 404 of the SDK's server).
+_SESSION_GONE = ("session terminated", "session not found")
 _LIST_CHANGED = "notifications/tools/list_changed"
 
 
@@ -197,7 +215,9 @@ class MCPClientChannel(Channel):
         env: Environment variables of a stdio server, over the SDK's safe defaults (``HOME``,
             ``PATH``, ``USER``...; the rest of this process's environment is not passed).
         cwd: Working directory of a stdio server.
-        timeout: Seconds each tool call (and connecting) may take.
+        timeout: Seconds each tool call (and connecting: starting the server, the
+            handshake and the first listing) may take; a slower call fails with
+            ``timeout``.
         mode: The SDK's protocol negotiation: ``"auto"`` (2026-07-28 when the server speaks
             it, else the ``initialize`` handshake), ``"legacy"`` (always the handshake), or a
             protocol version.
@@ -242,6 +262,8 @@ class MCPClientChannel(Channel):
             self.url, self.argv = None, argv
         if headers and self.url is None:
             raise ValueError("headers are for an HTTP server; a stdio server takes env=")
+        if self.url is not None and (env is not None or cwd is not None):
+            raise ValueError("env= and cwd= are for a stdio server; an HTTP server takes headers=")
         if command_prefix is not None and (
             not isinstance(command_prefix, str) or not command_prefix.strip(".")
         ):
@@ -308,6 +330,13 @@ class MCPClientChannel(Channel):
         except BaseException as e:
             self._closed = True
             self._stop.set()
+            # Given up: the runner may be stuck in the handshake (a server that never
+            # answers), so it is cancelled, and its outcome is no one's to retrieve.
+            if not connected.done():
+                connected.cancel()
+            elif not connected.cancelled():
+                connected.exception()
+            self._runner.cancel()
             with contextlib.suppress(BaseException):
                 await self._runner
             what = self.url or " ".join(self.argv or [])
@@ -402,10 +431,11 @@ class MCPClientChannel(Channel):
                 await self._stop.wait()
         except BaseException as e:
             if not connected.done():
-                connected.set_exception(e)
-                if not isinstance(e, Exception):
-                    raise
-                return
+                if isinstance(e, Exception):
+                    connected.set_exception(e)
+                    return
+                connected.cancel()
+                raise
             reason = f"the MCP session failed: {e!r}"
             if not isinstance(e, Exception):
                 raise
@@ -418,6 +448,20 @@ class MCPClientChannel(Channel):
         if self._ended is None and not self._closed:
             what = "exited" if self.argv is not None else "closed the connection"
             self._end(f"the MCP server {what}")
+            self._stop.set()
+
+    def _lost(self, reason: str) -> dict[str, Any]:
+        """The HTTP server is gone (or forgot the session): the channel ends (calls waiting
+        on it fail at once) and the call is answered ``channel_disconnected``."""
+        if self._ended is None and not self._closed:
+            logger.warning("MCPClientChannel %r: %s: closing the channel", self.id, reason)
+            # After this call's answer is delivered (the close would drop it).
+            asyncio.get_running_loop().call_soon(self._end_lost, reason)
+        return _error("channel_disconnected", reason)
+
+    def _end_lost(self, reason: str) -> None:
+        if self._ended is None and not self._closed:
+            self._end(reason)
             self._stop.set()
 
     def _end(self, reason: str) -> None:
@@ -444,17 +488,38 @@ class MCPClientChannel(Channel):
         return tools
 
     async def _listen(self, client: Client) -> None:
-        """A 2026-07-28 server tells of changes on a ``subscriptions/listen`` stream."""
-        try:
-            async with client.listen(tools_list_changed=True) as sub:
-                async for _event in sub:
+        """A 2026-07-28 server tells of changes on a ``subscriptions/listen`` stream, which
+        is opened again (with back-off) whenever it ends while the session goes on."""
+        delay = _LISTEN_DELAY
+        while not self._stopping(client):
+            why: object = "the server ended it"
+            try:
+                async with client.listen(tools_list_changed=True) as sub:
+                    delay = _LISTEN_DELAY
+                    # Changes made before the stream was acknowledged were not heard (since
+                    # the first listing, or while a lost stream was down).
                     self._relist()
-        except ListenNotSupportedError:
-            pass
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            logger.debug("MCPClientChannel %r: the listen stream ended: %r", self.id, e)
+                    async for _event in sub:
+                        self._relist()
+            except ListenNotSupportedError:
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                why = _leaf(e)
+            if self._stopping(client):
+                return
+            logger.warning(
+                "MCPClientChannel %r: the listen stream ended (%s): opening it again in %gs",
+                self.id,
+                why,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _LISTEN_DELAY_MAX)
+
+    def _stopping(self, client: Client) -> bool:
+        return self._closed or self._ended is not None or self._client is not client
 
     async def _on_message(self, message: Any) -> None:
         if getattr(message, "method", None) == _LIST_CHANGED:
@@ -500,6 +565,8 @@ class MCPClientChannel(Channel):
         new = self._tools
         changed = [cid for cid, t in new.items() if old.get(cid) != t]
         removed = [cid for cid in old if cid not in new]
+        if not changed and not removed:
+            return
         logger.info(
             "MCPClientChannel %r: tools changed (%d new or changed, %d removed)",
             self.id,
@@ -619,12 +686,16 @@ class MCPClientChannel(Channel):
                 tool.name, request or {}, read_timeout_seconds=self.timeout
             )
         except MCPError as e:
+            if self.url is not None and _session_lost(e):
+                return self._lost(f"the MCP server went away during {tool.name!r}: {e}")
             return _error(*_mcp_error(e, tool.name))
         except (TimeoutError, asyncio.TimeoutError):
             return _error("timeout", f"tool {tool.name!r} did not answer within {self.timeout}s")
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # the SDK's output-schema check, a transport failure...
+        except (httpx2.TransportError, httpx2.HTTPStatusError, StreamableHTTPError) as e:
+            return self._lost(f"the MCP server could not be reached for {tool.name!r}: {e!r}")
+        except Exception as e:  # the SDK's output-schema check...
             return _error("internal_error", f"tool {tool.name!r} failed: {e}")
         if not isinstance(result, types.CallToolResult):
             return _error("internal_error", f"tool {tool.name!r} gave a {type(result).__name__}")
@@ -662,6 +733,14 @@ def _tool_error(result: types.CallToolResult) -> tuple[str, str]:
         message = structured.get("message")
         return str(structured["code"]), str(message) if message is not None else text
     return "internal_error", text or "the tool failed"
+
+
+def _session_lost(e: MCPError) -> bool:
+    """Whether a JSON-RPC error of an HTTP request says the server or its session is gone."""
+    if e.error.code == types.CONNECTION_CLOSED:
+        return True  # the response stream ended without a response (after its retries)
+    message = e.error.message.lower()
+    return e.error.code == types.INVALID_REQUEST and any(m in message for m in _SESSION_GONE)
 
 
 def _mcp_error(e: MCPError, name: str) -> tuple[str, str]:

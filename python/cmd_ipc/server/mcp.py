@@ -9,14 +9,20 @@ to 2025-11-25 and the per-request envelopes of 2026-07-28) for one registry:
   id; ``expose=`` narrows the set as for the HTTP server (:mod:`cmd_ipc._expose`). A tool's
   ``name`` is the command id (ids outside the MCP tool-name pattern ``[A-Za-z0-9._-]{1,128}``
   are served but logged once as a warning), ``description`` the command's, ``inputSchema``
-  its request schema (``{"type": "object"}`` when it has none), ``outputSchema`` its
+  its request schema (``{"type": "object"}`` when it has none; ``"type": "object"`` added to
+  one that names no type, a ``$ref`` or ``anyOf`` schema say). MCP arguments and cmd-ipc
+  requests are both objects, so a command whose request schema only admits something else
+  (``{"type": "integer"}``) could never be called: it is not served as a tool, and a
+  warning is logged once. ``outputSchema`` its
   response schema: as is when it is an object schema, else wrapped as ``{"type": "object",
   "properties": {"result": <schema>}, "required": ["result"]}`` (``<schema>`` is ``{}``,
   any value, for a command without a response schema).
 * ``tools/call``: the command runs through the router (wherever it lives); the result comes
   back as text content (a string as is, anything else as JSON) and as ``structuredContent``
   (an object as is when the response schema is an object schema, anything else as
-  ``{"result": value}``: what the ``outputSchema`` says). A failure is ``isError: true``
+  ``{"result": value}``: what the ``outputSchema`` says; a result that is not an object
+  although the response schema is an object schema is ``internal_error``, as it would
+  contradict the ``outputSchema``). A failure is ``isError: true``
   with ``structuredContent {"code", "message"}`` keeping the cmd-ipc code
   (``not_found``, ``invalid_request``, ``internal_error``, ``timeout``,
   ``channel_disconnected``); a call that does not finish within ``timeout`` is
@@ -97,19 +103,27 @@ logger = logging.getLogger("cmd_ipc.mcp")
 
 #: The key under which a non-object result travels in ``structuredContent``.
 RESULT_KEY = "result"
+#: At most this many command ids are warned about (a bad name, an uncallable schema).
+_WARN_MAX = 256
 
 
 def _is_object_schema(schema: Any) -> bool:
     return isinstance(schema, Mapping) and schema.get("type") == "object"
 
 
-def _input_schema(schema: Any) -> dict[str, Any]:
-    """A request schema as an MCP ``inputSchema`` (an object schema at its root)."""
-    if _is_object_schema(schema):
+def _input_schema(schema: Any) -> dict[str, Any] | None:
+    """The MCP ``inputSchema`` (an object schema at its root) of a request schema, or
+    ``None`` when the schema admits no object (no call could satisfy it)."""
+    if not isinstance(schema, Mapping) or not schema:
+        return {"type": "object"}
+    kind = schema.get("type")
+    if kind is None:
+        return {**schema, "type": "object"}  # a $ref, anyOf...: only its objects can come
+    if kind == "object":
         return dict(schema)
-    if isinstance(schema, Mapping) and "type" not in schema and "properties" in schema:
+    if isinstance(kind, list) and "object" in kind:
         return {**schema, "type": "object"}
-    return {"type": "object"}
+    return None
 
 
 def _output_schema(schema: Any) -> tuple[dict[str, Any] | None, bool]:
@@ -142,15 +156,40 @@ def command_tool(command: Mapping[str, Any]) -> types.Tool:
         ({'type': 'object'}, {'result': {'type': 'integer'}})
         >>> command_tool({"id": "untyped"}).output_schema["properties"]
         {'result': {}}
+
+    Raises:
+        ValueError: The request schema admits no object (``{"type": "integer"}``): MCP
+            arguments are an object, so no call could satisfy it.
     """
+    entry = _tool_of(command)
+    if entry is None:
+        raise ValueError(f"the request schema of {command['id']!r} admits no object")
+    return entry.tool
+
+
+class _Entry:
+    """A tool, and whether its results are wrapped under ``"result"``."""
+
+    __slots__ = ("tool", "wrapped")
+
+    def __init__(self, tool: types.Tool, wrapped: bool) -> None:
+        self.tool = tool
+        self.wrapped = wrapped
+
+
+def _tool_of(command: Mapping[str, Any]) -> _Entry | None:
     schema = command.get("schema") or {}
-    output, _ = _output_schema(schema.get("response"))
-    return types.Tool(
+    input_schema = _input_schema(schema.get("request"))
+    if input_schema is None:
+        return None
+    output, wrapped = _output_schema(schema.get("response"))
+    tool = types.Tool(
         name=str(command["id"]),
         description=command.get("description"),
-        input_schema=_input_schema(schema.get("request")),
+        input_schema=input_schema,
         output_schema=output,
     )
+    return _Entry(tool, wrapped)
 
 
 def _json_default(value: Any) -> Any:
@@ -226,15 +265,24 @@ class MCPServer:
         self.timeout = timeout
         self._exposure = Exposure(expose, registry.id)
         self._bus = InMemorySubscriptionBus()
+        # Two listen handlers on one bus: the HTTP one can be ended with the HTTP server
+        # (MCPHTTPServer.close) while stdio connections go on.
         self._listen = ListenHandler(self._bus)
-        #: One event per handshake-era connection, set when its clients must hear of a change.
-        self._legacy: set[asyncio.Event] = set()
+        self._http_listen = ListenHandler(self._bus)
+        #: One event per handshake-era connection (by its id), set when its client must
+        #: hear of a change.
+        self._legacy: dict[int, asyncio.Event] = {}
         self._warned: set[str] = set()
-        #: Tools whose outputSchema puts the result under "result" (their response schema
-        #: is not an object schema).
-        self._wrapped: set[str] = set()
+        self._warned_all = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._tools: list[types.Tool] = self.tools()
+        #: Tool calls in flight over HTTP, and those ended by the HTTP server's close.
+        self._http_calls: set[asyncio.Future[types.CallToolResult]] = set()
+        self._aborted: set[asyncio.Future[types.CallToolResult]] = set()
+        #: The tools served now, by name (refreshed by listings, calls and changes).
+        self._tools: dict[str, _Entry] = self._scan()
+        #: The tools clients were last told of: only the change watch updates it, so a
+        #: listing that refreshed ``_tools`` before the watch ran cannot swallow a change.
+        self._announced: list[types.Tool] = [e.tool for e in self._tools.values()]
         self._unsubscribe: Callable[[], None] | None = registry.on_commands_changed(
             self._commands_changed
         )
@@ -244,7 +292,7 @@ class MCPServer:
             instructions=instructions,
             on_list_tools=self._on_list_tools,
             on_call_tool=self._on_call_tool,
-            on_subscriptions_listen=self._listen,
+            on_subscriptions_listen=self._on_listen,
         )
         # Each handshake-era connection gets a task (the handler of its `initialized`
         # notification, cancelled with the connection) that tells it of every change.
@@ -259,38 +307,47 @@ class MCPServer:
 
     def tools(self) -> list[types.Tool]:
         """The tools served now: one per exposed public command, sorted by name."""
-        tools = []
-        wrapped: set[str] = set()
+        return [e.tool for e in self._scan().values()]
+
+    def _scan(self) -> dict[str, _Entry]:
+        entries: dict[str, _Entry] = {}
         for command in self.registry.list_commands():
             command_id = str(command["id"])
             if not self._exposure.allows(command_id):
                 continue
-            if not TOOL_NAME_REGEX.fullmatch(command_id) and command_id not in self._warned:
-                self._warned.add(command_id)
-                logger.warning(
-                    "command id %r is outside the MCP tool-name pattern [A-Za-z0-9._-]{1,128}: "
-                    "some MCP clients may refuse the tool",
+            entry = _tool_of(command)
+            if entry is None:
+                self._warn(command_id, "its request schema admits no object: not served as a tool")
+                continue
+            if not TOOL_NAME_REGEX.fullmatch(command_id):
+                self._warn(
                     command_id,
+                    "it is outside the MCP tool-name pattern [A-Za-z0-9._-]{1,128}: "
+                    "some MCP clients may refuse the tool",
                 )
-            tools.append(command_tool(command))
-            if _output_schema((command.get("schema") or {}).get("response"))[1]:
-                wrapped.add(command_id)
-        self._wrapped = wrapped
-        return tools
+            entries[command_id] = entry
+        return entries
 
-    def _tool(self, name: str) -> types.Tool | None:
-        for tool in self._tools:
-            if tool.name == name:
-                return tool
-        return None
+    def _warn(self, command_id: str, why: str) -> None:
+        """Logs ``why`` once per command id (for at most ``_WARN_MAX`` ids)."""
+        if command_id in self._warned or self._warned_all:
+            return
+        if len(self._warned) >= _WARN_MAX:
+            # A registry with endless generated ids must not grow this set forever.
+            self._warned_all = True
+            logger.warning("more than %d command ids were warned about: no more are", _WARN_MAX)
+            return
+        self._warned.add(command_id)
+        logger.warning("command id %r: %s", command_id, why)
 
     def _commands_changed(self) -> None:
-        tools = self.tools()
-        if tools == self._tools:
+        self._tools = self._scan()
+        tools = [e.tool for e in self._tools.values()]
+        if tools == self._announced:
             return  # a private or hidden command changed: nothing an agent sees
-        self._tools = tools
+        self._announced = tools
         logger.debug("tools of %r changed: %d tools", self.registry.id, len(tools))
-        for event in self._legacy:
+        for event in self._legacy.values():
             event.set()
         task = asyncio.ensure_future(self._bus.publish(ToolsListChanged()))
         self._tasks.add(task)
@@ -299,52 +356,74 @@ class MCPServer:
     async def _legacy_connection(
         self, ctx: ServerRequestContext[Any, Any], _params: types.NotificationParams
     ) -> None:
+        # One loop per connection: the session object is made per message, the SDK's
+        # connection behind it is not (and lives, keeping its id, while this runs).
+        key = id(getattr(ctx.session, "_connection", ctx.session))
+        if key in self._legacy:
+            return  # a repeated `initialized`: the connection is told already
         changed = asyncio.Event()
-        self._legacy.add(changed)
+        self._legacy[key] = changed
         try:
             while True:
                 await changed.wait()
                 changed.clear()
                 await ctx.session.send_tool_list_changed()
         finally:
-            self._legacy.discard(changed)
+            if self._legacy.get(key) is changed:
+                del self._legacy[key]
 
     # ----------------------------------------------------------------- handlers
+
+    async def _on_listen(
+        self, ctx: ServerRequestContext[Any, Any], params: types.SubscriptionsListenRequestParams
+    ) -> types.SubscriptionsListenResult:
+        handler = self._listen if ctx.request is None else self._http_listen
+        return await handler(ctx, params)
 
     async def _on_list_tools(
         self, _ctx: ServerRequestContext[Any, Any], _params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
         # Fresh at every listing (the change watch may be a turn behind).
-        self._tools = self.tools()
-        return types.ListToolsResult(tools=self._tools)
+        self._tools = self._scan()
+        return types.ListToolsResult(tools=[e.tool for e in self._tools.values()])
 
     async def _on_call_tool(
-        self, _ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+        self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
         name = params.name
-        tool = self._tool(name)
-        if tool is None and self._exposure.allows(name) and self.registry.route_of(name):
-            self._tools = self.tools()  # registered since the last listing
-            tool = self._tool(name)
-        if tool is None:
+        if name not in self._tools and self._exposure.allows(name) and self.registry.route_of(name):
+            self._tools = self._scan()  # registered since the last listing
+        if name not in self._tools:
             raise MCPError(code=types.INVALID_PARAMS, message=f"Unknown tool: {name}")
-        return await self.call(name, params.arguments, tool)
+        if ctx.request is None:
+            return await self.call(name, params.arguments)
+        # A call over HTTP: when the HTTP server closes, it is answered at once (so that
+        # the server does not wait out its graceful timeout for it).
+        task = asyncio.ensure_future(self.call(name, params.arguments))
+        self._http_calls.add(task)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if task not in self._aborted:
+                raise  # this handler was cancelled (the client went away): so was the call
+            return _error_result("channel_disconnected", "the MCP server is shutting down")
+        finally:
+            self._http_calls.discard(task)
+            self._aborted.discard(task)
 
-    async def call(
-        self,
-        name: str,
-        arguments: Mapping[str, Any] | None,
-        tool: types.Tool | None = None,
-    ) -> types.CallToolResult:
-        """Runs the command ``name`` and returns its MCP result (an error as ``isError``).
+    async def call(self, name: str, arguments: Mapping[str, Any] | None) -> types.CallToolResult:
+        """Runs the command ``name`` as the tool call ``tools/call`` would, and returns its
+        MCP result (an error as ``isError``).
 
         Args:
             name: The command id.
             arguments: The request object.
-            tool: The tool of the command (its ``outputSchema`` says how the result is
-                wrapped); looked up when omitted.
         """
-        tool = tool or self._tool(name) or command_tool({"id": name})
+        entry = self._tools.get(name)
+        if entry is None:
+            self._tools = self._scan()  # registered since the last listing, or not a tool
+            entry = self._tools.get(name)
+        wrapped = entry.wrapped if entry is not None else True
         try:
             value = await self.registry.execute_command(name, arguments, timeout=self.timeout)
         except CommandError as e:
@@ -356,8 +435,16 @@ class MCPServer:
         except (TypeError, ValueError) as e:
             return _error_result("internal_error", f"the result of {name!r} is not JSON: {e}")
         # As the advertised outputSchema says (an object schema: as is; else wrapped).
-        wrapped = name in self._wrapped or not isinstance(data, dict)
-        structured = {RESULT_KEY: data} if wrapped else data
+        if wrapped:
+            structured = {RESULT_KEY: data}
+        elif isinstance(data, dict):
+            structured = data
+        else:
+            return _error_result(
+                "internal_error",
+                f"the result of {name!r} does not match the response schema "
+                f"(an object schema; the result is {type(data).__name__})",
+            )
         text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
         return types.CallToolResult(
             content=[types.TextContent(type="text", text=text)],
@@ -424,14 +511,36 @@ class MCPServer:
         return self.server.session_manager
 
     async def close(self) -> None:
-        """Stops following the registry's commands and ends the ``subscriptions/listen``
-        streams gracefully. Idempotent."""
+        """Stops following the registry's commands, ends the ``subscriptions/listen``
+        streams gracefully and the streamable HTTP sessions. Idempotent."""
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
         self._listen.close()
+        await self._end_http()
         for task in list(self._tasks):
             task.cancel()
+
+    async def _end_http(self) -> None:
+        """Ends the streamable HTTP side: its ``subscriptions/listen`` streams (gracefully),
+        its tool calls in flight (answered ``channel_disconnected``) and its sessions
+        (their open streams end), so that the HTTP server stops at once instead of
+        waiting out its graceful timeout."""
+        self._http_listen.close()
+        for call in list(self._http_calls):
+            self._aborted.add(call)
+            call.cancel()
+        manager = getattr(self.server, "_session_manager", None)
+        # The SDK keeps the session transports in a private dict (no public way to end
+        # them all; terminating one is what a client's DELETE does).
+        sessions = getattr(manager, "_server_instances", None)
+        if not isinstance(sessions, dict):
+            return
+        for transport in list(sessions.values()):
+            try:
+                await transport.terminate()
+            except Exception as e:  # a half-closed transport: nothing more to end
+                logger.debug("ending an MCP HTTP session failed: %r", e)
 
     async def __aenter__(self) -> MCPServer:
         return self
@@ -493,8 +602,11 @@ class MCPHTTPServer:
         host: str,
         port: int,
         path: str,
+        *,
+        owns_mcp: bool = False,
     ) -> None:
         self.mcp = mcp
+        self._owns_mcp = owns_mcp
         self._server = server
         self._sock = sock
         self.host = host
@@ -505,12 +617,17 @@ class MCPHTTPServer:
         self._closed = False
 
     async def close(self) -> None:
-        """Ends the listen streams, stops listening, closes the connections (open streams
-        get the shutdown timeout to finish) and stops the session manager. Idempotent."""
+        """Ends the HTTP listen streams and sessions (a call in flight is cancelled), stops
+        listening, closes the connections (what is still open gets the shutdown timeout to
+        finish) and stops the session manager. Closes the :class:`MCPServer` when
+        :func:`serve_http` made it, not one it was given. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        await self.mcp.close()
+        if self._owns_mcp:
+            await self.mcp.close()
+        else:
+            await self.mcp._end_http()
         self._server.should_exit = True
         await self._server.shutdown(sockets=[self._sock])
 
@@ -540,7 +657,8 @@ async def serve_http(
     event loop) until the returned server is closed.
 
     Args:
-        registry: The registry (or an :class:`MCPServer` already made for it).
+        registry: The registry (or an :class:`MCPServer` already made for it, which
+            :meth:`MCPHTTPServer.close` leaves open).
         host: The address to listen on.
         port: The port; ``0`` picks a free one (read it from ``server.port``).
         path: The MCP endpoint's path.
@@ -561,6 +679,7 @@ async def serve_http(
             print("MCP endpoint:", server.url)
             await stop.wait()
     """
+    owned = not isinstance(registry, MCPServer)
     mcp = registry if isinstance(registry, MCPServer) else MCPServer(registry, **options)
     app = mcp.asgi_app(
         path=path, token=token, json_response=json_response, stateless=stateless, host=host
@@ -594,6 +713,6 @@ async def serve_http(
         sock.close()
         raise
     bound = sock.getsockname()
-    out = MCPHTTPServer(mcp, server, sock, host, int(bound[1]), path)
+    out = MCPHTTPServer(mcp, server, sock, host, int(bound[1]), path, owns_mcp=owned)
     logger.info("serving registry %r over MCP at %s", mcp.registry.id, out.url)
     return out
