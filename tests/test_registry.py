@@ -436,7 +436,7 @@ async def test_stats_shape(registries: Make) -> None:
     ch = s["channels"]["w"]
     # Sent: list request, list response, register ack, execute request. Received: list
     # request, list response, register request, execute response.
-    assert ch == {"sent": 4, "received": 4, "requests": 1, "in_flight": 0}
+    assert ch == {"sent": 4, "received": 4, "requests": 1, "in_flight": 0, "dropped": 0}
     assert s["pending"] == 0 and s["forwarded"] == 0
 
 

@@ -293,12 +293,21 @@ class ChannelTable:
         self._driver.read_now(channel.id)
 
     def _native_closed(self, act: tuple[Any, ...]) -> None:
-        channel_id, reason = act[1], act[2]
-        if self._native.pop(channel_id, None) is None:
-            return
-        self.by_id.pop(channel_id, None)
-        self._listed.discard(channel_id)
-        self._driver.unwatch(channel_id)
+        channel_id, reason, fd = act[1], act[2], act[3]
+        try:
+            if self._native.pop(channel_id, None) is None:
+                return
+            self.by_id.pop(channel_id, None)
+            self._listed.discard(channel_id)
+            try:
+                # The node keeps the descriptor open until it is released below: the loop
+                # stops watching a live descriptor (one closed under a watch for writing,
+                # a peer that stopped reading, made this fail with EBADF).
+                self._driver.unwatch(channel_id)
+            except (OSError, ValueError, RuntimeError):
+                logger.exception("could not stop watching channel %r", channel_id)
+        finally:
+            self._node.release_native(fd)
         expected = (
             reason == "closed locally" or self.closed or self._is_expected(channel_id, reason)
         )
@@ -372,11 +381,24 @@ class ChannelTable:
             await channel.close()
 
     async def close_all(self) -> None:
-        """Closes every channel (the registry closes)."""
+        """Closes every channel (the registry closes). Never raises: whatever fails is
+        logged, and every other channel is still closed (and every call waiting on one
+        failed)."""
         self.closed = True
         self.watch.stop()
         if self._native:
-            self._driver.apply(self._node.close_all_native())
+            try:
+                actions = self._node.close_all_native()
+            except Exception:
+                logger.exception("closing the native channels failed")
+                actions = []
+            # One by one: an action that fails does not keep the others (calls waiting on
+            # other channels failed, their close listeners told) from being carried out.
+            for act in actions:
+                try:
+                    self._driver.apply([act])
+                except Exception:
+                    logger.exception("carrying out %r while closing failed", act[:2])
         for channel in list(self.by_id.values()):
             if isinstance(channel, NativeChannel):
                 continue

@@ -23,10 +23,13 @@ Rust):
   ``flush_native`` when its socket is writable.
 * ``(ACTION_LISTED, channel_id)``: the channel's peer answered with its command list (its
   commands are routable now).
-* ``(ACTION_CLOSED, channel_id, reason)``: a native channel closed and was detached.
+* ``(ACTION_CLOSED, channel_id, reason, fd)``: a native channel closed and was detached; its
+  socket ``fd`` stays open (shut down) until ``Node.release_native(fd)``, called once the loop
+  stopped watching it.
 * ``(ACTION_DROPPED, channel_id, kind, reason)``: a message was dropped (counted in the
   stats); ``kind`` is a string (``"invalid"``, ``"spoofed"``, ``"unknown_thid"``,
-  ``"duplicate_event"``, ``"undeliverable"``, ``"unencodable"``, ``"rejected"``).
+  ``"duplicate_event"``, ``"undeliverable"``, ``"unencodable"``, ``"rejected"``,
+  ``"outbox_full"`` (once per episode of a full outbox), ``"over_limit"``).
 * ``(ACTION_FAST_FAILED, job, handler_id, request, exception)``: a handler called directly
   by ``poll_native`` raised; finish the job in Python.
 * ``(ACTION_FAST_AWAIT, job, handler_id, request, awaitable)``: it returned an awaitable
@@ -95,7 +98,7 @@ ACTION_WANT_WRITE: Final[int]
 ACTION_LISTED: Final[int]
 """``(ACTION_LISTED, channel_id)``: the peer's command list arrived."""
 ACTION_CLOSED: Final[int]
-"""``(ACTION_CLOSED, channel_id, reason)``: a native channel closed."""
+"""``(ACTION_CLOSED, channel_id, reason, fd)``: a native channel closed."""
 ACTION_DROPPED: Final[int]
 """``(ACTION_DROPPED, channel_id, kind, reason)``: a message was dropped."""
 ACTION_FAST_FAILED: Final[int]
@@ -150,6 +153,8 @@ class Node:
         max_pending_per_channel: int | None = None,
         max_commands_per_channel: int = 10000,
         max_command_size: int = 262144,
+        max_outbox: int = 67108864,
+        slow_consumer_timeout: float = 10.0,
     ) -> Node: ...
     @property
     def wake_fd(self) -> int:
@@ -188,6 +193,9 @@ class Node:
         """Writes pending output; returns whether some remains."""
     def close_native(self, channel: str) -> list[_Action]:
         """Closes a native channel."""
+    def release_native(self, fd: int) -> None:
+        """Lets go of the descriptor of a native channel that closed (given by its
+        ``ACTION_CLOSED``), once the event loop stopped watching it."""
     def close_all_native(self) -> list[_Action]:
         """Closes every native channel."""
     def take_queued(self) -> list[_Action]:
@@ -267,7 +275,8 @@ class Node:
         """Registers this subtree's public commands again with a router channel that came
         back; returns how many were sent."""
     def tick(self, now: float) -> list[_Action]:
-        """Fires every deadline at or before ``now``."""
+        """Fires every deadline at or before ``now``, and closes the native channels whose
+        outbox stayed full for ``slow_consumer_timeout`` (reason ``[slow_consumer] ...``)."""
     def next_deadline(self) -> float | None:
         """The next time ``tick`` has work, if any."""
     def list_commands(

@@ -46,6 +46,10 @@ _QUIET = frozenset(
     }
 )
 
+#: With several calls in flight and reply spins finding nothing, one call in this many
+#: still spins for its reply (see :meth:`Driver.read_soon`).
+_COLD_PROBE = 16
+
 #: Seconds the loop waits before watching again a native channel a blocking caller reads.
 _RESUME_AFTER = 0.001
 
@@ -103,6 +107,9 @@ class Driver:
         #: Native channels watched, by id: their descriptor (``None``: no descriptor).
         self._native: dict[str, int | None] = {}
         self._spin_scheduled = False
+        #: The last spin for a reply found nothing; ``_probe``: calls until the next try.
+        self._cold = False
+        self._probe = _COLD_PROBE
         #: Set whenever an action made Python work runnable (a waiting caller resumed, a
         #: task started): a native read then returns to the loop instead of spinning.
         self._woke_loop = False
@@ -312,7 +319,18 @@ class Driver:
 
     def read_soon(self, channel_id: str) -> None:
         """A reply is expected on ``channel_id``: read it as soon as the loop is idle
-        (spinning briefly) rather than after a doorbell wake-up."""
+        (spinning briefly) rather than after a doorbell wake-up.
+
+        With several calls in flight, and the last such spin having found nothing (replies
+        take longer than a spin: a pool whose members each work a millisecond, say), only
+        one call in :data:`_COLD_PROBE` spins: the others' replies come with the doorbell,
+        and no CPU the workers could use is burnt waiting. A spin that finds a frame (replies
+        streaming back from a fast handler) makes every call spin again."""
+        if self._cold and len(self._outcomes) > 1:
+            self._probe -= 1
+            if self._probe > 0:
+                return
+            self._probe = _COLD_PROBE
         if not self._spin_scheduled and self.loop is not None:
             self._spin_scheduled = True
             self.loop.call_soon(self._spin_native, channel_id)
@@ -321,7 +339,7 @@ class Driver:
         """Reads a native channel (frames may be waiting since before it was watched)."""
         self._on_native(channel_id)
 
-    def _on_native(self, channel_id: str, expecting: bool = False) -> None:
+    def _on_native(self, channel_id: str, expecting: bool = False) -> bool:
         """The channel's socket is readable: read and route in Rust, then carry out what
         Python must. A read spins briefly for a first frame only when one is expected (a
         reply to a call just sent: ``expecting``, from :meth:`read_soon`); once it read a
@@ -330,13 +348,17 @@ class Driver:
         makes other work runnable on the loop (a resumed caller, a task, a frame for a
         Python channel, an event: anything but the actions of ``_QUIET``): a spin then
         would only delay it. (Decided from what this driver did, not from the loop's
-        private queue, so it works under any event loop.)"""
+        private queue, so it works under any event loop.) Returns whether the first read
+        found anything."""
         spin = self.spin_us if expecting else 0
         follow = self.spin_us
+        got: bool | None = None
         while channel_id in self._native:
             actions, again, want_write, busy = self._node.poll_native(
                 channel_id, spin, 64, follow
             )
+            if got is None:
+                got = bool(actions) or again or busy
             if busy:
                 # A blocking caller is reading this channel: step aside (a level-triggered
                 # watch would spin on its bytes) and look again shortly. Frames that arrive
@@ -345,7 +367,7 @@ class Driver:
                 if fd is not None and self.loop is not None:
                     self.loop.remove_reader(fd)
                     self.loop.call_later(_RESUME_AFTER, self._resume_native, channel_id)
-                return
+                return True
             if actions:
                 self._woke_loop = False
                 self.apply(actions)
@@ -355,11 +377,17 @@ class Driver:
                 self._watch_writable(channel_id)
             if not again:
                 break
+            if not actions and self.loop is not None:
+                # Rust read for a while, forwarding without Python: let the loop run (timers,
+                # tasks, other channels), then read on.
+                self.loop.call_soon(self._on_native, channel_id)
+                break
+        return bool(got)
 
     def _spin_native(self, channel_id: str) -> None:
         self._spin_scheduled = False
         if channel_id in self._native:
-            self._on_native(channel_id, expecting=True)
+            self._cold = not self._on_native(channel_id, expecting=True)
 
     def _on_want_write(self, act: tuple[Any, ...]) -> None:
         self._watch_writable(act[1])

@@ -42,6 +42,8 @@ async def serve(boot: dict[str, Any]) -> int:
         router_channel=boot["parent"],
         request_ttl=float(boot.get("request_ttl", 30.0)),
         spin_us=int(boot.get("spin_us", 50)),
+        # The parent's limits: nothing sent up is refused there for its size or depth.
+        **boot.get("limits", {}),
     )
     parent = boot["parent"]
 

@@ -94,6 +94,14 @@ class CommandRegistry:
         max_dedup: Maximum event ids remembered.
         max_message_size: Maximum encoded size of a message, in bytes.
         max_depth: Maximum nesting depth of a message.
+        max_outbox: Maximum bytes waiting in this registry to be written to one native
+            channel whose peer does not read (a stopped worker); beyond it messages to that
+            peer are refused: events and replies dropped and counted in its
+            ``stats()["channels"][id]["dropped"]``, calls failed at once with
+            ``internal_error``.
+        slow_consumer_timeout: Seconds a native channel's outbox may stay full before the
+            channel is closed (reason ``slow_consumer``; its waiting calls fail with
+            ``channel_disconnected``).
         spin_us: Microseconds a reader of a shared-memory channel spins on an empty ring
             before parking (0 disables spinning; on a single CPU spinning only delays the
             peer).
@@ -125,20 +133,28 @@ class CommandRegistry:
         max_pending_per_channel: int | None = None,
         max_commands_per_channel: int = 10_000,
         max_command_size: int = 256 * 1024,
+        max_outbox: int = 64 * 1024 * 1024,
+        slow_consumer_timeout: float = 10.0,
     ) -> None:
+        # Workers spawned here get the same limits (see WorkerHost.limits).
+        limits: dict[str, Any] = {
+            "max_pending": max_pending,
+            "max_dedup": max_dedup,
+            "max_message_size": max_message_size,
+            "max_depth": max_depth,
+            "max_pending_per_channel": max_pending_per_channel,
+            "max_commands_per_channel": max_commands_per_channel,
+            "max_command_size": max_command_size,
+            "max_outbox": max_outbox,
+            "slow_consumer_timeout": slow_consumer_timeout,
+        }
         self._node = _core.Node(
             id,
             router_channel,
             request_ttl=request_ttl,
             event_ttl=event_ttl,
-            max_pending=max_pending,
-            max_dedup=max_dedup,
-            max_message_size=max_message_size,
-            max_depth=max_depth,
             spin_us=spin_us,
-            max_pending_per_channel=max_pending_per_channel,
-            max_commands_per_channel=max_commands_per_channel,
-            max_command_size=max_command_size,
+            **limits,
         )
         self._node.set_fast_codec(unpack, encode)
         self._id = id
@@ -154,6 +170,7 @@ class CommandRegistry:
                 id=id,
                 request_ttl=request_ttl,
                 spin_us=spin_us,
+                limits=limits,
                 register_channel=self.register_channel,
                 close_channel=self.close_channel,
                 has_channel=lambda channel_id: channel_id in self._channels.by_id,
@@ -211,6 +228,13 @@ class CommandRegistry:
     def request_ttl(self) -> float:
         """Seconds a call waits for its response unless it says otherwise."""
         return self._request_ttl
+
+    @property
+    def limits(self) -> dict[str, Any]:
+        """The limits this registry was made with, by keyword (``max_message_size``,
+        ``max_depth``, ``max_pending``, ``max_pending_per_channel`` (``None``: half of
+        ``max_pending``)...), a copy: servers in front of it check what they accept alike."""
+        return dict(self._workers.host.limits)
 
     @property
     def spin_us(self) -> int:
@@ -1034,13 +1058,16 @@ class CommandRegistry:
 
         Returns:
             ``{"channels": {channel_id: {"sent": n, "received": n, "requests": n,
-            "in_flight": n}}, "forwarded": n, "pending": n, "pending_forwards": n,
-            "dropped": n, "dedup_entries": n, "jobs": n}``: per channel, ``requests``
-            counts the execute requests sent on it (for a pool member: the calls it was
-            given) and ``in_flight`` those unanswered; ``forwarded`` counts requests this
-            registry forwarded for others, ``pending`` calls of this registry waiting for a
-            result, ``dropped`` messages dropped as invalid, spoofed, duplicate or
-            undeliverable, ``jobs`` handler runs in progress.
+            "in_flight": n, "dropped": n}}, "forwarded": n, "pending": n,
+            "pending_forwards": n, "dropped": n, "dedup_entries": n, "jobs": n}``: per
+            channel, ``requests`` counts the execute requests sent on it (for a pool member:
+            the calls it was given), ``in_flight`` those unanswered, ``dropped`` the
+            messages for it not sent (its outbox was full, or they broke the limits); a
+            native channel also has ``outbox`` and ``outbox_peak``, the bytes waiting to be
+            written to it now and at most (see ``max_outbox``); ``forwarded`` counts
+            requests this registry forwarded for others, ``pending`` calls of this registry
+            waiting for a result, ``dropped`` messages dropped as invalid, spoofed,
+            duplicate, undeliverable or unsent, ``jobs`` handler runs in progress.
         """
         return self._node.stats()
 

@@ -33,7 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,10 @@ class WorkerHost:
         id: The parent registry's id (the workers' ``router_channel``).
         request_ttl: The parent's request TTL, inherited by workers.
         spin_us: The parent's native read spin, inherited by workers.
+        limits: The parent's limits (``CommandRegistry`` keywords: ``max_message_size``,
+            ``max_depth``, ``max_pending``...), inherited by workers, so that a worker never
+            sends what its parent would refuse (a result over the parent's message size is
+            answered ``internal_error`` in the worker, not a frame that closes the channel).
         register_channel: Attaches a worker's channel.
         close_channel: Closes a channel by id.
         has_channel: Whether a channel of that id is attached.
@@ -76,6 +80,7 @@ class WorkerHost:
     id: str
     request_ttl: float
     spin_us: int
+    limits: Mapping[str, Any]
     register_channel: Callable[[NativeChannel], Coroutine[Any, Any, None]]
     close_channel: Callable[[str], Coroutine[Any, Any, None]]
     has_channel: Callable[[str], bool]
@@ -173,6 +178,9 @@ class Worker:
         self._ready: asyncio.Future[None] | None = None
         self._exited: asyncio.Event = asyncio.Event()
         self._stopping = False
+        #: Set by stop(): no restart will follow (``_stopping`` also marks the internal end
+        #: of a failed start, after which the policy may restart it).
+        self._stop_asked = False
         self._restart_task: asyncio.Task[None] | None = None
         #: Set while the current process is ready (cleared when it exits).
         self._up = asyncio.Event()
@@ -216,6 +224,7 @@ class Worker:
             "control_fd": ctl_child.fileno(),
             "request_ttl": host.request_ttl,
             "spin_us": host.spin_us,
+            "limits": dict(host.limits),
             "cpu": self._cpu,
         }
         env = dict(os.environ if self._env is None else self._env)
@@ -400,6 +409,7 @@ class Worker:
             self._down = f"{down}; gave up after {self.restarts} restarts"
             return
         delay = policy.delay(self.restarts)
+        self._down = None  # not down for good: ready() waits for the restart
         self._restart_task = self._loop.create_task(self._restart(delay))
 
     async def _restart(self, delay: float) -> None:
@@ -467,7 +477,8 @@ class Worker:
 
         Raises:
             WorkerError: The worker will not be ready again: it was stopped, it exited
-                without a restart policy, the policy gave up, or the restart failed.
+                without a restart policy, or the policy gave up (a restart that fails is
+                one more exit for the policy).
             TimeoutError: Not ready within ``timeout`` seconds.
 
         Example::
@@ -479,11 +490,12 @@ class Worker:
         loop = self._loop
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            if self._stopping:
+            restarting = self._restart_task is not None and not self._restart_task.done()
+            if self._stop_asked or (self._stopping and not restarting):
                 raise WorkerError(self._down or f"worker {self.id!r} was stopped")
             if self._up.is_set() and self.alive:
                 return
-            if self._down is not None and self._exited.is_set():
+            if self._down is not None and self._exited.is_set() and not restarting:
                 raise WorkerError(self._down)
             fut: asyncio.Future[None] = loop.create_future()
             self._watchers.add(fut)
@@ -530,6 +542,7 @@ class Worker:
         Returns:
             The exit status.
         """
+        self._stop_asked = True
         self._stop_expected()
         if self._restart_task is not None:
             self._restart_task.cancel()

@@ -532,8 +532,16 @@ class _Bench:
         work. The members may run on every CPU (a pinned run pins the bench process and
         its other children, which would put both members on one CPU)."""
         calls = max(100, self.cfg.calls // 50)
-        mine = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+
+        async def pin(cpus: set[int]) -> set[int]:
+            # The workers are started by the registry's loop thread, and a child takes the
+            # CPUs of the thread that starts it.
+            before = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, cpus)
+            return before
+
+        every = set(range(os.cpu_count() or 1))
+        loop_cpus = self.reg.run_blocking(lambda: pin(every))
         try:
             for key, size in ((POOL_ONE, 1), (POOL_TWO, 2)):
                 out = measure_pool(self.reg, size, calls * size, pool_id=f"bench-{key}")
@@ -545,7 +553,7 @@ class _Bench:
                     "flight; p50/p99 are of the time per call of each batch",
                 )
         finally:
-            os.sched_setaffinity(0, mine)
+            self.reg.run_blocking(lambda: pin(loop_cpus))
 
     def remote(self) -> None:
         """HTTPChannel, WebSocketChannel, GrpcChannel (with grpcio installed) and a bare

@@ -63,13 +63,101 @@ pub fn encode(msg: &Message, encoding: Encoding) -> Result<Vec<u8>, CodecError> 
     }
 }
 
+/// Encodes one message for sending and checks the whole encoded message as a receiver with
+/// the same `limits` checks it ([`decode`]): its size, then its nesting depth (the message
+/// object is level 1; each application value is checked at the level it sits at, as the
+/// decoders do). What this returns is never dropped by such a receiver as too large or too
+/// deep; what it refuses would have been.
+///
+/// Cheap for the common message: the size is a comparison, and a value of `n` bytes nests
+/// at most `n` levels, so a value shorter than the depth it may have is not walked.
+pub fn encode_checked(
+    msg: &Message,
+    encoding: Encoding,
+    limits: &Limits,
+) -> Result<Vec<u8>, CodecError> {
+    let frame = encode(msg, encoding)?;
+    limits.check_size(frame.len())?;
+    match encoding {
+        // The receiver scans the whole text (`decode_json`): so does this.
+        Encoding::Json if frame.len() > limits.max_depth => {
+            check_json_depth(&frame, limits.max_depth)?
+        }
+        Encoding::Json => {}
+        Encoding::Msgpack => {
+            // The envelope this codec writes nests at most 4 levels (a list response's
+            // schemas); the receiver walks it first (`decode_msgpack_general`).
+            if limits.max_depth < 4 {
+                check_msgpack(&frame, limits.max_depth)?;
+            }
+            for_each_payload(msg, &mut |level, p| payload_depth_ok(p, level, limits))?;
+        }
+    }
+    Ok(frame)
+}
+
+/// Calls `f(level, payload)` for every application value of `msg`, with the level the
+/// decoders check it at (see [`mp_payload`]'s callers).
+fn for_each_payload(
+    msg: &Message,
+    f: &mut dyn FnMut(usize, &Payload) -> Result<(), CodecError>,
+) -> Result<(), CodecError> {
+    fn schema(
+        level: usize,
+        c: &CommandDef,
+        f: &mut dyn FnMut(usize, &Payload) -> Result<(), CodecError>,
+    ) -> Result<(), CodecError> {
+        if let Some(s) = &c.schema {
+            for p in [&s.request, &s.response].into_iter().flatten() {
+                f(level + 2, p)?;
+            }
+        }
+        Ok(())
+    }
+    match msg {
+        Message::ExecuteRequest {
+            request: Some(p), ..
+        }
+        | Message::Event {
+            payload: Some(p), ..
+        } => f(1, p),
+        Message::ExecuteResponse {
+            response: Ok(Some(p)),
+            ..
+        } => f(2, p),
+        Message::RegisterRequest { command, .. } => schema(1, command, f),
+        Message::ListResponse { commands, .. } => commands.iter().try_for_each(|c| schema(2, c, f)),
+        _ => Ok(()),
+    }
+}
+
+/// Whether a value nests at most the levels a message leaves it at `level` (the check the
+/// decoders make, in either encoding: transcoding keeps the nesting).
+fn payload_depth_ok(p: &Payload, level: usize, limits: &Limits) -> Result<(), CodecError> {
+    let room = limits.max_depth.saturating_sub(level);
+    if p.data.len() <= room {
+        return Ok(()); // every level takes a byte at least
+    }
+    let checked = match p.encoding {
+        Encoding::Msgpack => check_msgpack(&p.data, room),
+        Encoding::Json => check_json_depth(&p.data, room),
+    };
+    checked.map_err(|e| match e {
+        CodecError::TooDeep { .. } => CodecError::TooDeep {
+            limit: limits.max_depth,
+        },
+        other => other,
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Payload validation and transcoding
 // ---------------------------------------------------------------------------------------------
 
-/// Checks a JSON text's nesting (at most `max_depth` levels) and its `\u` escapes (no lone
+/// Checks a JSON text's nesting (at most `max_depth` levels), its `\u` escapes (no lone
 /// surrogates: Python's `json` would accept them and then fail to encode them elsewhere,
-/// so they are refused here, where every JSON message enters).
+/// so they are refused here, where every JSON message enters) and its numbers (none that
+/// no peer can carry: see [`check_json_number`]).
 ///
 /// A linear scan that allocates nothing; it runs before serde so that a hostile depth never
 /// reaches a recursive parser.
@@ -153,9 +241,18 @@ fn check_json_number(token: &[u8]) -> Result<(), CodecError> {
         CodecError::InvalidMessage(format!("number {shown} is out of range ({what})"))
     };
     // Without an exponent a float needs over 300 digits to overflow; 18 digits fit i64.
-    let has_exp = token.iter().any(|b| matches!(b, b'e' | b'E'));
+    let exp_at = token.iter().position(|b| matches!(b, b'e' | b'E'));
     if float {
-        if !has_exp && token.len() < 300 {
+        let finite = match exp_at {
+            None => token.len() < 300,
+            // `1e-05`, `2.5E+12`: a short exponent and mantissa cannot overflow a double.
+            Some(at) => {
+                let exp = &token[at + 1..];
+                let digits = exp.iter().filter(|b| b.is_ascii_digit()).count();
+                at < 290 && digits <= 2
+            }
+        };
+        if finite {
             return Ok(());
         }
         let Ok(text) = std::str::from_utf8(token) else {
@@ -175,7 +272,8 @@ fn check_json_number(token: &[u8]) -> Result<(), CodecError> {
     if text.parse::<i64>().is_ok() || text.parse::<u64>().is_ok() {
         return Ok(());
     }
-    if text.bytes().all(|b| b == b'-' || b.is_ascii_digit()) {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(out_of_range("integers are -2^63 .. 2^64-1"));
     }
     Ok(()) // not a number at all: the parser reports it
@@ -384,16 +482,37 @@ fn walk_msgpack(data: &[u8], max_depth: usize, json_safe: bool) -> Result<(), Co
     Ok(())
 }
 
-/// Validates an application value received from the local driver (Python), in its encoding.
-pub fn validate_payload(p: &Payload, limits: &Limits) -> Result<(), CodecError> {
+/// Levels above an application value in the messages that carry it (the message object is
+/// level 1): a request or an event payload sits at level 1, a result at 2, a command's
+/// schemas at 4 (in a list response; 3 in a registration).
+pub mod level {
+    /// `request` of an execute request, `payload` of an event.
+    pub const REQUEST: usize = 1;
+    /// `response.result` of an execute response.
+    pub const RESULT: usize = 2;
+    /// `commands[i].schema.request|response` of a list response (the deepest a schema goes).
+    pub const SCHEMA: usize = 4;
+}
+
+/// Validates an application value received from the local driver (Python), in its encoding,
+/// for a message that carries it at `level` (see [`level`]): it may nest `max_depth -
+/// level` levels, as the receiver of that message allows.
+pub fn validate_payload(p: &Payload, limits: &Limits, level: usize) -> Result<(), CodecError> {
     limits.check_size(p.data.len())?;
+    let room = limits.max_depth.saturating_sub(level);
+    let deep = |e: CodecError| match e {
+        CodecError::TooDeep { .. } => CodecError::TooDeep {
+            limit: limits.max_depth,
+        },
+        other => other,
+    };
     match p.encoding {
         Encoding::Json => {
-            check_json_depth(&p.data, limits.max_depth)?;
+            check_json_depth(&p.data, room).map_err(deep)?;
             serde_json::from_slice::<serde::de::IgnoredAny>(&p.data).map_err(json_malformed)?;
             Ok(())
         }
-        Encoding::Msgpack => check_msgpack(&p.data, limits.max_depth),
+        Encoding::Msgpack => check_msgpack(&p.data, room).map_err(deep),
     }
 }
 
@@ -1291,7 +1410,7 @@ mod tests {
                 Some("r1")
             );
             let local = Payload::json(format!(r#"{{"a":{bad}}}"#));
-            assert!(validate_payload(&local, &limits).is_err(), "{bad}");
+            assert!(validate_payload(&local, &limits, 0).is_err(), "{bad}");
         }
         for good in [
             "1e300",
@@ -1576,5 +1695,54 @@ mod tests {
         )
         .unwrap();
         assert_eq!(m.id(), "not-a-uuid");
+    }
+
+    #[test]
+    fn encode_checked_refuses_what_the_receiver_would_drop_and_nothing_else() {
+        let limits = Limits {
+            max_message_size: 1000,
+            max_depth: 8,
+        };
+        // `{"a":{"a":...{}}}`, n objects deep (a request must be an object).
+        let objects = |n: usize| r#"{"a":"#.repeat(n - 1) + "{}" + &"}".repeat(n - 1);
+        let request = |p: Payload| Message::ExecuteRequest {
+            id: "r".into(),
+            command_id: "c".into(),
+            request: Some(p),
+        };
+        let response = |p: Payload| Message::ExecuteResponse {
+            id: "s".into(),
+            thid: "r".into(),
+            response: Ok(Some(p)),
+        };
+        let to_mp = |p: Payload| {
+            let data = payload_in(&p, Encoding::Msgpack).unwrap().into_owned();
+            Payload::new(Encoding::Msgpack, data)
+        };
+        let shapes: [(&dyn Fn(Payload) -> Message, usize); 2] = [(&request, 7), (&response, 6)];
+        for enc in [Encoding::Json, Encoding::Msgpack] {
+            // A request may nest max_depth - 1 levels, a result max_depth - 2.
+            for (shape, room) in shapes {
+                for n in [room, room + 1] {
+                    let json = Payload::json(objects(n));
+                    for p in [json.clone(), to_mp(json)] {
+                        let m = shape(p);
+                        let checked = encode_checked(&m, enc, &limits);
+                        // The receiver's own verdict on the same message.
+                        let received = decode(&encode(&m, enc).unwrap(), enc, &limits);
+                        assert_eq!(checked.is_ok(), received.is_ok(), "{enc} {m:?}");
+                        assert_eq!(checked.is_err(), n > room, "{enc} nesting {n}: {checked:?}");
+                        if let Err(e) = checked {
+                            assert_eq!(e.code(), "message_too_deep");
+                        }
+                    }
+                }
+            }
+            // Size: of the whole message, not of its payload alone.
+            let p = Payload::json(format!(r#"{{"s":"{}"}}"#, "x".repeat(980)));
+            assert!(p.data.len() < limits.max_message_size);
+            let e = encode_checked(&request(p), enc, &limits).unwrap_err();
+            assert_eq!(e.code(), "message_too_large");
+        }
     }
 }

@@ -115,6 +115,11 @@ pub enum DropKind {
     Unencodable,
     /// A re-announced command the router rejected or did not acknowledge.
     Rejected,
+    /// Not sent: the channel's outbox was full (its peer is not reading).
+    OutboxFull,
+    /// Not sent: the encoded message breaks the size or depth limit (its receiver would
+    /// have dropped it).
+    OverLimit,
 }
 
 impl DropKind {
@@ -128,6 +133,8 @@ impl DropKind {
             DropKind::Undeliverable => "undeliverable",
             DropKind::Unencodable => "unencodable",
             DropKind::Rejected => "rejected",
+            DropKind::OutboxFull => "outbox_full",
+            DropKind::OverLimit => "over_limit",
         }
     }
 }
@@ -201,6 +208,21 @@ pub struct ChannelStats {
     pub requests: u64,
     /// Of those, the ones still waiting for their response.
     pub in_flight: u64,
+    /// Messages for the channel that were not sent (see [`Router::send_refused`]): its
+    /// outbox was full, or the message broke the limits.
+    pub dropped: u64,
+}
+
+/// Why the driver could not send a message the router queued (see
+/// [`Router::send_refused`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The encoded message breaks the limits (too large or too deep for its receiver), or
+    /// cannot be encoded for the channel at all.
+    Codec(CodecError),
+    /// The channel's outbox holds as many bytes as it may (its peer is not reading): the
+    /// driver's explanation, for the caller.
+    OutboxFull(String),
 }
 
 /// A snapshot of the router's counters and table sizes.
@@ -339,6 +361,8 @@ pub struct Router {
     serving: HashMap<ChannelId, usize>,
     /// Commands each channel registered here (routes it owns or is a pool member of).
     registered: HashMap<ChannelId, usize>,
+    /// Registrations of each channel escalated to the router and not yet answered.
+    escalating: HashMap<ChannelId, usize>,
 }
 
 impl Router {
@@ -371,7 +395,8 @@ impl Router {
             ids,
             pools: HashMap::with_hasher(keys.clone()),
             serving: HashMap::with_hasher(keys.clone()),
-            registered: HashMap::with_hasher(keys),
+            registered: HashMap::with_hasher(keys.clone()),
+            escalating: HashMap::with_hasher(keys),
         }
     }
 
@@ -448,6 +473,25 @@ impl Router {
             *n -= 1;
             if *n == 0 {
                 self.serving.remove(channel);
+            }
+        }
+    }
+
+    /// A registration of `channel` was escalated to the router: it holds a slot of the
+    /// channel's requests (`max_pending_per_channel`) and counts as one of its commands
+    /// (`max_commands_per_channel`) until answered.
+    fn escalation_start(&mut self, channel: &ChannelId) {
+        self.serve_start(channel);
+        *self.escalating.entry(channel.clone()).or_insert(0) += 1;
+    }
+
+    /// The router answered (or dropped) an escalated registration of `channel`.
+    fn escalation_end(&mut self, channel: &ChannelId) {
+        self.serve_end(channel);
+        if let Some(n) = self.escalating.get_mut(channel) {
+            *n -= 1;
+            if *n == 0 {
+                self.escalating.remove(channel);
             }
         }
     }
@@ -700,7 +744,7 @@ impl Router {
                         call,
                         result: Err(disconnected("the registration")),
                     }),
-                    RegFor::Child { channel, .. } => self.serve_end(&channel),
+                    RegFor::Child { channel, .. } => self.escalation_end(&channel),
                     RegFor::Again => {}
                 }
             }
@@ -735,7 +779,8 @@ impl Router {
         }
         if let Some(r) = &request {
             let checked = if r.is_object() {
-                codec::validate_payload(r, &self.config.limits).map_err(|e| e.to_string())
+                codec::validate_payload(r, &self.config.limits, codec::level::REQUEST)
+                    .map_err(|e| e.to_string())
             } else {
                 Err("a request must be an object (a dict), or absent".to_string())
             };
@@ -1273,6 +1318,122 @@ impl Router {
         );
     }
 
+    /// The driver could not send `message`, which the router queued for `channel` (an
+    /// [`Action::Send`]), for the reason `why`. Nobody waits in vain for it:
+    ///
+    /// * an execute request fails its caller at once (`invalid_request` when it breaks the
+    ///   limits, `internal_error` when the outbox is full); a forwarded one is answered so
+    ///   to the channel it came from;
+    /// * an execute response whose result breaks the limits is answered `internal_error`
+    ///   instead (what the receiver would have dropped never reaches it); with a full
+    ///   outbox it is dropped: the peer is not reading its answers;
+    /// * a registration of a local command fails; anything else is dropped.
+    ///
+    /// Each counts in the channel's `dropped`; what is dropped unanswered also in the
+    /// router's. Over a full outbox nothing is reported per message (the driver reports the
+    /// outbox once): a stopped peer may be sent thousands of events a second.
+    pub fn send_refused(&mut self, channel: &str, message: Message, why: Refusal) {
+        let Some(channel) = self.channel_arc(channel) else {
+            return; // gone meanwhile: what waited on it failed with the close
+        };
+        if let Some(c) = self.channels.get_mut(&channel) {
+            c.stats.dropped += 1;
+        }
+        let full = matches!(why, Refusal::OutboxFull(_));
+        let reason = match &why {
+            Refusal::Codec(e) => format!("[{}] {e}", e.code()),
+            Refusal::OutboxFull(r) => r.clone(),
+        };
+        let what = message.type_name();
+        match message {
+            Message::ExecuteRequest { id, command_id, .. } => {
+                let code = if full {
+                    ErrorCode::InternalError
+                } else {
+                    ErrorCode::InvalidRequest
+                };
+                let err = ExecError::new(
+                    code,
+                    format!("request for '{command_id}' not sent to '{channel}': {reason}"),
+                );
+                if let Some(c) = self.calls.remove(&id) {
+                    self.request_ended(&c.channel);
+                    self.actions.push(Action::CallDone {
+                        call: c.call,
+                        result: Err(err),
+                    });
+                } else if let Some(f) = self.forwards.remove(&id) {
+                    self.request_ended(&f.target);
+                    self.serve_end(&f.origin);
+                    if self.channels.contains_key(&f.origin) {
+                        self.reply_error(&f.origin, f.origin_id, err);
+                    }
+                }
+            }
+            Message::ExecuteResponse { thid, response, .. } if !full => {
+                // The result (or an error's long message) is replaced by a short error; a
+                // short error refused again is dropped, so this ends.
+                let replace = match &response {
+                    Ok(_) => true,
+                    Err(e) => e.message.len() > 256,
+                };
+                if replace {
+                    let err = ExecError::new(
+                        ErrorCode::InternalError,
+                        format!(
+                            "registry '{}' could not send the response: {reason}",
+                            self.config.id
+                        ),
+                    );
+                    self.reply_error(&channel, thid, err);
+                } else {
+                    self.drop_msg(
+                        Some(&channel),
+                        DropKind::OverLimit,
+                        format!("{what} to '{channel}' not sent: {reason}"),
+                    );
+                }
+            }
+            Message::RegisterRequest { id, .. } => {
+                if let Some(r) = self.registrations.remove(&id) {
+                    match r.for_ {
+                        RegFor::Local { call, .. } => self.actions.push(Action::RegisterDone {
+                            call,
+                            result: Err(ExecError::new(
+                                ErrorCode::InternalError,
+                                format!("registration not sent to '{channel}': {reason}"),
+                            )),
+                        }),
+                        // The child's own request TTL ends its wait (spec-v1 has no other
+                        // registration error than duplicate_command).
+                        RegFor::Child { channel: child, .. } => self.escalation_end(&child),
+                        RegFor::Again => {}
+                    }
+                }
+                self.refused_drop(
+                    &channel,
+                    full,
+                    format!("{what} to '{channel}' not sent: {reason}"),
+                );
+            }
+            _ => self.refused_drop(
+                &channel,
+                full,
+                format!("{what} to '{channel}' not sent: {reason}"),
+            ),
+        }
+    }
+
+    /// Counts a message dropped unsent; reported, unless for a full outbox (see
+    /// [`Router::send_refused`]).
+    fn refused_drop(&mut self, channel: &ChannelId, full: bool, reason: String) {
+        if full {
+            self.dropped += 1;
+        } else {
+            self.drop_msg(Some(channel), DropKind::OverLimit, reason);
+        }
+    }
+
     fn on_execute_request(
         &mut self,
         from: &ChannelId,
@@ -1465,6 +1626,24 @@ impl Router {
                 },
             );
         }
+        // The same definition again from the channel that holds it: the tree knows it
+        // already, so it is acknowledged here (a flood of these escalates nothing).
+        let unchanged = self.registered_by(from, &command.id)
+            && self
+                .routes
+                .get(&command.id)
+                .is_some_and(|r| r.def == command);
+        if unchanged {
+            let msg_id = self.new_id();
+            return self.send(
+                from,
+                Message::RegisterResponse {
+                    id: msg_id,
+                    thid: id,
+                    response: Ok(()),
+                },
+            );
+        }
         // A pool registers its command upward once: a member joining a pool that already
         // serves the command (or is registering it now) is accepted here.
         let joins = self.pools.get(&**from).is_some_and(|pool| {
@@ -1494,7 +1673,30 @@ impl Router {
                     && !is_private(&command.id)
                     && self.channels.contains_key(&router) =>
             {
-                self.serve_start(from);
+                let serving = self.serving(from);
+                if serving >= self.config.max_pending_per_channel
+                    || self.in_flight() >= self.config.max_pending
+                {
+                    let reason = format!(
+                        "registration of '{}' refused: registry '{}' is serving {serving} \
+                         requests of channel '{from}' (max_pending_per_channel) or {} in all \
+                         (max_pending)",
+                        truncated(&command.id),
+                        self.config.id,
+                        self.in_flight()
+                    );
+                    self.drop_msg(Some(from), DropKind::Rejected, reason);
+                    let msg_id = self.new_id();
+                    return self.send(
+                        from,
+                        Message::RegisterResponse {
+                            id: msg_id,
+                            thid: id,
+                            response: Err(RegisterError::DuplicateCommand),
+                        },
+                    );
+                }
+                self.escalation_start(from);
                 self.escalate(
                     command,
                     RegFor::Child {
@@ -1537,7 +1739,10 @@ impl Router {
                     return;
                 }
             }
-            *self.registered.entry(from.clone()).or_insert(0) += 1;
+            // A command it registered before it was declared a pool member is counted once.
+            if !self.registered_by(from, &def.id) {
+                *self.registered.entry(from.clone()).or_insert(0) += 1;
+            }
             self.routes.insert(
                 def.id.clone(),
                 Route {
@@ -1569,6 +1774,19 @@ impl Router {
         );
     }
 
+    /// Whether `from` registered `command_id` here (it owns the route, or is a member of
+    /// the pool serving it). A command it only listed does not count.
+    fn registered_by(&self, from: &ChannelId, command_id: &str) -> bool {
+        match self.routes.get(command_id).map(|r| &r.owner) {
+            Some(Owner::Channel {
+                channel,
+                learned: Learned::Registered,
+            }) => channel == from,
+            Some(Owner::Pool { members, .. }) => members.contains(from),
+            _ => false,
+        }
+    }
+
     /// Why `from` may not register `def` here (too many commands from it, or too big a
     /// definition), if so.
     fn over_registration_bounds(&self, from: &ChannelId, def: &CommandDef) -> Option<String> {
@@ -1581,12 +1799,10 @@ impl Router {
                 self.config.max_command_size
             ));
         }
-        let holds_it = match self.routes.get(&def.id).map(|r| &r.owner) {
-            Some(Owner::Channel { channel, .. }) => channel == from,
-            Some(Owner::Pool { members, .. }) => members.contains(from),
-            _ => false,
-        };
-        let held = self.registered.get(from).copied().unwrap_or(0) + self.serving(from);
+        let holds_it = self.registered_by(from, &def.id);
+        // Commands it holds, and those it is registering now (escalated, not yet answered).
+        let held = self.registered.get(from).copied().unwrap_or(0)
+            + self.escalating.get(from).copied().unwrap_or(0);
         if !holds_it && held >= self.config.max_commands_per_channel {
             return Some(format!(
                 "registration of '{}' refused: channel '{from}' already registered {held} \
@@ -1625,7 +1841,7 @@ impl Router {
             RegFor::Local { .. } | RegFor::Again => None,
         };
         if let Some(c) = &child {
-            self.serve_end(c);
+            self.escalation_end(c);
         }
         let rejected = response.is_err();
         // Re-check: another owner may have appeared here while the ack was on its way.
@@ -1925,7 +2141,7 @@ impl Router {
                                 let target = r.target.clone();
                                 self.drop_msg(Some(&target), DropKind::Rejected, msg);
                             }
-                            RegFor::Child { channel, .. } => self.serve_end(&channel),
+                            RegFor::Child { channel, .. } => self.escalation_end(&channel),
                         }
                     }
                 }
@@ -1989,7 +2205,6 @@ pub enum InboundError {
     Usage(#[from] UsageError),
 }
 
-/// A cheap "did you mean" test: same namespace, or a small edit distance.
 /// The bytes a command definition holds (what its peer makes this registry keep).
 fn def_size(def: &CommandDef) -> usize {
     let schema = def.schema.as_ref().map_or(0, |s| {
@@ -2008,6 +2223,7 @@ fn truncated(id: &str) -> &str {
     &id[..end]
 }
 
+/// A cheap "did you mean" test: same namespace, or a small edit distance.
 fn similar(candidate: &str, wanted: &str) -> bool {
     let ns = |s: &str| s.split('.').next().unwrap_or("").to_string();
     if candidate.contains('.') && ns(candidate) == ns(wanted) {

@@ -21,15 +21,19 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use cmd_ipc_core::codec;
 use cmd_ipc_core::ids::IdSource;
+use cmd_ipc_core::message::Message;
 use cmd_ipc_core::message::{ErrorCode, ExecError, ExecResult, Payload};
-use cmd_ipc_core::router::{Action, ChannelId, Config, DropKind, InboundError, Micros, Router};
+use cmd_ipc_core::router::{
+    Action, ChannelId, Config, DropKind, InboundError, Micros, Refusal, Router,
+};
 use cmd_ipc_core::{CodecError, UsageError};
 
-use crate::transport::{self, Endpoint, Reader};
+use crate::transport::{self, Endpoint, Reader, Sent};
 
 /// Tables keyed by this process's own tokens and channel names (aHash, randomly keyed).
 type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
@@ -41,12 +45,33 @@ pub enum NodeAction {
     /// A router action for the driver: a send on a channel the driver writes, a handler to
     /// run, an async caller or registration to complete, an event to deliver, a drop to log.
     Router(Action),
-    /// A native channel closed and was detached.
+    /// A native channel closed and was detached. Its descriptor `fd` stays open (shut
+    /// down: the peer saw end-of-file) until [`Node::release_endpoint`], so that the driver
+    /// can stop watching it first: a descriptor closed while an event loop watches it (for
+    /// writing, say) makes the loop's next change to that watch fail (`EBADF`), or apply to
+    /// whatever reused the number.
     Closed {
         /// The channel.
         channel: ChannelId,
         /// Why.
         reason: String,
+        /// Its socket's descriptor, to release once unwatched.
+        fd: RawFd,
+    },
+    /// An encoded message for a channel the driver writes (a [`Action::Send`] carried out
+    /// up to the bytes: encoded with the channel's encoding and checked against the limits
+    /// as its receiver checks it).
+    Frame {
+        /// The channel.
+        channel: ChannelId,
+        /// The encoded message.
+        frame: Vec<u8>,
+        /// Its type (`execute.command.request`...).
+        kind: &'static str,
+        /// Its id.
+        id: String,
+        /// What it refers to ([`Message::reference`]).
+        reference: Option<String>,
     },
     /// A native stream channel has unsent bytes: wait for its socket to be writable, then
     /// call [`Node::flush_endpoint`].
@@ -149,9 +174,21 @@ thread_local! {
 pub struct Node {
     state: Mutex<State>,
     endpoints: RwLock<HashMap<Arc<str>, Arc<Endpoint>>>,
+    /// Endpoints detached but not yet released by the driver (see [`NodeAction::Closed`]).
+    retired: Mutex<Vec<Arc<Endpoint>>>,
     waker: OwnedFd,
     /// Microseconds a reader spins on an empty ring before parking.
     pub spin_us: u64,
+    /// The most bytes a native channel's outbox may hold (applies to channels attached
+    /// after it is set): beyond it, messages to that peer are refused (see
+    /// [`Router::send_refused`]).
+    pub max_outbox: usize,
+    /// Microseconds a native channel's outbox may stay full before the channel is closed
+    /// (`slow_consumer`).
+    pub slow_consumer_us: Micros,
+    /// The earliest time an outbox that is full may have been full for `slow_consumer_us`
+    /// (0: none is full): when [`Node::tick`] looks at the outboxes.
+    slow_deadline: AtomicU64,
 }
 
 impl Node {
@@ -168,8 +205,12 @@ impl Node {
                 armed: None,
             }),
             endpoints: RwLock::new(HashMap::default()),
+            retired: Mutex::new(Vec::new()),
             waker: transport::eventfd()?,
             spin_us: 50,
+            max_outbox: 64 * 1024 * 1024,
+            slow_consumer_us: 10_000_000,
+            slow_deadline: AtomicU64::new(0),
         })
     }
 
@@ -202,10 +243,11 @@ impl Node {
         (r, py)
     }
 
-    /// Carries out the router's queued actions: native sends here, sync completions to their
-    /// waiters, the rest into `py`.
+    /// Carries out the router's queued actions: sends encoded here (and written here for
+    /// native channels), sync completions to their waiters, the rest into `py`.
     fn dispatch(&self, st: &mut State, py: &mut Vec<NodeAction>) {
         let mut dead: Vec<(String, String)> = Vec::new();
+        let limits = st.router.config().limits;
         loop {
             let actions = st.router.take_actions();
             if actions.is_empty() {
@@ -213,36 +255,9 @@ impl Node {
             }
             for a in actions {
                 match a {
-                    Action::Send { channel, message } => match self.endpoint(&channel) {
-                        Some(ep) => {
-                            let enc = ep.encoding();
-                            match codec::encode(&message, enc) {
-                                Ok(frame) => match ep.send_frame(&frame) {
-                                    Err(e) => dead.push((channel.to_string(), send_failure(&e))),
-                                    Ok(more) => {
-                                        if more
-                                            && ep.kind() == transport::Kind::Stream
-                                            && !py.iter().any(|a| matches!(a, NodeAction::WantWrite { channel: c } if *c == channel))
-                                        {
-                                            py.push(NodeAction::WantWrite { channel });
-                                        }
-                                    }
-                                },
-                                Err(e) => py.push(
-                                    Action::Dropped {
-                                        channel: Some(channel),
-                                        kind: DropKind::Unencodable,
-                                        reason: format!(
-                                            "could not encode {}: {e}",
-                                            message.type_name()
-                                        ),
-                                    }
-                                    .into(),
-                                ),
-                            }
-                        }
-                        None => py.push(Action::Send { channel, message }.into()),
-                    },
+                    Action::Send { channel, message } => {
+                        self.send(st, &limits, channel, message, py, &mut dead)
+                    }
                     Action::CallDone { call, result } => match st.sync_calls.get_mut(&call) {
                         Some(slot) if slot.abandoned => {
                             st.sync_calls.remove(&call);
@@ -275,23 +290,209 @@ impl Node {
                     py.push(NodeAction::Closed {
                         channel: Arc::from(id.as_str()),
                         reason,
+                        fd: ep.fd(),
                     });
                 }
             }
         }
     }
 
+    /// Carries out one send: encodes `message` for `channel` and checks it as its receiver
+    /// will (size, depth); writes it to a native channel, or hands the bytes to the driver.
+    /// What cannot be sent (over the limits, or a native outbox that is full) goes back to
+    /// the router ([`Router::send_refused`]), whose answers the dispatch loop carries out.
+    fn send(
+        &self,
+        st: &mut State,
+        limits: &cmd_ipc_core::codec::Limits,
+        channel: ChannelId,
+        message: Message,
+        py: &mut Vec<NodeAction>,
+        dead: &mut Vec<(String, String)>,
+    ) {
+        let ep = self.endpoint(&channel);
+        let encoding = match &ep {
+            Some(ep) => ep.encoding(),
+            None => match st.router.channel_encoding(&channel) {
+                Some(e) => e,
+                None => return, // detached meanwhile: what waited on it failed with it
+            },
+        };
+        let frame = match codec::encode_checked(&message, encoding, limits) {
+            Ok(frame) => frame,
+            Err(e) => return st.router.send_refused(&channel, message, Refusal::Codec(e)),
+        };
+        let Some(ep) = ep else {
+            py.push(NodeAction::Frame {
+                kind: message.type_name(),
+                id: message.id().to_string(),
+                reference: message.reference().map(str::to_string),
+                channel,
+                frame,
+            });
+            return;
+        };
+        match ep.send_frame(&frame) {
+            Err(e) => dead.push((channel.to_string(), send_failure(&e))),
+            Ok(Sent::Done) => {}
+            Ok(Sent::Pending) => {
+                if ep.kind() == transport::Kind::Stream
+                    && !py
+                        .iter()
+                        .any(|a| matches!(a, NodeAction::WantWrite { channel: c } if *c == channel))
+                {
+                    py.push(NodeAction::WantWrite { channel });
+                }
+            }
+            Ok(Sent::Full { since, first }) => {
+                let max = ep.max_outbox();
+                let secs = self.slow_consumer_us as f64 / 1e6;
+                if first {
+                    self.note_slow(since.saturating_add(self.slow_consumer_us));
+                    py.push(
+                        Action::Dropped {
+                            channel: Some(channel.clone()),
+                            kind: DropKind::OutboxFull,
+                            reason: format!(
+                                "the outbox to '{channel}' is full (max_outbox = {max} bytes): \
+                                 its peer is not reading; messages to it are refused and \
+                                 counted until it reads, and it is disconnected if it does \
+                                 not within {secs}s"
+                            ),
+                        }
+                        .into(),
+                    );
+                }
+                let why = Refusal::OutboxFull(format!(
+                    "registry '{}': the outbox to '{channel}' is full (max_outbox = {max} \
+                     bytes): its peer is not reading",
+                    st.router.config().id
+                ));
+                st.router.send_refused(&channel, message, why);
+            }
+        }
+    }
+
+    /// An outbox became full: [`Node::tick`] looks at the outboxes at `deadline` at the
+    /// latest.
+    fn note_slow(&self, deadline: Micros) {
+        let deadline = deadline.max(1);
+        let _ = self
+            .slow_deadline
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                (d == 0 || deadline < d).then_some(deadline)
+            });
+    }
+
+    /// The earliest deadline of the router and of the outboxes.
+    fn deadline(&self, st: &mut State) -> Option<Micros> {
+        let router = st.router.next_deadline();
+        match (router, self.slow_deadline.load(Ordering::Acquire)) {
+            (r, 0) => r,
+            (None, s) => Some(s),
+            (Some(r), s) => Some(r.min(s)),
+        }
+    }
+
+    /// Fires the router's deadlines at or before `now`, and closes the native channels whose
+    /// outbox has been full for `slow_consumer_us` (reason `slow_consumer`: their waiting
+    /// calls fail with `channel_disconnected`).
+    pub fn tick(&self, now: Micros) -> Vec<NodeAction> {
+        let mut st = self.lock();
+        st.router.tick(now);
+        let mut py = Vec::new();
+        self.dispatch(&mut st, &mut py);
+        let due = self.slow_deadline.load(Ordering::Acquire);
+        if due != 0 && now >= due {
+            self.slow_deadline.store(0, Ordering::Release);
+            let eps: Vec<(Arc<str>, Arc<Endpoint>)> = self
+                .endpoints
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(k, e)| (k.clone(), e.clone()))
+                .collect();
+            for (id, ep) in eps {
+                let Some(since) = ep.over_since() else {
+                    continue;
+                };
+                let at = since.saturating_add(self.slow_consumer_us);
+                if now < at {
+                    self.note_slow(at);
+                    continue;
+                }
+                let reason = format!(
+                    "[slow_consumer] its outbox stayed full (max_outbox = {} bytes) for {}s: \
+                     the peer is not reading",
+                    ep.max_outbox(),
+                    self.slow_consumer_us as f64 / 1e6
+                );
+                self.close_detached(&mut st, &id, &ep, reason, &mut py);
+            }
+        }
+        py
+    }
+
+    /// Closes a native channel this thread found broken (the caller holds the state lock):
+    /// detached, shut down, its router channel closed (failing what waited on it).
+    fn close_detached(
+        &self,
+        st: &mut State,
+        id: &str,
+        ep: &Endpoint,
+        reason: String,
+        py: &mut Vec<NodeAction>,
+    ) {
+        self.detach(id);
+        ep.close();
+        let _ = st.router.close_channel(id);
+        self.dispatch(st, py);
+        py.push(NodeAction::Closed {
+            channel: Arc::from(id),
+            reason,
+            fd: ep.fd(),
+        });
+    }
+
+    /// Bytes waiting in a native channel's outbox now, and the most that ever waited there.
+    pub fn outbox_bytes(&self, id: &str) -> Option<(usize, usize)> {
+        self.endpoint(id).map(|ep| ep.outbox_bytes())
+    }
+
+    /// Lets go of a closed native channel's descriptor (see [`NodeAction::Closed`]), once
+    /// the driver stopped watching it.
+    pub fn release_endpoint(&self, fd: RawFd) {
+        let gone: Vec<Arc<Endpoint>> = {
+            let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+            let (gone, kept) = std::mem::take(&mut *retired)
+                .into_iter()
+                .partition(|ep| ep.fd() == fd);
+            *retired = kept;
+            gone
+        };
+        drop(gone); // the descriptor closes here (unless a reader still holds the endpoint)
+    }
+
+    /// Detaches a native channel; its endpoint is kept (its descriptor open) until
+    /// [`Node::release_endpoint`].
     fn detach(&self, id: &str) -> Option<Arc<Endpoint>> {
-        self.endpoints
+        let ep = self
+            .endpoints
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(id)
+            .remove(id)?;
+        self.retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(ep.clone());
+        Some(ep)
     }
 
     /// Attaches a native endpoint as channel `id` (its hello was sent when it opened).
     pub fn add_endpoint(&self, id: &str, ep: Endpoint) -> Result<Vec<NodeAction>, UsageError> {
         let mut st = self.lock();
         st.router.add_channel(id, ep.encoding())?;
+        let ep = ep.with_max_outbox(self.max_outbox);
         self.endpoints
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -317,6 +518,7 @@ impl Node {
             py.push(NodeAction::Closed {
                 channel: Arc::from(id),
                 reason: "closed locally".to_string(),
+                fd: ep.fd(),
             });
         }
         py
@@ -367,14 +569,7 @@ impl Node {
                 _ => None,
             };
             if let Some(reason) = reason {
-                self.detach(id);
-                ep.close();
-                let _ = st.router.close_channel(id);
-                self.dispatch(&mut st, py);
-                py.push(NodeAction::Closed {
-                    channel: Arc::from(id),
-                    reason,
-                });
+                self.close_detached(&mut st, id, ep, reason, py);
                 return Pass::Closed;
             }
             self.dispatch(&mut st, py);
@@ -424,13 +619,13 @@ impl Node {
             return out;
         };
         let mut spin_us = spin_us;
-        let others = if spin_us > 0 || follow_us > 0 {
-            self.shm_endpoints(id)
-        } else {
-            Vec::new()
-        };
+        // The other shared-memory channels, looked at once this read spins (built then: a
+        // read that finds one frame and parks never needs them).
+        let mut others: Option<Vec<(Arc<str>, Arc<Endpoint>)>> = None;
         let mut touched: Vec<usize> = Vec::new();
         let mut spin_start: Option<Micros> = None;
+        let entered = transport::monotonic_micros();
+        let mut closed = false;
         // The socket (doorbells, hang-up) is read on the first pass only if asked: the
         // caller asks after a wake-up; passes that follow, and spins, look at the ring alone.
         let mut socket = socket_first;
@@ -438,12 +633,18 @@ impl Node {
             let read = self.read_route_with(id, &ep, &mut reader, &mut out.actions, socket);
             socket = false;
             match read {
-                Pass::Closed => return out,
+                Pass::Closed => {
+                    // The channels read on its behalf are still re-armed below.
+                    closed = true;
+                    break;
+                }
                 Pass::Got => {
                     spin_start = None;
                     spin_us = spin_us.max(follow_us);
-                    if !out.actions.is_empty() {
-                        out.again = true; // Python has work: hand it over, then poll again
+                    if !out.actions.is_empty() || Self::read_long(entered) {
+                        // Python has work (or the loop has waited long enough: frames
+                        // forwarded without Python keep coming): hand over, poll again.
+                        out.again = true;
                         break;
                     }
                     continue;
@@ -451,6 +652,13 @@ impl Node {
                 Pass::Progressed => continue,
                 Pass::Empty => {}
             }
+            if spin_us == 0 {
+                if ep.prepare_park() {
+                    break;
+                }
+                continue;
+            }
+            let others = others.get_or_insert_with(|| self.shm_endpoints(id));
             // Other shared-memory channels with bytes waiting (replies to what we forwarded).
             let mut other_got = false;
             for (i, (oid, oep)) in others.iter().enumerate() {
@@ -469,17 +677,17 @@ impl Node {
             if other_got {
                 spin_start = None;
                 spin_us = spin_us.max(follow_us);
-                if !out.actions.is_empty() {
+                if !out.actions.is_empty() || Self::read_long(entered) {
                     out.again = true;
                     break;
                 }
                 continue;
             }
-            if spin_us > 0 && ep.kind() == transport::Kind::Shm {
+            if ep.kind() == transport::Kind::Shm {
                 let now = transport::monotonic_micros();
                 let start = *spin_start.get_or_insert(now);
                 if now.saturating_sub(start) < spin_us {
-                    spin_wait(&ep, &others);
+                    spin_wait(&ep, others);
                     continue;
                 }
             }
@@ -489,17 +697,29 @@ impl Node {
         }
         drop(reader);
         // Channels read here must be re-armed, or their next bytes would wake nobody.
-        for i in touched {
-            let (oid, oep) = &others[i];
-            if let Some(mut r) = oep.try_reader() {
-                self.rearm(oid, oep, &mut r, &mut out.actions);
+        if let Some(others) = &others {
+            for &i in &touched {
+                let (oid, oep) = &others[i];
+                if let Some(mut r) = oep.try_reader() {
+                    self.rearm(oid, oep, &mut r, &mut out.actions);
+                }
             }
+        }
+        if closed {
+            return out;
         }
         match ep.flush() {
             Ok(more) => out.want_write = more && ep.kind() == transport::Kind::Stream,
             Err(e) => self.close_if_corrupt(id, &ep, &e, &mut out.actions),
         }
         out
+    }
+
+    /// Whether a read that entered at `entered` has kept the loop long enough: it then
+    /// returns with `again` even if every frame it read was forwarded without Python, so
+    /// that timers, tasks and other channels get their turn under a steady stream.
+    fn read_long(entered: Micros) -> bool {
+        transport::monotonic_micros().saturating_sub(entered) >= MAX_READ_US
     }
 
     /// After a flush failed because the peer left an impossible index in the ring: closes
@@ -510,14 +730,7 @@ impl Node {
             return;
         }
         let mut st = self.lock();
-        self.detach(id);
-        ep.close();
-        let _ = st.router.close_channel(id);
-        self.dispatch(&mut st, py);
-        py.push(NodeAction::Closed {
-            channel: Arc::from(id),
-            reason: send_failure(e),
-        });
+        self.close_detached(&mut st, id, ep, send_failure(e), py);
     }
 
     /// Flushes a native channel's outbox (when its socket became writable); returns whether
@@ -538,14 +751,14 @@ impl Node {
     /// The next router deadline, remembered as the one the loop's timer is armed for.
     pub fn next_deadline(&self) -> Option<Micros> {
         let mut st = self.lock();
-        let d = st.router.next_deadline();
+        let d = self.deadline(&mut st);
         st.armed = d;
         d
     }
 
     /// Queues Python actions produced off the loop thread and wakes the loop if needed.
     fn hand_to_loop(&self, st: &mut State, py: Vec<NodeAction>) {
-        let earlier = match (st.router.next_deadline(), st.armed) {
+        let earlier = match (self.deadline(st), st.armed) {
             (Some(d), Some(a)) => d < a,
             (Some(_), None) => true,
             _ => false,
@@ -1053,6 +1266,9 @@ fn call_lost() -> ExecResult {
 /// Microseconds between two checks of a blocking caller's `stop` while it waits with nothing
 /// arriving (each check may take the GIL: never on the path of a reply).
 pub const IDLE_CHECK_US: Micros = 2_000;
+/// How long one [`Node::poll_endpoint`] may keep reading frames that need no Python before
+/// it returns (`again`) to let the event loop run.
+const MAX_READ_US: Micros = 2_000;
 /// Microseconds between two checks while bytes keep arriving (a long pipelined batch).
 pub const BUSY_CHECK_US: Micros = 100_000;
 /// The longest park of a blocking caller on a stream channel, in milliseconds.

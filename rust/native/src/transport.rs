@@ -495,9 +495,41 @@ pub enum Kind {
     Shm,
 }
 
+/// Bytes of frames the transport did not take yet (a full socket buffer or ring), kept for
+/// [`Endpoint::flush`]; at most `max_outbox` of them (see [`Endpoint::send_frame`]).
 struct Outbox {
     pending: Vec<u8>,
     sent: usize,
+    /// The most bytes ever waiting here at once.
+    peak: usize,
+    /// Since when (monotonic microseconds) sends are refused for want of room: set by the
+    /// first refusal, cleared once the outbox has drained to half of its bound (the peer is
+    /// reading again).
+    over_since: Option<u64>,
+}
+
+impl Outbox {
+    fn unsent(&self) -> usize {
+        self.pending.len() - self.sent
+    }
+}
+
+/// What [`Endpoint::send_frame`] did with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// The transport took all of it.
+    Done,
+    /// Part of it (or of earlier frames) waits in the outbox: flush when writable.
+    Pending,
+    /// Refused: the outbox holds `max_outbox` bytes already (its peer is not reading).
+    /// `since` is when the outbox first refused a frame in this episode; `first` is true
+    /// for that first refusal.
+    Full {
+        /// Monotonic microseconds of the episode's first refusal.
+        since: u64,
+        /// Whether this refusal began the episode.
+        first: bool,
+    },
 }
 
 /// The reading state of an endpoint; hold it (via [`Endpoint::try_reader`]) to read.
@@ -538,6 +570,8 @@ pub struct Endpoint {
     kind: Kind,
     encoding: Encoding,
     writer: Mutex<Outbox>,
+    /// The most bytes the outbox may hold (see [`Endpoint::send_frame`]).
+    max_outbox: usize,
     reader: Mutex<Reader>,
     closed: AtomicBool,
     /// Set when the writer found the peer's index impossible; the next read pass reports it
@@ -599,7 +633,10 @@ impl Endpoint {
             writer: Mutex::new(Outbox {
                 pending: Vec::new(),
                 sent: 0,
+                peak: 0,
+                over_since: None,
             }),
+            max_outbox: usize::MAX,
             reader: Mutex::new(Reader {
                 decoder: FrameDecoder::new(max_frame),
                 sockbuf: [0u8; 64],
@@ -615,6 +652,28 @@ impl Endpoint {
         };
         ep.send_frame(&hello.encode())?;
         Ok(ep)
+    }
+
+    /// Bounds the outbox at `bytes` (unbounded when opened; see [`Endpoint::send_frame`]).
+    pub fn with_max_outbox(mut self, bytes: usize) -> Endpoint {
+        self.max_outbox = bytes.max(1);
+        self
+    }
+
+    /// The outbox's bound in bytes.
+    pub fn max_outbox(&self) -> usize {
+        self.max_outbox
+    }
+
+    /// Bytes waiting in the outbox now, and the most that ever waited there.
+    pub fn outbox_bytes(&self) -> (usize, usize) {
+        let out = self.lock_writer();
+        (out.unsent(), out.peak)
+    }
+
+    /// Since when sends are refused for want of room, if they are (see [`Sent::Full`]).
+    pub fn over_since(&self) -> Option<u64> {
+        self.lock_writer().over_since
     }
 
     /// The socket's descriptor: readable when there is something to read (doorbell or data)
@@ -779,8 +838,15 @@ impl Endpoint {
     }
 
     /// Queues one frame (header added here) and writes as much as the transport takes now;
-    /// returns whether bytes still wait in the outbox (see [`Endpoint::flush`]).
-    pub fn send_frame(&self, body: &[u8]) -> io::Result<bool> {
+    /// says whether bytes still wait in the outbox (see [`Endpoint::flush`]).
+    ///
+    /// The outbox is bounded: a frame that would take it past `max_outbox` bytes is refused
+    /// whole ([`Sent::Full`]), so a peer that stopped reading costs this process at most that
+    /// much (plus the ring of a shm channel); from that first refusal until the outbox has
+    /// drained to half of the bound, every frame is refused. A frame is always taken when the
+    /// outbox is empty, so a message larger than the bound still goes. Nothing of this is on
+    /// the path of a frame the ring or socket takes at once.
+    pub fn send_frame(&self, body: &[u8]) -> io::Result<Sent> {
         if self.is_closed() {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
@@ -799,7 +865,7 @@ impl Endpoint {
             {
                 drop(out);
                 self.wake_reader();
-                return Ok(false);
+                return Ok(Sent::Done);
             }
             let n = match &self.shm {
                 // Header and body together where they fit (one `head` update, or one system
@@ -821,13 +887,37 @@ impl Endpoint {
                 out.pending.extend_from_slice(&body[n - HEADER_LEN..]);
             }
         } else {
+            // Over the bound: a frame that does not fit, or any frame while the outbox has
+            // not drained to half of it since it first refused one (a small call has no
+            // business going to a peer that does not read its events either).
+            let over = |out: &Outbox| {
+                out.unsent() > 0
+                    && (out.unsent().saturating_add(HEADER_LEN + body.len()) > self.max_outbox
+                        || (out.over_since.is_some() && out.unsent() > self.max_outbox / 2))
+            };
+            if over(&out) {
+                // Try to make room first: the peer may have read since the last flush.
+                self.flush_locked(&mut out)?;
+                if over(&out) {
+                    let first = out.over_since.is_none();
+                    let since = *out.over_since.get_or_insert_with(monotonic_micros);
+                    drop(out);
+                    return Ok(Sent::Full { since, first });
+                }
+                out.over_since = None;
+            }
             out.pending.extend_from_slice(&hdr);
             out.pending.extend_from_slice(body);
         }
         let more = self.flush_locked(&mut out)?;
+        let unsent = out.unsent();
+        out.peak = out.peak.max(unsent);
+        if out.over_since.is_some() && unsent <= self.max_outbox / 2 {
+            out.over_since = None;
+        }
         drop(out);
         self.wake_reader();
-        Ok(more)
+        Ok(if more { Sent::Pending } else { Sent::Done })
     }
 
     fn flush_locked(&self, out: &mut Outbox) -> io::Result<bool> {
@@ -867,6 +957,9 @@ impl Endpoint {
             return Ok(false); // nothing pending: no doorbell (an idle channel stays silent)
         }
         let more = self.flush_locked(&mut out)?;
+        if out.over_since.is_some() && out.unsent() <= self.max_outbox / 2 {
+            out.over_since = None; // the peer reads again
+        }
         let wrote = out.sent != before || !more;
         drop(out);
         if wrote {
@@ -1239,6 +1332,49 @@ mod tests {
             }
         }
         panic!("only {} of {want} frames arrived", got.len());
+    }
+
+    #[test]
+    fn the_outbox_is_bounded_until_the_peer_reads_again() {
+        const MAX: usize = 64 * 1024;
+        for kind in [Kind::Stream, Kind::Shm] {
+            let (a, b) = pair(kind, 4096);
+            let a = a.with_max_outbox(MAX);
+            let body = vec![7u8; 1000];
+            let (mut taken, mut since) = (0usize, None);
+            for _ in 0..2_000 {
+                match a.send_frame(&body).unwrap() {
+                    Sent::Full { since: s, first } => {
+                        // One episode: its first refusal says so, every later frame is
+                        // refused too (the outbox did not drain).
+                        assert_eq!(first, since.is_none(), "{kind:?}");
+                        assert_eq!(*since.get_or_insert(s), s);
+                    }
+                    _ => {
+                        assert!(since.is_none(), "{kind:?}: a frame taken after a refusal");
+                        taken += 1;
+                    }
+                }
+            }
+            assert!(
+                since.is_some(),
+                "{kind:?}: 2 MB went to a peer that reads nothing"
+            );
+            let (unsent, peak) = a.outbox_bytes();
+            assert!(unsent <= MAX && peak <= MAX, "{kind:?}: {unsent} / {peak}");
+            assert!(
+                unsent > MAX - 1004,
+                "{kind:?}: refused with room left ({unsent})"
+            );
+            assert_eq!(a.over_since(), since);
+            // The peer reads everything taken: the episode ends, frames go again.
+            pump(&a, &b, taken);
+            assert_eq!((a.outbox_bytes().0, a.over_since()), (0, None), "{kind:?}");
+            assert!(matches!(
+                a.send_frame(&body).unwrap(),
+                Sent::Done | Sent::Pending
+            ));
+        }
     }
 
     #[test]

@@ -200,7 +200,8 @@ fn an_impossible_head_fails_a_parked_blocking_call_at_once() {
         unsafe {
             let head = &*((base as *mut u8).add(320) as *const AtomicU64);
             let tail = &*((base as *mut u8).add(320 + 64) as *const AtomicU64);
-            head.store(tail.load(Ordering::SeqCst) + 4096 + 1, Ordering::SeqCst);
+            // Far beyond the capacity: impossible whatever the reader consumed meanwhile.
+            head.store(tail.load(Ordering::SeqCst) + (1 << 40), Ordering::SeqCst);
         }
         let started = transport::monotonic_micros();
         let outcome = caller.join().unwrap();

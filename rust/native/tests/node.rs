@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use cmd_ipc_core::ids::SeededIds;
 use cmd_ipc_core::message::{CommandDef, Encoding, ErrorCode, ExecResult, Payload};
-use cmd_ipc_core::router::{Action, Config};
+use cmd_ipc_core::router::{Action, Config, DropKind};
 use cmd_ipc_native::node::{Node, NodeAction, SyncOutcome};
 use cmd_ipc_native::transport::{self, Endpoint, Kind};
 
@@ -472,8 +472,17 @@ fn a_read_that_forwarded_a_request_spins_on_for_the_reply() {
         // Wait for the request's doorbell, then poll m once.
         let fd = m.endpoint_fd("a").unwrap();
         transport::wait_readable(&[fd], 10_000).unwrap();
-        let poll = m.poll_endpoint("a", 0, 300_000, true);
-        assert!(poll.actions.is_empty(), "{poll:?}");
+        // One read burst: polls that say `again` (a read returns after a while to let the
+        // loop run) and nothing else; no doorbell is waited for.
+        let mut first = true;
+        loop {
+            let poll = m.poll_endpoint("a", 0, 300_000, first);
+            first = false;
+            assert!(poll.actions.is_empty(), "{poll:?}");
+            if !poll.again {
+                break;
+            }
+        }
         let got = done.recv_timeout(Duration::from_secs(5));
         assert_eq!(
             got,
@@ -482,4 +491,86 @@ fn a_read_that_forwarded_a_request_spins_on_for_the_reply() {
         );
         caller.join().unwrap();
     });
+}
+
+/// A peer that reads nothing: its outbox here fills to `max_outbox`, then events are
+/// refused (reported once), a call fails at once, and the channel closes as a slow consumer
+/// at the first tick `slow_consumer_us` after the first refusal, failing the call that
+/// waited on it; its descriptor stays open until released.
+#[test]
+fn a_peer_that_reads_nothing_gets_a_bounded_outbox_then_is_disconnected() {
+    for kind in [Kind::Stream, Kind::Shm] {
+        let mut config = Config::new("a");
+        config.router_channel = Some("b".into());
+        let mut a = Node::new(config, Box::new(SeededIds::new(1))).unwrap();
+        a.max_outbox = 64 * 1024;
+        a.slow_consumer_us = 5 * SEC;
+        let (ea, _eb) = endpoints(kind); // `_eb` is never read
+        a.add_endpoint("b", ea).unwrap();
+        let now = transport::monotonic_micros();
+        let (waiting, _) = a.with_router(|r| r.execute("x", request(1), Some(60 * SEC), now));
+        let event = Some(Payload::new(
+            Encoding::Msgpack,
+            vec![0xc4, 0xff].into_iter().chain([7; 255]).collect(),
+        ));
+        let mut reported = 0;
+        for _ in 0..2_000 {
+            let (_, py) = a.with_router(|r| r.emit_event("e", event.clone(), now));
+            reported += py
+                .iter()
+                .filter(|x| {
+                    matches!(
+                        x,
+                        NodeAction::Router(Action::Dropped {
+                            kind: DropKind::OutboxFull,
+                            ..
+                        })
+                    )
+                })
+                .count();
+        }
+        assert_eq!(reported, 1, "{kind:?}: a full outbox is reported once");
+        let (unsent, peak) = a.outbox_bytes("b").unwrap();
+        assert!(
+            unsent <= 64 * 1024 && peak <= 64 * 1024,
+            "{kind:?}: {unsent} / {peak}"
+        );
+        let stats = a.lock().router.stats();
+        assert!(stats.channels[0].1.dropped > 1_000, "{stats:?}");
+        let (call, py) = a.with_router(|r| r.execute("x", request(2), None, now));
+        let err = py
+            .iter()
+            .find_map(|x| match x {
+                NodeAction::Router(Action::CallDone {
+                    call: c,
+                    result: Err(e),
+                }) if *c == call => Some(e.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{kind:?}: no failure at once: {py:?}"));
+        assert_eq!(err.code, ErrorCode::InternalError);
+        assert!(err.message.contains("max_outbox"), "{err:?}");
+        // Not yet: the outbox has not been full for slow_consumer_us.
+        let deadline = a.next_deadline().unwrap();
+        assert!(a.tick(now + SEC).is_empty());
+        let py = a.tick(deadline.max(now + 5 * SEC));
+        let fd = py
+            .iter()
+            .find_map(|x| match x {
+                NodeAction::Closed { reason, fd, .. } if reason.starts_with("[slow_consumer]") => {
+                    Some(*fd)
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{kind:?}: not closed: {py:?}"));
+        assert!(py.iter().any(|x| matches!(
+            x,
+            NodeAction::Router(Action::CallDone { call, result: Err(e) })
+                if *call == waiting && e.code == ErrorCode::ChannelDisconnected
+        )));
+        // Shut down but open until released (an event loop may still watch it).
+        // SAFETY: fcntl(F_GETFD) only queries the descriptor.
+        assert!(unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0);
+        a.release_endpoint(fd); // (closed now: the number may be reused at once)
+    }
 }

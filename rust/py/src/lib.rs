@@ -45,12 +45,11 @@ pyo3::import_exception!(cmd_ipc.errors, ProtocolError);
 /// (Ctrl-C: `KeyboardInterrupt`), keeping the exception in `raised`. Other threads never
 /// receive Python signals: for them it is always false, without the GIL.
 fn signal_check(raised: &mut Option<PyErr>) -> impl FnMut() -> bool + '_ {
-    thread_local! {
-        // SAFETY: gettid and getpid have no preconditions.
-        static MAIN: bool = unsafe { libc::gettid() == libc::getpid() };
-    }
     move || {
-        if !MAIN.with(|m| *m) {
+        // Asked afresh at each check (at most every few ms, never on a reply's path): a
+        // thread that forked is the main thread of its child.
+        // SAFETY: gettid and getpid have no preconditions.
+        if unsafe { libc::gettid() != libc::getpid() } {
             return false;
         }
         Python::attach(|py| match py.check_signals() {
@@ -160,64 +159,56 @@ fn sync_result<'py>(py: Python<'py>, r: ExecResult) -> SyncResult<'py> {
 }
 
 /// Converts actions into Python tuples (see `_core.pyi` for their shapes). Sends to channels
-/// written in Python are encoded here with the channel's encoding.
+/// written in Python come encoded (and checked) by the node.
 fn actions_to_py<'py>(
     py: Python<'py>,
-    node: &Node,
+    _node: &Node,
     actions: Vec<NodeAction>,
 ) -> PyResult<Bound<'py, PyList>> {
-    // Look the encodings up under the lock, then build Python objects without it.
-    let encodings: Vec<Option<Encoding>> = {
-        let st = node.lock();
-        actions
-            .iter()
-            .map(|a| match a {
-                NodeAction::Router(Action::Send { channel, .. }) => {
-                    st.router.channel_encoding(channel)
-                }
-                _ => None,
-            })
-            .collect()
-    };
     let list = PyList::empty(py);
-    for (a, enc) in actions.into_iter().zip(encodings) {
+    for a in actions {
         let a = match a {
             NodeAction::Router(a) => a,
             NodeAction::WantWrite { channel } => {
                 list.append((A::WantWrite, &*channel))?;
                 continue;
             }
-            NodeAction::Closed { channel, reason } => {
-                list.append((A::Closed, &*channel, reason))?;
+            NodeAction::Closed {
+                channel,
+                reason,
+                fd,
+            } => {
+                list.append((A::Closed, &*channel, reason, fd))?;
+                continue;
+            }
+            NodeAction::Frame {
+                channel,
+                frame,
+                kind,
+                id,
+                reference,
+            } => {
+                list.append((
+                    A::Send,
+                    &*channel,
+                    PyBytes::new(py, &frame),
+                    kind,
+                    id,
+                    reference,
+                ))?;
                 continue;
             }
         };
         let item: Bound<'py, PyTuple> = match a {
             Action::Send { channel, message } => {
-                let Some(enc) = enc else {
-                    continue;
-                };
-                match codec::encode(&message, enc) {
-                    Ok(frame) => (
-                        A::Send,
-                        &*channel,
-                        PyBytes::new(py, &frame),
-                        message.type_name(),
-                        message.id(),
-                        message.reference(),
-                    )
-                        .into_pyobject(py)?,
-                    Err(e) => (
-                        A::Dropped,
-                        &*channel,
-                        "unencodable",
-                        format!(
-                            "could not encode {} for '{channel}': {e}",
-                            message.type_name()
-                        ),
-                    )
-                        .into_pyobject(py)?,
-                }
+                // The node encodes every send (a NodeAction::Frame); never expected here.
+                (
+                    A::Dropped,
+                    &*channel,
+                    "unencodable",
+                    format!("{} for '{channel}' was not encoded", message.type_name()),
+                )
+                    .into_pyobject(py)?
             }
             Action::RunHandler {
                 job,
@@ -399,7 +390,7 @@ impl Node {
     #[pyo3(signature = (id, router_channel=None, *, request_ttl=30.0, event_ttl=5.0,
         max_pending=100_000, max_dedup=100_000, max_message_size=67_108_864, max_depth=64,
         spin_us=50, max_pending_per_channel=None, max_commands_per_channel=10_000,
-        max_command_size=262_144))]
+        max_command_size=262_144, max_outbox=67_108_864, slow_consumer_timeout=10.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         id: &str,
@@ -414,6 +405,8 @@ impl Node {
         max_pending_per_channel: Option<usize>,
         max_commands_per_channel: usize,
         max_command_size: usize,
+        max_outbox: usize,
+        slow_consumer_timeout: f64,
     ) -> PyResult<Self> {
         if id.is_empty() {
             return Err(PyValueError::new_err(
@@ -425,7 +418,11 @@ impl Node {
                 "router_channel must be a non-empty string or None",
             ));
         }
-        for (name, v) in [("request_ttl", request_ttl), ("event_ttl", event_ttl)] {
+        for (name, v) in [
+            ("request_ttl", request_ttl),
+            ("event_ttl", event_ttl),
+            ("slow_consumer_timeout", slow_consumer_timeout),
+        ] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(PyValueError::new_err(format!(
                     "{name} must be a positive number of seconds, got {v}"
@@ -442,12 +439,13 @@ impl Node {
             per_channel,
             max_commands_per_channel,
             max_command_size,
+            max_outbox,
         ]
         .contains(&0)
         {
             return Err(PyValueError::new_err(
                 "max_pending, max_pending_per_channel, max_dedup, max_message_size, max_depth, \
-                 max_commands_per_channel and max_command_size must be positive",
+                 max_commands_per_channel, max_command_size and max_outbox must be positive",
             ));
         }
         let mut config = Config::new(id);
@@ -465,6 +463,8 @@ impl Node {
         };
         let mut inner = CoreNode::new(config, Box::new(RandomIds)).map_err(PyErr::from)?;
         inner.spin_us = spin_us;
+        inner.max_outbox = max_outbox;
+        inner.slow_consumer_us = to_micros(slow_consumer_timeout);
         Ok(Node {
             inner,
             fast: Mutex::new(FastTable::default()),
@@ -568,7 +568,10 @@ impl Node {
             again = poll.again;
             want_write |= poll.want_write;
             busy = poll.busy;
-            if !has_fast {
+            // `again` with nothing to do: the read kept the loop long enough (frames that
+            // need no Python keep coming); return so that the loop runs.
+            let long_read = poll.again && poll.actions.is_empty();
+            if !has_fast || long_read {
                 for_python.extend(poll.actions);
                 break;
             }
@@ -636,6 +639,12 @@ impl Node {
     fn close_native<'py>(&self, py: Python<'py>, channel: &str) -> PyActions<'py> {
         let actions = self.inner.close_endpoint(channel);
         actions_to_py(py, self, actions)
+    }
+
+    /// Lets go of the descriptor of a native channel that closed (`ACTION_CLOSED` gave it),
+    /// once the event loop stopped watching it.
+    fn release_native(&self, fd: i32) {
+        self.inner.release_endpoint(fd);
     }
 
     fn close_all_native<'py>(&self, py: Python<'py>) -> PyActions<'py> {
@@ -832,7 +841,7 @@ impl Node {
         let schema_part = |s: Option<&[u8]>| -> PyResult<Option<Payload>> {
             let Some(s) = s else { return Ok(None) };
             let p = Payload::new(Encoding::Json, s.to_vec());
-            codec::validate_payload(&p, &limits).map_err(codec_err)?;
+            codec::validate_payload(&p, &limits, codec::level::SCHEMA).map_err(codec_err)?;
             Ok(Some(p))
         };
         let request = schema_part(schema_request)?;
@@ -866,7 +875,7 @@ impl Node {
         let payload = self::payload(payload, encoding)?;
         if let Some(p) = &payload {
             let limits = self.lock().router.config().limits;
-            codec::validate_payload(p, &limits).map_err(codec_err)?;
+            codec::validate_payload(p, &limits, codec::level::REQUEST).map_err(codec_err)?;
         }
         self.run(py, |r| r.emit_event(event_id, payload, to_micros(now)))
     }
@@ -877,7 +886,8 @@ impl Node {
     }
 
     fn tick<'py>(&self, py: Python<'py>, now: f64) -> PyActions<'py> {
-        Ok(self.run(py, |r| r.tick(to_micros(now)))?.1)
+        let actions = self.inner.tick(to_micros(now));
+        actions_to_py(py, self, actions)
     }
 
     fn next_deadline(&self) -> Option<f64> {
@@ -932,6 +942,11 @@ impl Node {
             cd.set_item("received", c.received)?;
             cd.set_item("requests", c.requests)?;
             cd.set_item("in_flight", c.in_flight)?;
+            cd.set_item("dropped", c.dropped)?;
+            if let Some((now, peak)) = self.inner.outbox_bytes(name) {
+                cd.set_item("outbox", now)?;
+                cd.set_item("outbox_peak", peak)?;
+            }
             channels.set_item(&**name, cd)?;
         }
         d.set_item("channels", channels)?;

@@ -1608,3 +1608,233 @@ fn a_channel_registers_a_bounded_number_of_bounded_commands() {
     r.take_actions();
     assert!(!refused(&register(&mut r, "a", "a.3")));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sends the driver could not carry out
+// ---------------------------------------------------------------------------------------------
+
+fn refused_codec() -> Refusal {
+    Refusal::Codec(CodecError::TooLarge {
+        size: 11,
+        limit: 10,
+    })
+}
+
+#[test]
+fn a_refused_request_fails_its_caller_at_once() {
+    let mut r = with_channels("main", Some("up"), &["up"]);
+    for (why, code) in [
+        (refused_codec(), ErrorCode::InvalidRequest),
+        (Refusal::OutboxFull("full".into()), ErrorCode::InternalError),
+    ] {
+        let call = r.execute("x", None, None, 0);
+        let (to, m) = only_send(&r.take_actions());
+        r.send_refused(&to, m, why);
+        let err = call_done(&r.take_actions(), call).unwrap_err();
+        assert_eq!(err.code, code, "{err:?}");
+        assert_eq!(r.stats().pending, 0);
+    }
+    let up = &r.stats().channels[0].1;
+    assert_eq!((up.dropped, up.in_flight), (2, 0));
+    // Neither is a message dropped unanswered.
+    assert_eq!(r.stats().dropped, 0);
+}
+
+#[test]
+fn a_refused_forward_is_answered_to_its_origin() {
+    let mut r = with_channels("main", None, &["a", "b"]);
+    register(&mut r, "b", "b.cmd");
+    let m = exec_req("b.cmd");
+    let origin_id = m.id().to_string();
+    r.handle_message("a", m, 0).unwrap();
+    let (to, fwd) = only_send(&r.take_actions());
+    assert_eq!(to, "b");
+    r.send_refused("b", fwd, Refusal::OutboxFull("b is full".into()));
+    let (to, answer) = only_send(&r.take_actions());
+    assert_eq!(to, "a");
+    let Message::ExecuteResponse { thid, response, .. } = answer else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(thid, origin_id);
+    let err = response.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InternalError);
+    assert!(err.message.contains("b is full"), "{err:?}");
+    assert_eq!((r.stats().pending_forwards, r.serving("a")), (0, 0));
+}
+
+#[test]
+fn a_result_over_the_limits_is_answered_internal_error_and_a_full_outbox_drops_it() {
+    let mut r = with_channels("main", None, &["a"]);
+    r.register_local(CommandDef::new("big"), 1, 0);
+    r.take_actions();
+    for full in [false, true] {
+        r.handle_message("a", exec_req("big"), 0).unwrap();
+        let job = match r.take_actions().as_slice() {
+            [Action::RunHandler { job, .. }] => *job,
+            other => panic!("{other:?}"),
+        };
+        r.complete_job(job, ok_payload("1")).unwrap();
+        let (_, resp) = only_send(&r.take_actions());
+        let dropped = r.stats().dropped;
+        let why = if full {
+            Refusal::OutboxFull("full".into())
+        } else {
+            refused_codec()
+        };
+        r.send_refused("a", resp.clone(), why);
+        let acts = r.take_actions();
+        if full {
+            assert!(acts.is_empty(), "{acts:?}");
+            assert_eq!(r.stats().dropped, dropped + 1);
+        } else {
+            let (_, answer) = only_send(&acts);
+            let (
+                Message::ExecuteResponse {
+                    thid,
+                    response: Err(e),
+                    ..
+                },
+                Message::ExecuteResponse { thid: t0, .. },
+            ) = (&answer, &resp)
+            else {
+                panic!("{answer:?}")
+            };
+            assert_eq!((thid, e.code), (t0, ErrorCode::InternalError));
+            // The short error refused again is dropped, not replaced once more.
+            r.send_refused("a", answer, refused_codec());
+            let acts = r.take_actions();
+            assert!(matches!(
+                acts.as_slice(),
+                [Action::Dropped {
+                    kind: DropKind::OverLimit,
+                    ..
+                }]
+            ));
+        }
+    }
+}
+
+#[test]
+fn refused_events_are_counted_and_reported_unless_the_outbox_is_full() {
+    let mut r = with_channels("main", None, &["a"]);
+    r.emit_event("e", None, 0);
+    let (_, ev) = only_send(&r.take_actions());
+    r.send_refused("a", ev.clone(), Refusal::OutboxFull("full".into()));
+    assert!(r.take_actions().is_empty());
+    r.send_refused("a", ev, refused_codec());
+    assert!(matches!(
+        r.take_actions().as_slice(),
+        [Action::Dropped {
+            kind: DropKind::OverLimit,
+            ..
+        }]
+    ));
+    assert_eq!(r.stats().dropped, 2);
+    assert_eq!(r.stats().channels[0].1.dropped, 2);
+}
+
+#[test]
+fn a_local_request_may_nest_one_level_less_than_max_depth() {
+    let mut c = Config::new("main");
+    c.router_channel = Some("up".into());
+    c.limits.max_depth = 8;
+    let mut r = Router::new(c, ids_for("main"));
+    r.add_channel("up", Encoding::Json).unwrap();
+    r.take_actions();
+    // `{"a":{"a":...{}}}`, n objects deep (a request is an object).
+    let nest = |n: usize| {
+        Payload::json(format!(
+            "{}{{}}{}",
+            r#"{"a":"#.repeat(n - 1),
+            "}".repeat(n - 1)
+        ))
+    };
+    let call = r.execute("x", Some(nest(8)), None, 0);
+    let err = call_done(&r.take_actions(), call).unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidRequest);
+    assert!(err.message.contains("nesting"), "{err:?}");
+    r.execute("x", Some(nest(7)), None, 0);
+    only_send(&r.take_actions());
+}
+
+#[test]
+fn listing_first_does_not_get_around_the_command_bound() {
+    let mut c = Config::new("root");
+    c.max_commands_per_channel = 3;
+    let mut r = Router::new(c, ids_for("root"));
+    r.add_channel("p", Encoding::Json).unwrap();
+    r.take_actions();
+    list_from(&mut r, "p", &["x.0", "x.1", "x.2", "x.3", "x.4"]);
+    let mut refused = 0;
+    for i in 0..5 {
+        let acts = register(&mut r, "p", &format!("x.{i}"));
+        let (_, m) = only_send(&acts);
+        if matches!(
+            m,
+            Message::RegisterResponse {
+                response: Err(RegisterError::DuplicateCommand),
+                ..
+            }
+        ) {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 2, "a command it only listed is not one it holds");
+}
+
+#[test]
+fn the_same_registration_again_is_acknowledged_without_escalating() {
+    let mut r = with_channels("mid", Some("up"), &["up", "child"]);
+    let acts = register(&mut r, "child", "c.cmd");
+    let (to, up_req) = only_send(&acts);
+    assert_eq!(to, "up");
+    r.handle_message(
+        "up",
+        Message::RegisterResponse {
+            id: new_id(),
+            thid: up_req.id().to_string(),
+            response: Ok(()),
+        },
+        0,
+    )
+    .unwrap();
+    r.take_actions();
+    // A child re-registering what it holds, 100 times: nothing goes up, each is acked.
+    for _ in 0..100 {
+        let (to, m) = only_send(&register(&mut r, "child", "c.cmd"));
+        assert_eq!(to, "child");
+        assert!(matches!(
+            m,
+            Message::RegisterResponse {
+                response: Ok(()),
+                ..
+            }
+        ));
+    }
+}
+
+#[test]
+fn requests_in_flight_do_not_count_as_commands() {
+    let mut c = Config::new("root");
+    c.max_commands_per_channel = 1;
+    let mut r = Router::new(c, ids_for("root"));
+    r.add_channel("child", Encoding::Json).unwrap();
+    r.take_actions();
+    r.register_local(CommandDef::new("svc"), 1, 0);
+    for _ in 0..5 {
+        r.handle_message("child", exec_req("svc"), 0).unwrap();
+    }
+    r.take_actions();
+    assert_eq!(r.serving("child"), 5);
+    let (_, m) = only_send(&register(&mut r, "child", "c.first"));
+    assert!(
+        matches!(
+            m,
+            Message::RegisterResponse {
+                response: Ok(()),
+                ..
+            }
+        ),
+        "{m:?}"
+    );
+}
