@@ -1222,6 +1222,32 @@ pub fn sniff_execute_request(data: &[u8], encoding: Encoding, err: &CodecError) 
     (sniff.ty == "execute.command.request" && !sniff.id.is_empty()).then_some(sniff.id)
 }
 
+/// The `thid` of a frame that failed to decode but is recognisably an execute response (a
+/// result holding a number no peer can carry, say), so that the call or forward waiting for
+/// it fails at once instead of at its timeout. `None` otherwise, and for a frame over the
+/// size limit (never read again).
+pub fn sniff_execute_response(
+    data: &[u8],
+    encoding: Encoding,
+    err: &CodecError,
+) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Sniff {
+        thid: String,
+        #[serde(rename = "type")]
+        ty: String,
+    }
+    let sniff: Sniff = match (encoding, err) {
+        (_, CodecError::TooLarge { .. }) => return None,
+        (Encoding::Json, _) => serde_json::from_slice(data).ok()?,
+        (Encoding::Msgpack, _) => {
+            check_msgpack(data, 16).ok()?;
+            rmp_serde::from_slice(data).ok()?
+        }
+    };
+    (sniff.ty == "execute.command.response" && !sniff.thid.is_empty()).then_some(sniff.thid)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Shared envelope validation: which fields each type requires and allows.
 // ---------------------------------------------------------------------------------------------

@@ -1239,6 +1239,14 @@ impl Router {
                 if let Some(c) = self.channels.get_mut(&id) {
                     c.stats.received += 1;
                 }
+                if let Some(thid) = codec::sniff_execute_response(frame, encoding, &err) {
+                    // Whoever waits for it learns at once that it came and could not be read.
+                    let error = ExecError::new(
+                        ErrorCode::InternalError,
+                        format!("the response from '{id}' could not be read: {err}"),
+                    );
+                    self.on_execute_response(&id, thid, Err(error));
+                }
                 if let Some(request_id) = codec::sniff_execute_request(frame, encoding, &err) {
                     let msg_id = self.new_id();
                     self.send(

@@ -1838,3 +1838,33 @@ fn requests_in_flight_do_not_count_as_commands() {
         "{m:?}"
     );
 }
+
+#[test]
+fn an_unreadable_response_fails_its_call_and_forward_at_once() {
+    let mut r = with_channels("mid", None, &["w", "up"]);
+    register(&mut r, "w", "cmd");
+    let call = r.execute("cmd", None, None, 0);
+    let (_, req) = only_send(&r.take_actions());
+    // A result no peer can carry (an integer beyond 64 bits).
+    let bad = format!(
+        r#"{{"id":"x1","type":"execute.command.response","thid":"{}","response":{{"ok":true,"result":18446744073709551616}}}}"#,
+        req.id()
+    );
+    assert!(r.handle_frame("w", bad.as_bytes(), 0).is_err());
+    let err = call_done(&r.take_actions(), call).unwrap_err();
+    assert_eq!(err.code, ErrorCode::InternalError);
+    assert!(err.message.contains("could not be read"), "{err:?}");
+    // A forwarded request: its origin is answered.
+    r.handle_message("up", exec_req("cmd"), 0).unwrap();
+    let (_, fwd) = only_send(&r.take_actions());
+    let bad = format!(
+        r#"{{"id":"x2","type":"execute.command.response","thid":"{}","response":{{"ok":true,"result":1e400}}}}"#,
+        fwd.id()
+    );
+    assert!(r.handle_frame("w", bad.as_bytes(), 0).is_err());
+    let (to, m) = only_send(&r.take_actions());
+    assert_eq!(to, "up");
+    assert_eq!(error_code_of(&m), Some(ErrorCode::InternalError));
+    assert_eq!(r.stats().pending, 0);
+    assert_eq!(r.stats().pending_forwards, 0);
+}
