@@ -29,6 +29,7 @@ import pytest
 import spec_support
 from cmd_ipc import ChannelDisconnectedError, CommandError, CommandRegistry, NotFoundError
 from cmd_ipc.channels.grpc import (
+    FINAL_CODES,
     ID_METADATA,
     PATH,
     SERVER_METADATA,
@@ -687,7 +688,10 @@ async def test_reconnect_gives_up_after_max_retries(
     attempts = [m for m in messages(caplog) if "reconnection attempt" in m]
     assert len(attempts) == 3
     assert not channel.connected and "hub" not in edge.channels
-    assert not await channel.reconnect() or channel.connected
+    # Asked again, it tries max_retries times again and gives up: the server is still gone.
+    assert not await asyncio.wait_for(channel.reconnect(), 10)
+    assert len([m for m in messages(caplog) if "reconnection attempt" in m]) == 6
+    assert not channel.connected
 
 
 async def test_a_newer_stream_with_the_same_id_replaces_the_old_one(
@@ -710,9 +714,160 @@ async def test_a_newer_stream_with_the_same_id_replaces_the_old_one(
     assert any("ABORTED" in m for m in messages(caplog))
 
 
+@pytest.mark.parametrize("taken", ["router", "worker", "pool member"])
+async def test_a_client_may_not_take_an_id_the_registry_keeps(
+    registries: Make, start: Start, monkeypatch: pytest.MonkeyPatch, taken: str
+) -> None:
+    # The router channel "up" is detached: a client under its id would become the router
+    # (every escalated call and every command, whatever expose= says).
+    hub = registries("hub", router_channel="up")
+    hub.command("admin.reset")(lambda: "reset!")  # deferred until the router attaches
+    kept = {"router": "up", "worker": "w1", "pool member": "p-1"}[taken]
+    member = type("Member", (), {"id": "p-1"})()
+    if taken == "worker":
+        monkeypatch.setattr(CommandRegistry, "workers", property(lambda r: {"w1": object()}))
+    if taken == "pool member":
+        pool = type("Pool", (), {"workers": [member]})()
+        monkeypatch.setattr(CommandRegistry, "pools", property(lambda r: {"p": pool}))
+    server = await start(hub, expose="api.*")
+    evil = registries("evil")
+    stolen: list[Any] = []
+    await evil.register_command("secret.op", lambda **kw: stolen.append(kw), validate=False)
+    channel = GrpcChannel("hub", server.target, client_id=kept, backoff=(0.01, 0.02))
+    with pytest.raises(ChannelDisconnectedError, match="FAILED_PRECONDITION"):
+        await evil.register_channel(channel)
+    assert kept not in hub.channels and not server.handler.channels
+    # The hub's escalations still find no router, rather than the client.
+    with pytest.raises(ChannelDisconnectedError):
+        await hub.execute_command("secret.op", {"password": "hunter2"})
+    assert stolen == []
+    # Refused for good: it does not try again.
+    assert not await channel.reconnect()
+    async with raw_peer(server.target, kept) as peer:
+        code, details = await peer.status()
+        assert code is grpc.StatusCode.FAILED_PRECONDITION and "reserved" in details
+    # Any other id gets in.
+    async with raw_peer(server.target, "guest") as peer:
+        await peer.recv_type("list.commands.request")
+
+
+async def test_an_id_in_use_by_another_kind_of_channel_is_refused_for_good(
+    registries: Make, start: Start
+) -> None:
+    hub, _, server = await hub_tree(registries, start)
+    assert not isinstance(hub.channels["below"], GrpcServerChannel)
+    edge = registries("edge")
+    channel = GrpcChannel("hub", server.target, client_id="below", max_retries=20)
+    with pytest.raises(ChannelDisconnectedError, match="ALREADY_EXISTS"):
+        await edge.register_channel(channel)
+    assert grpc.StatusCode.ALREADY_EXISTS in FINAL_CODES
+    # No 20 retries of a refusal that cannot change: reconnect gives up at once.
+    assert channel._final and not await channel.reconnect()
+    assert not isinstance(hub.channels["below"], GrpcServerChannel)
+
+
+async def test_a_stream_cancelled_while_it_attaches_leaves_no_channel(
+    registries: Make, start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = registries("hub")
+    server = await start(hub)
+    attached = asyncio.Event()
+    rpcs: list[asyncio.Task[Any]] = []
+    register = hub.register_channel
+
+    async def slow_register(channel: Any) -> None:
+        # The channel is attached and started; the registration has not returned yet.
+        await register(channel)
+        task = asyncio.current_task()
+        assert task is not None
+        rpcs.append(task)
+        attached.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(hub, "register_channel", slow_register)
+    async with raw_peer(server.target, "edge"):
+        await asyncio.wait_for(attached.wait(), 5)
+        assert isinstance(hub.channels["edge"], GrpcServerChannel)
+        # The RPC is cancelled (as a server stopping cancels it) inside the registration:
+        # the channel goes with it.
+        rpcs[0].cancel()
+        await eventually(lambda: "edge" not in hub.channels, timeout=5)
+        await eventually(lambda: not server.handler.channels, timeout=5)
+
+
+async def test_max_streams_bounds_the_streams_served_at_once(
+    registries: Make, start: Start
+) -> None:
+    hub = registries("hub")
+    await hub.register_command("hub.add", lambda a, b: a + b)
+    server = await start(hub, max_streams=1)
+    edge, _ = await join(registries, server.target, reconnect=False)
+    edge2 = registries("edge2", router_channel="hub")
+    second = GrpcChannel("hub", server.target, client_id="edge2", reconnect=False)
+    with pytest.raises(ChannelDisconnectedError, match="RESOURCE_EXHAUSTED"):
+        await edge2.register_channel(second)
+    assert set(hub.channels) == {"edge"}
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED not in FINAL_CODES  # its client tries later
+    await edge.close_channel("hub")
+    await eventually(lambda: not server.handler.channels, timeout=5)
+    # A stream ended, so one more is served.
+    third = GrpcChannel("hub", server.target, client_id="edge2", reconnect=False)
+    await edge2.register_channel(third)
+    assert await edge2.execute_command("hub.add", {"a": 1, "b": 2}) == 3
+    for bad in (0, -1, True):
+        with pytest.raises(ValueError, match="max_streams"):
+            await serve_grpc(hub, max_streams=bad)
+
+
+class CountingProxy:
+    """A TCP forwarder to ``port`` that counts the bytes crossing each way."""
+
+    def __init__(self, port: int) -> None:
+        self.target_port = port
+        self.up = 0  # client -> server
+        self.down = 0  # server -> client
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        tasks = [
+            asyncio.ensure_future(self._pump(reader, up_writer, "up")),
+            asyncio.ensure_future(self._pump(up_reader, writer, "down")),
+        ]
+        self._tasks.update(tasks)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, way: str
+    ) -> None:
+        try:
+            while data := await reader.read(65536):
+                setattr(self, way, getattr(self, way) + len(data))
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
 async def test_keepalive_pings_keep_an_idle_stream(registries: Make, start: Start) -> None:
     # The server allows pings every 10 s by default; a client pinging faster than the
-    # server allows is told so by gRPC, so this server allows 0.1 s.
+    # server allows is told so by gRPC, so this server allows 0.1 s. Only the client
+    # pings (the server's keepalive is off): the stream stays idle but for its pings.
     _hub, _, server = await hub_tree(
         registries,
         start,
@@ -720,17 +875,25 @@ async def test_keepalive_pings_keep_an_idle_stream(registries: Make, start: Star
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 100),
             ("grpc.http2.min_ping_interval_without_data_ms", 100),
         ],
-        keepalive_time=0.2,
-        keepalive_timeout=5.0,
+        keepalive_time=None,
     )
-    edge, channel = await join(
-        registries, server.target, keepalive_time=0.2, keepalive_timeout=5.0, reconnect=False
-    )
-    stream = channel._stream
-    # Idle for several ping intervals: the next call is answered by the same stream.
-    await asyncio.sleep(1.0)  # idleness itself is what is tested, not a readiness wait
-    assert await edge.execute_command("hub.add", {"a": 1, "b": 2}) == 3
-    assert channel.connected and channel._stream is stream
+    proxy = CountingProxy(server.port)
+    target = await proxy.start()
+    try:
+        edge, channel = await join(
+            registries, target, keepalive_time=0.2, keepalive_timeout=5.0, reconnect=False
+        )
+        assert await edge.execute_command("hub.add", {"a": 1, "b": 1}) == 2
+        stream = channel._stream
+        await settle()
+        up, down = proxy.up, proxy.down
+        # Idle but for pings: HTTP/2 PING frames (17 bytes each) and their acks cross, a
+        # few rounds of them, and the server keeps the stream (no GOAWAY for them).
+        await eventually(lambda: proxy.up >= up + 3 * 17 and proxy.down >= down + 3 * 17, 10)
+        assert await edge.execute_command("hub.add", {"a": 1, "b": 2}) == 3
+        assert channel.connected and channel._stream is stream
+    finally:
+        await proxy.close()
 
 
 # --------------------------------------------------------------------------- the channel
@@ -934,3 +1097,16 @@ async def test_expose_by_predicate(registries: Make, start: Start) -> None:
     assert await edge.execute_command("below.mul", {"a": 2, "b": 3}) == 6
     with pytest.raises(NotFoundError):
         await edge.execute_command("hub.add", {"a": 1, "b": 2})
+
+
+async def test_a_token_that_is_not_ascii_is_refused_when_the_handler_is_made(
+    registries: Make,
+) -> None:
+    # gRPC metadata carries ASCII only: such a token could never be sent.
+    hub = registries("hub")
+    for token in ("pässwörd", "токен"):
+        with pytest.raises(ValueError, match="ASCII"):
+            GrpcHandler(hub, token=token)
+        with pytest.raises(ValueError, match="ASCII"):
+            await serve_grpc(hub, token=token)
+    GrpcHandler(hub, token="s3cret~!")

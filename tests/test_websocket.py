@@ -394,6 +394,60 @@ async def test_handler_inside_an_existing_websockets_server(registries: Make) ->
         await eventually(lambda: "edge" not in hub.channels)
 
 
+@pytest.mark.parametrize("taken", ["router", "worker", "pool member", "in use"])
+async def test_a_client_may_not_take_an_id_the_registry_keeps(
+    registries: Make, monkeypatch: pytest.MonkeyPatch, taken: str
+) -> None:
+    # The router channel "up" is detached: a client under its id would become the router
+    # (every escalated call and every command, whatever expose= says).
+    hub = registries("hub", router_channel="up")
+    hub.command("admin.reset")(lambda: "reset!")  # deferred until the router attaches
+    kept = {"router": "up", "worker": "w1", "pool member": "p-1", "in use": "below"}[taken]
+    if taken == "worker":
+        monkeypatch.setattr(CommandRegistry, "workers", property(lambda r: {"w1": object()}))
+    if taken == "pool member":
+        pool = type("Pool", (), {"workers": [type("Member", (), {"id": "p-1"})()]})()
+        monkeypatch.setattr(CommandRegistry, "pools", property(lambda r: {"p": pool}))
+    if taken == "in use":
+        await link(hub, registries("below"))
+    handler = WebSocketHandler(hub, expose="api.*")
+    with_hook = serve(handler, "127.0.0.1", 0, process_request=handler.process_request)
+    without_hook = serve(handler, "127.0.0.1", 0)  # the handler checks the id itself
+    evil = registries("evil")
+    stolen: list[Any] = []
+    await evil.register_command("secret.op", lambda **kw: stolen.append(kw), validate=False)
+    async with with_hook as s1, without_hook as s2:
+        url1 = f"ws://127.0.0.1:{s1.sockets[0].getsockname()[1]}/"
+        url2 = f"ws://127.0.0.1:{s2.sockets[0].getsockname()[1]}/"
+        # At the handshake: HTTP 409.
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(url1, additional_headers={ID_HEADER: kept})
+        assert refused.value.response.status_code == 409
+        channel = WebSocketChannel("hub", url1, client_id=kept, reconnect=False)
+        with pytest.raises(ChannelDisconnectedError, match="409"):
+            await evil.register_channel(channel)
+        # Without the hook: closed with 1008, and our client does not retry.
+        async with connect(url2, additional_headers={ID_HEADER: kept}) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 5)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        channel = WebSocketChannel("hub", url2, client_id=kept, backoff=(0.01, 0.02))
+        with pytest.raises(ChannelDisconnectedError):
+            await evil.register_channel(channel)
+        assert not channel.connected and not await channel.reconnect()
+        assert not handler.channels
+        assert not isinstance(hub.channels.get(kept), WebSocketServerChannel)
+        if taken != "in use":
+            # The hub's escalations still find no router, rather than the client.
+            with pytest.raises(ChannelDisconnectedError):
+                await hub.execute_command("secret.op", {"password": "hunter2"})
+        assert stolen == []
+        # Any other id gets in.
+        await join(registries, url2, "guest")
+        assert isinstance(hub.channels["guest"], WebSocketServerChannel)
+        await handler.close()
+
+
 # --------------------------------------------------------------------------- disconnects
 
 
@@ -741,3 +795,15 @@ async def test_expose_by_predicate_and_handler(registries: Make, start: Start) -
         await edge.execute_command("hub.add", {"a": 1, "b": 2})
     with pytest.raises(TypeError, match="expose"):
         WebSocketHandler(hub, expose=3)  # type: ignore[arg-type]
+
+
+async def test_a_token_that_is_not_ascii_is_refused_when_the_handler_is_made(
+    registries: Make,
+) -> None:
+    hub = registries("hub")
+    for token in ("pässwörd", "токен"):
+        with pytest.raises(ValueError, match="ASCII"):
+            WebSocketHandler(hub, token=token)
+        with pytest.raises(ValueError, match="ASCII"):
+            await serve_websocket(hub, token=token)
+    WebSocketHandler(hub, token="s3cret~!")

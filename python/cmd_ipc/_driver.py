@@ -354,9 +354,7 @@ class Driver:
         follow = self.spin_us
         got: bool | None = None
         while channel_id in self._native:
-            actions, again, want_write, busy = self._node.poll_native(
-                channel_id, spin, 64, follow
-            )
+            actions, again, want_write, busy = self._node.poll_native(channel_id, spin, 64, follow)
             if got is None:
                 got = bool(actions) or again or busy
             if busy:

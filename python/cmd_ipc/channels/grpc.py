@@ -30,8 +30,10 @@ becomes a :class:`GrpcServerChannel` of the server's registry.
 * **Refusals** are gRPC status codes: ``UNAUTHENTICATED`` for a missing or bad token,
   ``INVALID_ARGUMENT`` for a bad id or a message that is not a ``StringValue`` of UTF-8
   text, ``ABORTED`` for a stream replaced by a newer one with the same id,
-  ``UNAVAILABLE`` when the server closes. A client refused with one of
-  :data:`FINAL_CODES` does not reconnect.
+  ``ALREADY_EXISTS`` for an id a channel of another kind has, ``FAILED_PRECONDITION`` for
+  an id the server registry keeps for itself (its router channel's, a worker's),
+  ``RESOURCE_EXHAUSTED`` when the server serves its most streams, ``UNAVAILABLE`` when the
+  server closes. A client refused with one of :data:`FINAL_CODES` does not reconnect.
 * **Limits**: ``max_size`` bounds one incoming gRPC message (``grpc.max_receive_message_length``,
   framing included); a larger one ends the stream with ``RESOURCE_EXHAUSTED``. Bytes
   queued for a peer that does not read are bounded by ``send_limit``; beyond it the stream
@@ -120,6 +122,8 @@ FINAL_CODES = frozenset(
         grpc.StatusCode.UNIMPLEMENTED,
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.ABORTED,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
     }
 )
 

@@ -42,7 +42,7 @@ import ssl as _ssl
 from collections.abc import Mapping
 from typing import Any
 
-from cmd_ipc._expose import Exposure
+from cmd_ipc._expose import Exposure, PeerFilter
 from cmd_ipc._optional import require
 from cmd_ipc.channels.base import Channel, OnClose, OnFrame
 from cmd_ipc.errors import ChannelDisconnectedError
@@ -169,39 +169,55 @@ class _Sink:
             self.deliver(data)
 
 
-#: Seconds a connection may stay unable to write (its peer reads nothing) before it is
-#: closed; see :meth:`_SinkConnection.pause_writing`.
+#: Seconds a connection may stay unable to write, its socket's buffer not draining at all,
+#: before it is closed; see :class:`_SinkConnection`.
 STALL_TIMEOUT = 30.0
+
+#: Bytes that may wait in a connection's socket buffer, control frames included (the pongs
+#: to a ping flood that is never read, say); beyond them the connection is closed.
+MAX_BACKLOG = 2 * DEFAULT_SEND_LIMIT
 
 
 class _SinkConnection(Connection):
     """Mixed into a client or server connection: its data frames go to a :class:`_Sink`.
     (The handshake's request or response is not a :class:`Frame`: it goes on as before.)
 
-    Its outgoing bytes are bounded, control frames included: while the socket cannot take
-    more (the transport's buffer is over its high-water mark), the peer is not read either,
-    so a peer that floods pings and never reads the pongs gets no more pongs queued; and a
-    peer that stays so for :data:`STALL_TIMEOUT` seconds is disconnected (``stalled``)."""
+    Its outgoing bytes are bounded, control frames included: data frames wait in the
+    channel's queue (``send_limit``) while the socket is full, but websockets answers each
+    ping with a pong written at once; a connection with more than :attr:`max_backlog`
+    bytes waiting in its socket buffer is closed, and so is one whose buffer has not
+    drained at all for :attr:`stall_timeout` seconds while full (its peer reads nothing).
+    Either sets ``stalled``. Reading is never paused for it: two peers sending each other
+    large messages at once would then wait for each other for ever."""
 
-    #: Seconds the connection may stay unable to write before it is closed.
+    #: Bytes that may wait in the socket buffer (see the class doc).
+    max_backlog: int = MAX_BACKLOG
+    #: Seconds the socket may stay full without draining (see the class doc).
     stall_timeout: float = STALL_TIMEOUT
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sink = _Sink()
-        #: Set when it was closed for not reading (see the class doc).
+        #: Set when it was closed for its backlog (see the class doc).
         self.stalled = False
-        self._read_paused = False
         self._stall: asyncio.TimerHandle | None = None
+        self._stall_size = 0
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        transport = self.transport
+        if transport.is_closing():
+            return
+        waiting = transport.get_write_buffer_size()
+        if waiting > self.max_backlog:
+            self._drop(f"{waiting} bytes wait to be sent (max_backlog {self.max_backlog})")
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        if not self._read_paused:
-            self._read_paused = True
-            self.transport.pause_reading()
         if self._stall is None:
+            self._stall_size = self.transport.get_write_buffer_size()
             self._stall = asyncio.get_running_loop().call_later(
-                self.stall_timeout, self._stalled
+                self.stall_timeout, self._check_stall
             )
 
     def resume_writing(self) -> None:
@@ -209,23 +225,24 @@ class _SinkConnection(Connection):
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None
-        if self._read_paused:
-            self._read_paused = False
-            if not self.transport.is_closing():
-                self.transport.resume_reading()
 
-    def _stalled(self) -> None:
+    def _check_stall(self) -> None:
         self._stall = None
         if not self.paused or self.transport.is_closing():
             return
+        waiting = self.transport.get_write_buffer_size()
+        if waiting < self._stall_size:
+            # It drained some (a slow reader, not a dead one): watch on.
+            self._stall_size = waiting
+            self._stall = asyncio.get_running_loop().call_later(
+                self.stall_timeout, self._check_stall
+            )
+            return
+        self._drop(f"nothing was read for {self.stall_timeout:g} s ({waiting} bytes wait)")
+
+    def _drop(self, why: str) -> None:
         self.stalled = True
-        logger.warning(
-            "WebSocket peer %s read nothing for %.0fs (%d bytes wait to be sent): "
-            "disconnected (1008)",
-            self.remote_address,
-            self.stall_timeout,
-            self.transport.get_write_buffer_size(),
-        )
+        logger.warning("WebSocket peer %s disconnected (1008): %s", self.remote_address, why)
         # A close frame would wait behind what the peer does not read: end the connection.
         self.transport.abort()
 
@@ -721,10 +738,6 @@ class WebSocketChannel(_WebSocketBase):
         return f"{super().__repr__()[:-1]} url={self.url!r}>"
 
 
-#: At most this many registrations of hidden ids wait for their answer on one connection.
-_MAX_HIDDEN_REGISTRATIONS = 1024
-
-
 class WebSocketServerChannel(_WebSocketBase):
     """The server end of one accepted connection, made by :class:`WebSocketHandler`.
 
@@ -737,8 +750,9 @@ class WebSocketServerChannel(_WebSocketBase):
     ``not_found`` here (it never reaches the registry), and ``not_found`` answers carry no
     "did you mean" hint. The client's registration of a hidden id is answered ``ok`` as
     for a free one (not ``duplicate_command``, which would tell it the id exists), though
-    it stays refused. The frames of such a channel are decoded to do so, every one (a type
-    spelled with JSON escapes is the same type); without it, nothing here decodes them.
+    it stays refused. The frames of such a channel go through a
+    :class:`~cmd_ipc._expose.PeerFilter`, which decodes every one to do so (a type spelled
+    with JSON escapes is the same type); without it, nothing here decodes them.
     """
 
     def __init__(
@@ -753,9 +767,9 @@ class WebSocketServerChannel(_WebSocketBase):
         super().__init__(id, close_timeout=close_timeout, send_limit=send_limit)
         self._connection = connection
         self._started = False
-        self._exposure = exposure if exposure is not None and exposure.restricted else None
-        # Message id -> hidden command id, of the client's registrations not yet answered.
-        self._hidden_registrations: dict[str, str] = {}
+        self._filter = (
+            PeerFilter(exposure) if exposure is not None and exposure.restricted else None
+        )
 
     async def start(self, on_frame: OnFrame, on_close: OnClose) -> None:
         if self._started:
@@ -771,45 +785,22 @@ class WebSocketServerChannel(_WebSocketBase):
     def send_with_head(
         self, frame: bytes, kind: str, message_id: str, reference: str | None
     ) -> None:
-        exposure = self._exposure
-        if exposure is not None:
-            if kind == "list.commands.response":
-                frame = exposure.list_answer(frame)
-            elif kind == "execute.command.response":
-                frame = exposure.answer(frame)
-            elif (
-                kind == "register.command.response"
-                and self._hidden_registrations.pop(reference or "", None) is not None
-            ):
-                frame = exposure.registration_answer(frame)
+        peer_filter = self._filter
+        if peer_filter is not None:
+            frame = peer_filter.outgoing(frame, kind, reference)
         self.send(frame)
 
     def _deliver(self, frame: bytes) -> None:
-        exposure = self._exposure
-        if exposure is not None:
-            # Always decoded here: a type or id spelled with JSON escapes is the same
+        peer_filter = self._filter
+        if peer_filter is not None:
+            # Always decoded there: a type or id spelled with JSON escapes is the same
             # message to the registry, so nothing is skipped on what the raw bytes say.
-            kind, message_id = exposure.head(frame)
-            hidden = exposure.hidden_call(frame, kind)
-            if hidden is not None:
+            answer = peer_filter.incoming(frame)
+            if answer is not None:
                 # Answered here, as the registry answers a command it does not know.
-                logger.debug("connection %r: %r is not exposed", self.id, hidden)
-                self.send(exposure.not_found(message_id, hidden))
+                self.send(answer)
                 return
-            if kind == "register.command.request":
-                self._note_registration(exposure, frame, message_id)
         super()._deliver(frame)
-
-    def _note_registration(self, exposure: Exposure, frame: bytes, message_id: str) -> None:
-        """Remembers a registration of a hidden id, whose refusal must not reach the client
-        as ``duplicate_command`` (see :meth:`Exposure.registration_answer`)."""
-        command_id = exposure.command_of(frame)
-        if command_id is None or exposure.allows(command_id):
-            return
-        pending = self._hidden_registrations
-        if len(pending) >= _MAX_HIDDEN_REGISTRATIONS:
-            del pending[next(iter(pending))]  # the oldest: its answer came long ago or never
-        pending[message_id] = command_id
 
     async def wait_closed(self) -> None:
         """Returns once the connection ended (it must have been started)."""

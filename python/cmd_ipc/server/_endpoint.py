@@ -11,6 +11,9 @@ An answer is a :class:`Reply`; a request refused before its body is read raises
 :class:`Refused`, whose reply asks the server to drop the connection (the body is never
 read). The servers turn replies into their own responses and nothing more.
 
+Two checks here serve the WebSocket and gRPC servers too: :func:`check_token_ascii` (every
+server's token) and :func:`reserved_channel_id` (the ids a client may not take).
+
 Logging goes to the ``cmd_ipc.http`` logger.
 """
 
@@ -51,6 +54,8 @@ __all__ = [
     "Options",
     "Refused",
     "Reply",
+    "check_token_ascii",
+    "reserved_channel_id",
 ]
 
 logger = logging.getLogger("cmd_ipc.http")
@@ -126,6 +131,40 @@ class _Unavailable(Exception):
     """The registry closed the endpoint's channel while a request waited."""
 
 
+def check_token_ascii(token: str | None) -> None:
+    """Refuses a bearer token that is not ASCII, for every server (HTTP, ASGI, WebSocket,
+    gRPC): HTTP headers carry no agreed encoding beyond ASCII (ASGI servers hand them over
+    as latin-1, aiohttp as UTF-8, so such a token could never match on one of them), and
+    gRPC metadata carries ASCII only.
+
+    Raises:
+        ValueError: ``token`` has a character outside ASCII.
+    """
+    if token is not None and not token.isascii():
+        raise ValueError(
+            "token must be ASCII: HTTP headers and gRPC metadata cannot carry other characters"
+        )
+
+
+def reserved_channel_id(registry: CommandRegistry, channel_id: str) -> str | None:
+    """Why a client of a server that names its own channel (WebSocket, gRPC) may not name
+    it ``channel_id`` (``None``: it may).
+
+    The ids of the registry's router channel, of its workers and of its pools' members are
+    its own, attached or not: a client that took the router's id while that channel is
+    detached would become the router (every escalated call and every command would go to
+    it, whatever ``expose`` says), and one that took a worker's would stand in for it while
+    the worker restarts.
+    """
+    if channel_id == registry.router_channel:
+        return f"channel id {channel_id!r} is reserved for the registry's router channel"
+    if channel_id in registry.workers or any(
+        member.id == channel_id for pool in registry.pools.values() for member in pool.workers
+    ):
+        return f"channel id {channel_id!r} is reserved for a worker of the registry"
+    return None
+
+
 @dataclass(frozen=True)
 class Options:
     """The checked options of one endpoint (see :func:`cmd_ipc.server.http.add_routes`).
@@ -169,7 +208,7 @@ class Options:
 
         Args:
             registry_id: The id of the serving registry (named in ``not_found`` answers).
-            token: The bearer token clients must send; ``None`` disables auth.
+            token: The bearer token clients must send (ASCII); ``None`` disables auth.
             max_body: Largest request body, in bytes.
             read_timeout: Seconds a client has to send the whole body.
             answer_timeout: Seconds to wait for the registry's answer.
@@ -180,11 +219,13 @@ class Options:
             expose: The commands clients may list and call.
 
         Raises:
-            ValueError: An invalid option (``schema_auth=True`` without a ``token``...).
+            ValueError: An invalid option (``schema_auth=True`` without a ``token``, a
+                ``token`` that is not ASCII...).
             TypeError: ``expose`` is not a pattern, patterns or a predicate.
         """
         if token is not None and (not isinstance(token, str) or not token):
             raise ValueError("token must be a non-empty string (or None for no auth)")
+        check_token_ascii(token)
         if max_body <= 0:
             raise ValueError("max_body must be positive")
         if not read_timeout > 0:
@@ -225,7 +266,11 @@ class Endpoint:
 
     async def attached(self) -> EndpointChannel:
         """The endpoint's channel in the registry, attached on first use (and again after
-        the registry closed it)."""
+        the registry closed it).
+
+        Raises:
+            _Unavailable: The registry would not attach it (it closed).
+        """
         channel = self.channel
         if channel is not None and not channel.closed:
             return channel
@@ -240,7 +285,13 @@ class Endpoint:
                 while name in taken:
                     name, n = f"{base}#{n}", n + 1
                 channel = EndpointChannel(name)
-                await self.registry.register_channel(channel)
+                try:
+                    await self.registry.register_channel(channel)
+                except Exception as e:
+                    # The registry closed since the caller looked (or refuses channels):
+                    # the request is answered 503, as for a closed registry.
+                    logger.info("HTTP endpoint %r could not attach: %s", name, e)
+                    raise _Unavailable from e
                 self.channel = channel
             return channel
 
@@ -351,9 +402,14 @@ class Endpoint:
         Raises:
             ClientGone: ``gone()`` became true first.
         """
+        limits = self.registry.limits
         try:
+            # The registry's own limits, so that what it would take is not refused here.
             kind, message_id, _ = _core.inspect_message(
-                body, "json", max_message_size=self.options.max_body
+                body,
+                "json",
+                max_message_size=min(self.options.max_body, limits["max_message_size"]),
+                max_depth=limits["max_depth"],
             )
         except (ProtocolError, ValueError) as e:
             issue = e.args[1] if isinstance(e, ProtocolError) and len(e.args) > 1 else str(e)
@@ -429,16 +485,29 @@ class Endpoint:
         Raises:
             asyncio.TimeoutError: No answer within the answer timeout.
             ClientGone: ``gone()`` became true first.
-            Refused: 409, a message with the same id is in flight.
+            Refused: 409, a message with the same id is in flight (or was, and the router
+                has not answered it yet).
         """
         channel = await self.attached()
-        if message_id in channel.pending:
+        loop = asyncio.get_running_loop()
+        if message_id in channel.pending or channel.reserved(message_id, loop.time()):
             raise Refused(409, f"a message with id {message_id!r} is already in flight")
-        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[bytes] = loop.create_future()
         channel.pending[message_id] = answer
         try:
             channel.deliver(body)
             return await self._wait(answer, gone, wakeup)
+        except BaseException:
+            if channel.pending.get(message_id) is answer and not channel.closed:
+                # Given up on (the client went away, no answer in time) while the router
+                # still runs it: its answer, when it comes, must not settle a new request
+                # with the same id.
+                channel.abandon(
+                    message_id,
+                    loop.time() + self.registry.request_ttl,
+                    _per_channel(self.registry.limits),
+                )
+            raise
         finally:
             if channel.pending.get(message_id) is answer:
                 del channel.pending[message_id]
@@ -473,6 +542,15 @@ class Endpoint:
             raise _Unavailable from None
 
 
+def _per_channel(limits: Mapping[str, Any]) -> int:
+    """The most requests of one channel the registry runs at once (``max_pending_per_channel``,
+    by default half of ``max_pending``)."""
+    per_channel = limits.get("max_pending_per_channel")
+    if per_channel is None:
+        per_channel = max(int(limits.get("max_pending", 100_000)) // 2, 1)
+    return int(per_channel)
+
+
 class EndpointChannel(Channel):
     """The channel through which an endpoint hands POSTed messages to its registry.
 
@@ -480,13 +558,18 @@ class EndpointChannel(Channel):
     POSTed message is delivered as if a peer had sent it; the router's answer (whose
     ``thid`` is the message's id) settles the waiting request. Two messages with the same
     id cannot be in flight at once (the second is refused with 409), so answers never
-    cross. Everything else the router sends here (the list request every new channel gets,
-    events) does not cross HTTP and is dropped.
+    cross. An id given up on before its answer came (its client went away, or the answer
+    timeout passed) stays taken until the router answers it (that answer is dropped) or
+    the registry's ``request_ttl`` passed. Everything else the router sends here (the list
+    request every new channel gets, events) does not cross HTTP and is dropped.
     """
 
     def __init__(self, id: str) -> None:
         super().__init__(id, "json")
         self.pending: dict[str, asyncio.Future[bytes]] = {}
+        #: Ids given up on, still run by the router -> when they are free again (loop time),
+        #: in that order (every entry gets the same TTL).
+        self.abandoned: dict[str, float] = {}
         self._on_frame: OnFrame | None = None
         self._on_close: OnClose | None = None
         self.closed = False
@@ -510,8 +593,30 @@ class EndpointChannel(Channel):
         if kind not in (_EXECUTE_RESPONSE, _LIST_RESPONSE) or thid is None:
             return  # the list request every new channel gets, events: they do not cross
         waiter = self.pending.pop(thid, None)
-        if waiter is not None and not waiter.done():
+        if waiter is None:
+            self.abandoned.pop(thid, None)  # the answer to a request given up on
+        elif not waiter.done():
             waiter.set_result(frame)
+
+    def reserved(self, message_id: str, now: float) -> bool:
+        """Whether ``message_id`` was given up on and is not free yet (at ``now``)."""
+        abandoned = self.abandoned
+        while abandoned:  # the expired ones first (they are in order)
+            oldest = next(iter(abandoned))
+            if abandoned[oldest] > now:
+                break
+            del abandoned[oldest]
+        return message_id in abandoned
+
+    def abandon(self, message_id: str, until: float, limit: int) -> None:
+        """Keeps ``message_id`` taken until its answer comes or ``until``; at most
+        ``limit`` ids (the requests the router runs at once for this channel: beyond them
+        it answers at once), the oldest forgotten first."""
+        abandoned = self.abandoned
+        abandoned.pop(message_id, None)
+        while abandoned and len(abandoned) >= limit:
+            del abandoned[next(iter(abandoned))]
+        abandoned[message_id] = until
 
     async def close(self) -> None:
         if not self.closed:
@@ -520,5 +625,6 @@ class EndpointChannel(Channel):
                 if not waiter.done():
                     waiter.set_exception(ConnectionError("the registry closed the channel"))
             self.pending.clear()
+            self.abandoned.clear()
             if self._on_close is not None:
                 self._on_close(None)

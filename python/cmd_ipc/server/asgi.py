@@ -213,7 +213,7 @@ def app(
 
     Args:
         registry: The registry that answers (the application runs on its event loop).
-        token: The bearer token clients must send; ``None`` disables auth.
+        token: The bearer token clients must send (ASCII); ``None`` disables auth.
         max_body: Largest request body, in bytes.
         read_timeout: Seconds a client has to send the whole body.
         answer_timeout: Seconds to wait for the registry's answer (default: its
@@ -231,7 +231,8 @@ def app(
         The application, an ASGI 3 callable.
 
     Raises:
-        ValueError: An invalid option (``schema_auth=True`` without a ``token``...).
+        ValueError: An invalid option (``schema_auth=True`` without a ``token``, a
+            ``token`` that is not ASCII...).
         TypeError: ``expose`` is not a pattern, patterns or a predicate.
 
     Example::

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from cmd_ipc._expose import Expose, Exposure
 from cmd_ipc._optional import require
+from cmd_ipc.server._endpoint import check_token_ascii, reserved_channel_id
 
 require("grpc", "grpc", "the gRPC server (cmd_ipc.server.grpc)")
 
@@ -128,14 +129,15 @@ class GrpcHandler:
     Add it to a server with :meth:`add_to_server` (or ``server.add_generic_rpc_handlers(
     [handler.rpc_handler])``), or use :func:`serve_grpc`, which does. For keepalive pings
     and message sizes as :func:`serve_grpc` sets them, make the server with
-    ``grpc.aio.server(options=server_options())``.
+    ``grpc.aio.server(options=server_options(), maximum_concurrent_rpcs=1024)`` (the
+    second bounds the streams served at once, as ``max_streams`` does).
 
     A stream whose id is still attached (the previous stream of a reconnecting client, not
     yet noticed dead) replaces it: the old one is ended with ``ABORTED`` first.
 
     Args:
         registry: The registry the streams join.
-        token: Bearer token required from clients (``None``: no authentication).
+        token: Bearer token required from clients, ASCII (``None``: no authentication).
         close_timeout: Seconds allowed for flushing a stream on close.
         send_limit: Maximum bytes queued for a client that does not read.
         expose: The commands clients may list and call: ``None`` (every public command the
@@ -143,12 +145,13 @@ class GrpcHandler:
             too), a list of them, or a predicate ``fn(command_id) -> bool``.
 
     Raises:
+        ValueError: ``token`` is empty or not ASCII (gRPC metadata carries ASCII).
         TypeError: ``expose`` is not a pattern, patterns or a predicate.
 
     Example:
         Inside your own server::
 
-            server = grpc.aio.server(options=server_options())
+            server = grpc.aio.server(options=server_options(), maximum_concurrent_rpcs=1024)
             handler = GrpcHandler(registry, token="s3cret")
             handler.add_to_server(server)
             server.add_insecure_port("0.0.0.0:50051")
@@ -169,6 +172,7 @@ class GrpcHandler:
     ) -> None:
         if token is not None and not token:
             raise ValueError("token must be a non-empty string or None")
+        check_token_ascii(token)
         self.registry = registry
         self.exposure = Exposure(expose, registry.id)
         self.close_timeout = _check_positive(close_timeout, "close_timeout")
@@ -226,21 +230,26 @@ class GrpcHandler:
         )
         if self._lock is None:
             self._lock = asyncio.Lock()
-        async with self._lock:
-            refusal = self._make_room(channel_id)
-            if refusal is None:
-                # Before the channel writes anything: the headers say "accepted".
-                await context.send_initial_metadata(((SERVER_METADATA, self.registry.id),))
-                try:
-                    await self.registry.register_channel(channel)
-                except Exception as e:
-                    logger.warning("could not attach stream %r: %s", channel_id, e)
-                    refusal = "could not attach the stream"
-            if refusal is not None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, refusal)
-            self._channels.add(channel)
-        logger.info("stream %r from %s attached", channel_id, context.peer())
+        # One try from the registration on: a stream cancelled while its channel attaches
+        # (inside the lock) is reported lost like one cancelled later, never left attached.
         try:
+            async with self._lock:
+                refusal = self._make_room(channel_id)
+                if refusal is None:
+                    self._channels.add(channel)
+                    # Before the channel writes anything: the headers say "accepted".
+                    await context.send_initial_metadata(((SERVER_METADATA, self.registry.id),))
+                    try:
+                        await self.registry.register_channel(channel)
+                    except Exception as e:
+                        logger.warning("could not attach stream %r: %s", channel_id, e)
+                        refusal = grpc.StatusCode.UNAVAILABLE, "could not attach the stream"
+                if refusal is not None:
+                    code, details = refusal
+                    if code is not grpc.StatusCode.UNAVAILABLE:
+                        logger.info("refused a stream from %s: %s", context.peer(), details)
+                    await context.abort(code, details)
+            logger.info("stream %r from %s attached", channel_id, context.peer())
             await channel.wait_closed()
         except asyncio.CancelledError:
             # The RPC was cancelled (the client went away, the server stops).
@@ -249,15 +258,20 @@ class GrpcHandler:
         finally:
             self._channels.discard(channel)
 
-    def _make_room(self, channel_id: str) -> str | None:
-        """Ends a previous stream with the same id; says why not, if it cannot."""
+    def _make_room(self, channel_id: str) -> tuple[grpc.StatusCode, str] | None:
+        """Ends a previous stream with the same id; says why not, if it cannot: the status
+        and details to end this stream with."""
         if self._closed or self.registry.closed:
-            return "server closing"
+            return grpc.StatusCode.UNAVAILABLE, "server closing"
+        reserved = reserved_channel_id(self.registry, channel_id)
+        if reserved is not None:
+            return grpc.StatusCode.FAILED_PRECONDITION, reserved
         old = self.registry.channels.get(channel_id)
         if old is None:
             return None
         if not isinstance(old, GrpcServerChannel):
-            return f"channel id {channel_id!r} is in use"
+            # For good: the client would only be refused again (see FINAL_CODES).
+            return grpc.StatusCode.ALREADY_EXISTS, f"channel id {channel_id!r} is in use"
         logger.info("stream %r replaces the previous one with that id", channel_id)
         # Detached at once: the old stream is often half dead (its client reconnected before
         # the server noticed), and flushing it would only time out.
@@ -265,7 +279,7 @@ class GrpcHandler:
             grpc.StatusCode.ABORTED, "replaced by a newer stream with the same id", detach=True
         )
         if channel_id in self.registry.channels:
-            return f"channel id {channel_id!r} is still in use"
+            return grpc.StatusCode.UNAVAILABLE, f"channel id {channel_id!r} is still in use"
         return None
 
     async def close(self) -> None:
@@ -347,6 +361,7 @@ async def serve_grpc(
     keepalive_timeout: float = 20.0,
     close_timeout: float | None = 5.0,
     send_limit: int = DEFAULT_SEND_LIMIT,
+    max_streams: int | None = 1024,
     options: Sequence[tuple[str, Any]] | None = None,
 ) -> GrpcServer:
     """Serves ``registry`` over gRPC: each ``Connect`` stream becomes one of its channels.
@@ -355,7 +370,7 @@ async def serve_grpc(
         registry: The registry clients join (call this on its event loop).
         host: Interface to listen on.
         port: Port to listen on; ``0`` picks a free one (see :attr:`GrpcServer.port`).
-        token: Bearer token required in the metadata (``None``: no authentication).
+        token: Bearer token required in the metadata, ASCII (``None``: none).
         expose: The commands clients may list and call (see :class:`GrpcHandler`):
             ``None`` (every public command), a glob pattern, a list of them, or a predicate.
         tls: Prepared server credentials (instead of the PEM arguments).
@@ -368,6 +383,9 @@ async def serve_grpc(
         keepalive_timeout: Seconds to wait for a ping's answer before dropping a client.
         close_timeout: Seconds allowed for flushing a stream on close.
         send_limit: Maximum bytes queued for a client that does not read.
+        max_streams: Most streams served at once (gRPC's ``maximum_concurrent_rpcs``):
+            one more is refused with ``RESOURCE_EXHAUSTED``, and its client tries again
+            later (``None``: no limit; each stream holds a channel of the registry).
         options: Further gRPC server arguments, applied after :func:`server_options`.
 
     Returns:
@@ -384,6 +402,8 @@ async def serve_grpc(
             async with await serve_grpc(registry, port=50051, token="s3cret") as server:
                 print(server.target)  # 127.0.0.1:50051
     """
+    if max_streams is not None and (isinstance(max_streams, bool) or max_streams < 1):
+        raise ValueError("max_streams must be a positive number of streams or None")
     if (certificate_chain is None) != (private_key is None):
         raise ValueError("TLS needs both certificate_chain and private_key")
     if tls is not None and certificate_chain is not None:
@@ -406,7 +426,7 @@ async def serve_grpc(
     opts = server_options(
         max_size=max_size, keepalive_time=keepalive_time, keepalive_timeout=keepalive_timeout
     ) + list(options or ())
-    server = aio.server(options=opts)
+    server = aio.server(options=opts, maximum_concurrent_rpcs=max_streams)
     handler.add_to_server(server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if tls is None:

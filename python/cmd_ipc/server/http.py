@@ -160,7 +160,7 @@ def add_routes(
     Args:
         app: The application to add the routes to.
         registry: The registry that answers.
-        token: The bearer token clients must send; ``None`` disables auth.
+        token: The bearer token clients must send (ASCII); ``None`` disables auth.
         max_body: Largest request body, in bytes.
         read_timeout: Seconds a client has to send the whole body (slow senders get 408).
         answer_timeout: Seconds to wait for the registry's answer (default: its
@@ -175,7 +175,8 @@ def add_routes(
             a predicate ``fn(command_id) -> bool``.
 
     Raises:
-        ValueError: An invalid option (``schema_auth=True`` without a ``token``...).
+        ValueError: An invalid option (``schema_auth=True`` without a ``token``, a
+            ``token`` that is not ASCII...).
         TypeError: ``expose`` is not a pattern, patterns or a predicate.
 
     Example::

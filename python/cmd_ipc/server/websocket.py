@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 from cmd_ipc._expose import Expose, Exposure
 from cmd_ipc._optional import require
+from cmd_ipc.server._endpoint import check_token_ascii, reserved_channel_id
 
 require("websockets", "ws", "the WebSocket server (cmd_ipc.server.websocket)")
 
@@ -79,8 +80,9 @@ class WebSocketHandler:
     Pass the handler and its :meth:`process_request` to ``websockets.asyncio.server.serve``
     (or use :func:`serve_websocket`, which does). :meth:`process_request` checks the path,
     the bearer token (HTTP 401) and the client id (HTTP 400, or 409 when a channel of
-    another kind has it) during the handshake; the handler checks the token again, so a
-    server that forgot the hook still refuses strangers (close code 1008).
+    another kind has it or the registry keeps it for a channel of its own: its router
+    channel's, a worker's) during the handshake; the handler checks them again, so a
+    server that forgot the hook still refuses strangers and those ids (close code 1008).
 
     A connection whose id is still attached (the previous connection of a reconnecting
     client, not yet noticed dead) replaces it: the old one is closed with
@@ -88,7 +90,7 @@ class WebSocketHandler:
 
     Args:
         registry: The registry the connections join.
-        token: Bearer token required from clients (``None``: no authentication).
+        token: Bearer token required from clients, ASCII (``None``: no authentication).
         path: Accept only this URL path (``None``: any).
         close_timeout: Seconds allowed for flushing and the closing handshake on close.
         send_limit: Maximum bytes queued for a client that does not read.
@@ -97,6 +99,7 @@ class WebSocketHandler:
             too), a list of them, or a predicate ``fn(command_id) -> bool``.
 
     Raises:
+        ValueError: ``token`` is empty or not ASCII (HTTP headers carry ASCII).
         TypeError: ``expose`` is not a pattern, patterns or a predicate.
 
     Example:
@@ -122,6 +125,7 @@ class WebSocketHandler:
     ) -> None:
         if token is not None and not token:
             raise ValueError("token must be a non-empty string or None")
+        check_token_ascii(token)
         self.registry = registry
         self.exposure = Exposure(expose, registry.id)
         self.path = path
@@ -129,9 +133,9 @@ class WebSocketHandler:
         self.send_limit = send_limit
         self._token = None if token is None else token.encode()
         self._channels: set[WebSocketServerChannel] = set()
-        #: Connections closed because their client read nothing for
-        #: ``channels.websocket.STALL_TIMEOUT`` seconds (a ping flood whose pongs it never
-        #: reads, say): their outgoing bytes had reached the socket's bound.
+        #: Connections dropped for what waited to be sent to them: over
+        #: ``channels.websocket.MAX_BACKLOG`` bytes (a ping flood whose pongs the client
+        #: never reads, say), or a full socket that did not drain for ``STALL_TIMEOUT`` s.
         self.stalled = 0
         self._lock: asyncio.Lock | None = None
         self._closed = False
@@ -176,11 +180,17 @@ class WebSocketHandler:
         if client_id is not None and not _ID.fullmatch(client_id):
             return connection.respond(HTTPStatus.BAD_REQUEST, f"invalid {ID_HEADER} header\n")
         if client_id is not None:
+            refusal = reserved_channel_id(self.registry, client_id)
             other = self.registry.channels.get(client_id)
-            if other is not None and not isinstance(other, WebSocketServerChannel):
-                return connection.respond(
-                    HTTPStatus.CONFLICT, f"channel id {client_id!r} is in use\n"
-                )
+            if (
+                refusal is None
+                and other is not None
+                and not isinstance(other, WebSocketServerChannel)
+            ):
+                refusal = f"channel id {client_id!r} is in use"
+            if refusal is not None:
+                logger.info("refused a connection from %s: %s", connection.remote_address, refusal)
+                return connection.respond(HTTPStatus.CONFLICT, f"{refusal}\n")
         return None
 
     async def __call__(self, connection: ServerConnection) -> None:
@@ -213,9 +223,10 @@ class WebSocketHandler:
                     await self.registry.register_channel(channel)
                 except Exception as e:
                     logger.warning("could not attach connection %r: %s", channel_id, e)
-                    refusal = "could not attach the connection"
+                    refusal = CloseCode.TRY_AGAIN_LATER, "could not attach the connection"
             if refusal is not None:
-                await connection.close(CloseCode.TRY_AGAIN_LATER, refusal)
+                code, reason = refusal
+                await connection.close(code, reason)
                 return
             self._channels.add(channel)
         logger.info("connection %r from %s attached", channel_id, connection.remote_address)
@@ -229,15 +240,20 @@ class WebSocketHandler:
             if closing is not None:  # replaced: its closing handshake ends here
                 await asyncio.shield(closing)
 
-    async def _make_room(self, channel_id: str) -> str | None:
-        """Closes a previous connection with the same id; says why not, if it cannot."""
+    async def _make_room(self, channel_id: str) -> tuple[CloseCode, str] | None:
+        """Closes a previous connection with the same id; says why not, if it cannot: the
+        close code and reason to close this connection with."""
         if self._closed or self.registry.closed:
-            return "server closing"
+            return CloseCode.TRY_AGAIN_LATER, "server closing"
+        reserved = reserved_channel_id(self.registry, channel_id)
+        if reserved is not None:
+            # For good (1008: the client does not reconnect), as the 409 of the handshake.
+            return CloseCode.POLICY_VIOLATION, reserved
         old = self.registry.channels.get(channel_id)
         if old is None:
             return None
         if not isinstance(old, WebSocketServerChannel):
-            return f"channel id {channel_id!r} is in use"
+            return CloseCode.POLICY_VIOLATION, f"channel id {channel_id!r} is in use"
         logger.info("connection %r replaces the previous one with that id", channel_id)
         # Detached at once: the old connection is often half dead (its client reconnected
         # before the server noticed), and its closing handshake would only time out.
@@ -245,7 +261,7 @@ class WebSocketHandler:
             CLOSE_REPLACED, "replaced by a newer connection with the same id", detach=True
         )
         if channel_id in self.registry.channels:
-            return f"channel id {channel_id!r} is still in use"
+            return CloseCode.TRY_AGAIN_LATER, f"channel id {channel_id!r} is still in use"
         return None
 
     async def close(self) -> None:
@@ -329,7 +345,7 @@ async def serve_websocket(
         registry: The registry clients join (call this on its event loop).
         host: Interface to listen on.
         port: Port to listen on; ``0`` picks a free one (see :attr:`WebSocketServer.port`).
-        token: Bearer token required on the handshake (``None``: no authentication).
+        token: Bearer token required on the handshake, ASCII (``None``: none).
         path: Accept only this URL path (``None``: any).
         max_size: Maximum size of one incoming message, in bytes.
         ping_interval: Seconds between keepalive pings (``None`` disables them).
