@@ -46,10 +46,6 @@ _QUIET = frozenset(
     }
 )
 
-#: With several calls in flight and reply spins finding nothing, one call in this many
-#: still spins for its reply (see :meth:`Driver.read_soon`).
-_COLD_PROBE = 16
-
 #: Seconds the loop waits before watching again a native channel a blocking caller reads.
 _RESUME_AFTER = 0.001
 
@@ -107,9 +103,10 @@ class Driver:
         #: Native channels watched, by id: their descriptor (``None``: no descriptor).
         self._native: dict[str, int | None] = {}
         self._spin_scheduled = False
-        #: The last spin for a reply found nothing; ``_probe``: calls until the next try.
-        self._cold = False
-        self._probe = _COLD_PROBE
+        #: Calls waiting on each native channel (see :meth:`read_soon`), and the channel of
+        #: each such call.
+        self._waiting: dict[str, int] = {}
+        self._sent_on: dict[int, str] = {}
         #: Set whenever an action made Python work runnable (a waiting caller resumed, a
         #: task started): a native read then returns to the loop instead of spinning.
         self._woke_loop = False
@@ -228,16 +225,21 @@ class Driver:
     def forget(self, call: int) -> None:
         """The caller of ``call`` gave up (cancelled): the router forgets it too."""
         self._outcomes.pop(call, None)
+        self._answered(call)
         self._node.cancel_call(call)
 
     def fail_all(self, err: BaseException) -> None:
         """Fails every waiting call with ``err`` (the registry closed)."""
         outcomes, self._outcomes = self._outcomes, {}
+        self._waiting.clear()
+        self._sent_on.clear()
         for outcome in outcomes.values():
             outcome(None, err)
 
     def _on_result(self, act: tuple[Any, ...]) -> None:
         outcome = self._outcomes.pop(act[1], None)
+        if self._sent_on:
+            self._answered(act[1])
         if outcome is None:
             return
         self._woke_loop = True
@@ -251,6 +253,8 @@ class Driver:
     def _on_error(self, act: tuple[Any, ...]) -> None:
         # Also a registration's outcome: code None means accepted.
         outcome = self._outcomes.pop(act[1], None)
+        if self._sent_on:
+            self._answered(act[1])
         if outcome is not None:
             self._woke_loop = True
             outcome(None, None if act[2] is None else error_from_code(act[2], act[3]))
@@ -317,23 +321,31 @@ class Driver:
         """Whether any native channel is attached."""
         return bool(self._native)
 
-    def read_soon(self, channel_id: str) -> None:
-        """A reply is expected on ``channel_id``: read it as soon as the loop is idle
-        (spinning briefly) rather than after a doorbell wake-up.
-
-        With several calls in flight, and the last such spin having found nothing (replies
-        take longer than a spin: a pool whose members each work a millisecond, say), only
-        one call in :data:`_COLD_PROBE` spins: the others' replies come with the doorbell,
-        and no CPU the workers could use is burnt waiting. A spin that finds a frame (replies
-        streaming back from a fast handler) makes every call spin again."""
-        if self._cold and len(self._outcomes) > 1:
-            self._probe -= 1
-            if self._probe > 0:
-                return
-            self._probe = _COLD_PROBE
+    def read_soon(self, channel_id: str, call: int) -> None:
+        """Call ``call`` was just sent on ``channel_id``: when it is the only one waiting
+        there, read its reply as soon as the loop is idle (spinning briefly) rather than
+        after a doorbell wake-up. With others waiting on that channel, its reply comes
+        behind theirs: the reads that take them spin on for the next (``follow_us``), and a
+        spin for this one would mostly burn CPU that the peer could use (a pool member busy
+        with a millisecond of work, say)."""
+        waiting = self._waiting.get(channel_id, 0) + 1
+        self._waiting[channel_id] = waiting
+        self._sent_on[call] = channel_id
+        if waiting > 1:
+            return
         if not self._spin_scheduled and self.loop is not None:
             self._spin_scheduled = True
             self.loop.call_soon(self._spin_native, channel_id)
+
+    def _answered(self, call: int) -> None:
+        """Call ``call`` has its outcome: it no longer waits on its channel."""
+        channel_id = self._sent_on.pop(call, None)
+        if channel_id is not None:
+            left = self._waiting[channel_id] - 1
+            if left:
+                self._waiting[channel_id] = left
+            else:
+                del self._waiting[channel_id]
 
     def read_now(self, channel_id: str) -> None:
         """Reads a native channel (frames may be waiting since before it was watched)."""
@@ -385,7 +397,7 @@ class Driver:
     def _spin_native(self, channel_id: str) -> None:
         self._spin_scheduled = False
         if channel_id in self._native:
-            self._cold = not self._on_native(channel_id, expecting=True)
+            self._on_native(channel_id, expecting=True)
 
     def _on_want_write(self, act: tuple[Any, ...]) -> None:
         self._watch_writable(act[1])

@@ -496,7 +496,7 @@ class CommandRegistry:
             # idle (spinning briefly) rather than after a doorbell wake-up.
             route = self._node.route_of(command_id)
             if route is not None and driver.is_native(route):
-                driver.read_soon(route)
+                driver.read_soon(route, call)
         try:
             return await fut
         except asyncio.CancelledError:
