@@ -33,7 +33,8 @@ def measure_pool(
 ) -> dict[str, Any]:
     """Calls/s of ``calls`` calls of ``pool.spin(ms)`` over a pool of ``size`` members,
     spawned (and stopped) here, from a blocking caller of ``registry``, in batches of
-    ``8 * size`` calls (``2 * size`` in flight). Also returns ``samples_ns``: the time per
+    ``50 * size`` calls (``2 * size`` in flight; each batch ends with members idle while
+    its last calls finish, so batches are long). Also returns ``samples_ns``: the time per
     call of each batch, one sample per call (for percentiles), and ``elapsed_s``."""
     pool = registry.spawn_pool_sync(
         pool_id or f"bench-pool-{size}", "cmd_ipc.bench.pool:spin_worker", size=size
@@ -41,7 +42,7 @@ def measure_pool(
     try:
         request = {"ms": ms}
         registry.execute_many_sync("pool.spin", [request] * (4 * size))  # warm-up
-        batch = 8 * size
+        batch = 50 * size
         samples: list[int] = []
         elapsed = 0
         done = 0

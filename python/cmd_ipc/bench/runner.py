@@ -531,7 +531,7 @@ class _Bench:
         """Pool scaling: a pool of 1 then of 2 members, each call about 1 ms of pure-Python
         work. The members may run on every CPU (a pinned run pins the bench process and
         its other children, which would put both members on one CPU)."""
-        calls = max(100, self.cfg.calls // 50)
+        calls = max(100, self.cfg.calls // 20)
 
         async def pin(cpus: set[int]) -> set[int]:
             # The workers are started by the registry's loop thread, and a child takes the
