@@ -1226,11 +1226,7 @@ pub fn sniff_execute_request(data: &[u8], encoding: Encoding, err: &CodecError) 
 /// result holding a number no peer can carry, say), so that the call or forward waiting for
 /// it fails at once instead of at its timeout. `None` otherwise, and for a frame over the
 /// size limit (never read again).
-pub fn sniff_execute_response(
-    data: &[u8],
-    encoding: Encoding,
-    err: &CodecError,
-) -> Option<String> {
+pub fn sniff_execute_response(data: &[u8], encoding: Encoding, err: &CodecError) -> Option<String> {
     #[derive(Deserialize)]
     struct Sniff {
         thid: String,
