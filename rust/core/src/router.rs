@@ -1613,26 +1613,10 @@ impl Router {
             // spec-v1 has one registration error: the peer is told `duplicate_command`, and
             // the real reason is logged here.
             self.drop_msg(Some(from), DropKind::Rejected, reason);
-            let msg_id = self.new_id();
-            return self.send(
-                from,
-                Message::RegisterResponse {
-                    id: msg_id,
-                    thid: id,
-                    response: Err(RegisterError::DuplicateCommand),
-                },
-            );
+            return self.answer_registration(from, id, Err(RegisterError::DuplicateCommand));
         }
         if self.owner_conflict(&command.id, Some(from)).is_some() {
-            let msg_id = self.new_id();
-            return self.send(
-                from,
-                Message::RegisterResponse {
-                    id: msg_id,
-                    thid: id,
-                    response: Err(RegisterError::DuplicateCommand),
-                },
-            );
+            return self.answer_registration(from, id, Err(RegisterError::DuplicateCommand));
         }
         // The same definition again from the channel that holds it: the tree knows it
         // already, so it is acknowledged here (a flood of these escalates nothing).
@@ -1642,15 +1626,7 @@ impl Router {
                 .get(&command.id)
                 .is_some_and(|r| r.def == command);
         if unchanged {
-            let msg_id = self.new_id();
-            return self.send(
-                from,
-                Message::RegisterResponse {
-                    id: msg_id,
-                    thid: id,
-                    response: Ok(()),
-                },
-            );
+            return self.answer_registration(from, id, Ok(()));
         }
         // A pool registers its command upward once: a member joining a pool that already
         // serves the command (or is registering it now) is accepted here.
@@ -1666,15 +1642,7 @@ impl Router {
         match self.router_channel.clone() {
             _ if joins => {
                 self.accept_child_registration(from, command);
-                let msg_id = self.new_id();
-                self.send(
-                    from,
-                    Message::RegisterResponse {
-                        id: msg_id,
-                        thid: id,
-                        response: Ok(()),
-                    },
-                );
+                self.answer_registration(from, id, Ok(()));
             }
             Some(router)
                 if &router != from
@@ -1694,14 +1662,10 @@ impl Router {
                         self.in_flight()
                     );
                     self.drop_msg(Some(from), DropKind::Rejected, reason);
-                    let msg_id = self.new_id();
-                    return self.send(
+                    return self.answer_registration(
                         from,
-                        Message::RegisterResponse {
-                            id: msg_id,
-                            thid: id,
-                            response: Err(RegisterError::DuplicateCommand),
-                        },
+                        id,
+                        Err(RegisterError::DuplicateCommand),
                     );
                 }
                 self.escalation_start(from);
@@ -1717,17 +1681,27 @@ impl Router {
             }
             _ => {
                 self.accept_child_registration(from, command);
-                let msg_id = self.new_id();
-                self.send(
-                    from,
-                    Message::RegisterResponse {
-                        id: msg_id,
-                        thid: id,
-                        response: Ok(()),
-                    },
-                );
+                self.answer_registration(from, id, Ok(()));
             }
         }
+    }
+
+    /// Answers the registration request `thid` of `to`.
+    fn answer_registration(
+        &mut self,
+        to: &ChannelId,
+        thid: String,
+        response: Result<(), RegisterError>,
+    ) {
+        let msg_id = self.new_id();
+        self.send(
+            to,
+            Message::RegisterResponse {
+                id: msg_id,
+                thid,
+                response,
+            },
+        );
     }
 
     fn accept_child_registration(&mut self, from: &ChannelId, def: CommandDef) {
@@ -1899,15 +1873,7 @@ impl Router {
                         Ok(())
                     }
                 };
-                let msg_id = self.new_id();
-                self.send(
-                    &channel,
-                    Message::RegisterResponse {
-                        id: msg_id,
-                        thid: request_id,
-                        response,
-                    },
-                );
+                self.answer_registration(&channel, request_id, response);
             }
         }
     }
