@@ -283,50 +283,45 @@ class Results:
                 "µs",
                 "" if extra is None else f"{a:.2f} - {b:.2f} µs",
             )
-        http, bare = self.rows.get(HTTP_CHANNEL), self.rows.get(BASE_AIOHTTP)
-        add(
-            (HTTP_CHANNEL,),
+
+        def throughput(key: str, base_key: str, text: str, limit: float) -> None:
+            """A target on ``key``'s calls/s over ``base_key``'s (higher is better)."""
+            row, base = self.rows.get(key), self.rows.get(base_key)
+            add(
+                (key,),
+                text,
+                row.calls_per_s / base.calls_per_s if row and base else None,
+                limit,
+                "x",
+                f"{row.calls_per_s:,.0f} / {base.calls_per_s:,.0f} calls/s" if row and base else "",
+                higher_is_better=True,
+            )
+
+        throughput(
+            HTTP_CHANNEL,
+            BASE_AIOHTTP,
             "HTTPChannel sequential calls/s >= 0.8x a bare aiohttp POST",
-            None if http is None or bare is None else http.calls_per_s / bare.calls_per_s,
             0.8,
-            "x",
-            ""
-            if http is None or bare is None
-            else f"{http.calls_per_s:,.0f} / {bare.calls_per_s:,.0f} calls/s",
-            higher_is_better=True,
         )
-        ws = self.rows.get(WS_CHANNEL)
         add(
             (WS_CHANNEL,),
             "WebSocketChannel p50 <= 0.5x HTTPChannel p50",
             self.ratio(WS_CHANNEL),
             0.5,
             "x",
-            _detail(ws, http),
+            _detail(self.rows.get(WS_CHANNEL), self.rows.get(HTTP_CHANNEL)),
         )
-        mesh, bare_nats = self.rows.get(NATS_CHANNEL), self.rows.get(BASE_NATS)
-        add(
-            (NATS_CHANNEL,),
+        throughput(
+            NATS_CHANNEL,
+            BASE_NATS,
             "NatsChannel sequential calls/s >= 0.9x a bare nats-py request",
-            None if mesh is None or bare_nats is None else mesh.calls_per_s / bare_nats.calls_per_s,
             0.9,
-            "x",
-            ""
-            if mesh is None or bare_nats is None
-            else f"{mesh.calls_per_s:,.0f} / {bare_nats.calls_per_s:,.0f} calls/s",
-            higher_is_better=True,
         )
-        two, one = self.rows.get(POOL_TWO), self.rows.get(POOL_ONE)
-        add(
-            (POOL_TWO,),
+        throughput(
+            POOL_TWO,
+            POOL_ONE,
             "pool of 2 calls/s >= 1.8x a pool of 1 (CPU-bound handler, 2 CPUs)",
-            None if two is None or one is None else two.calls_per_s / one.calls_per_s,
             1.8,
-            "x",
-            ""
-            if two is None or one is None
-            else f"{two.calls_per_s:,.0f} / {one.calls_per_s:,.0f} calls/s",
-            higher_is_better=True,
         )
         for key in IDLE_ROWS:
             idle = self.idle.get(key)
